@@ -1,0 +1,125 @@
+"""Traversal-safe extraction of user archives (.zip, .tar.gz) with caps on entries and bytes."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from worker.pipeline.errors import DatasetError
+
+MAX_MEMBERS = 200_000
+MAX_TOTAL_BYTES = 4 * 1024**3
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise DatasetError(f"archive member {name!r} has an absolute path")
+    if ".." in path.parts:
+        raise DatasetError(f"archive member {name!r} points outside the archive (..)")
+    return path
+
+
+def archive_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith((".tar.gz", ".tgz", ".tar")):
+        return "tar"
+    # Fall back to content sniffing: uploads may arrive under a neutral name.
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise DatasetError(f"{path.name}: not a .zip or .tar.gz archive")
+
+
+def safe_extract(
+    archive: Path,
+    dest: Path,
+    *,
+    max_members: int = MAX_MEMBERS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> Path:
+    """Extract `archive` into `dest`, refusing traversal, links, devices and oversized content.
+
+    Sizes are checked against the headers first and again while writing, so a member that
+    lies about its size (a zip bomb) is stopped at the cap rather than after filling the disk.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    kind = archive_kind(archive)
+    try:
+        if kind == "zip":
+            _extract_zip(archive, dest, max_members, max_total_bytes)
+        else:
+            _extract_tar(archive, dest, max_members, max_total_bytes)
+    except DatasetError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DatasetError(f"{archive.name}: corrupt or truncated archive ({e})") from None
+    return dest
+
+
+def _copy_capped(src, dst_path: Path, budget: int, name: str) -> int:
+    written = 0
+    with open(dst_path, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > budget:
+                raise DatasetError(f"archive expands past its byte cap at member {name!r}")
+            out.write(chunk)
+    return written
+
+
+def _extract_zip(archive: Path, dest: Path, max_members: int, max_total: int) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > max_members:
+            raise DatasetError(f"archive has {len(infos)} members; the cap is {max_members}")
+        declared = sum(i.file_size for i in infos)
+        if declared > max_total:
+            raise DatasetError(f"archive expands to {declared} bytes; the cap is {max_total}")
+        used = 0
+        for info in infos:
+            rel = _safe_name(info.filename)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise DatasetError(f"archive member {info.filename!r} is a symbolic link")
+            target = dest.joinpath(*rel.parts)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src:
+                used += _copy_capped(src, target, max_total - used, info.filename)
+
+
+def _extract_tar(archive: Path, dest: Path, max_members: int, max_total: int) -> None:
+    with tarfile.open(archive, "r:*") as tf:
+        used, count = 0, 0
+        for member in tf:
+            count += 1
+            if count > max_members:
+                raise DatasetError(f"archive has more than {max_members} members")
+            rel = _safe_name(member.name)
+            if member.issym() or member.islnk():
+                raise DatasetError(f"archive member {member.name!r} is a link")
+            if not (member.isfile() or member.isdir()):
+                raise DatasetError(f"archive member {member.name!r} is not a regular file")
+            target = dest.joinpath(*rel.parts)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            if used + member.size > max_total:
+                raise DatasetError(f"archive expands past the {max_total} byte cap")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tf.extractfile(member)
+            if src is None:
+                raise DatasetError(f"archive member {member.name!r} cannot be read")
+            with src:
+                used += _copy_capped(src, target, max_total - used, member.name)

@@ -1,0 +1,305 @@
+"""Datasets: load, validate, split (seeded, stratified) and normalise into in-memory tensors.
+
+Every source ends as a `DataBundle`; the bundle's `input_contract` is what a user needs to
+feed the exported model (layout, dtype, scaling, per-channel mean/std, class names).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from worker.pipeline.archives import safe_extract
+from worker.pipeline.errors import DatasetError
+from worker.pipeline.registry import Registry
+from worker.pipeline.spec import (
+    BuiltinDataset,
+    ImageFolderDataset,
+    NpzDataset,
+    TorchvisionDataset,
+)
+
+RawData = tuple[np.ndarray, np.ndarray, list[str] | None, float]  # x, y, class names, scale
+
+BUILTIN_DATASETS: Registry[Callable[[], RawData]] = Registry("builtin dataset")
+TORCHVISION_DATASETS: Registry[str] = Registry("torchvision dataset")
+for _name in ("CIFAR10", "MNIST", "FashionMNIST"):
+    TORCHVISION_DATASETS.add(_name, _name)
+
+
+@dataclass
+class DataBundle:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    input_contract: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.x_train.ndim == 4
+
+    def calibration(self, n: int, seed: int) -> torch.Tensor:
+        """A seeded subset of the training split for int8 calibration."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.x_train), generator=g)[: min(n, len(self.x_train))]
+        return self.x_train[idx]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "num_train": len(self.x_train),
+            "num_test": len(self.x_test),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+        }
+
+
+@BUILTIN_DATASETS.register("digits")
+def _digits() -> RawData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32)[:, None, :, :]  # N,1,8,8 with values 0..16
+    return x, d.target.astype(np.int64), [str(c) for c in d.target_names], 1.0 / 16.0
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def validate_arrays(
+    x: np.ndarray, y: np.ndarray, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Check shapes, dtypes, finiteness and labels; return float32 x, int64 y, num_classes."""
+    if x.dtype.kind not in "biuf":
+        raise DatasetError(f"x has dtype {x.dtype}; expected a numeric array (float or int)")
+    if x.ndim not in (2, 4):
+        raise DatasetError(
+            f"x has shape {tuple(x.shape)}; expected images (N,C,H,W) or feature rows (N,D)"
+        )
+    if y.ndim != 1:
+        raise DatasetError(f"y has shape {tuple(y.shape)}; expected one label per sample (N,)")
+    if len(x) != len(y):
+        raise DatasetError(f"x has {len(x)} samples but y has {len(y)} labels")
+    if len(x) == 0:
+        raise DatasetError("the dataset is empty")
+    if x.ndim == 4 and not (1 <= x.shape[1] <= 16):
+        raise DatasetError(
+            f"x has {x.shape[1]} channels (shape {tuple(x.shape)}); images must be N,C,H,W "
+            "with C first (1..16 channels)"
+        )
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise DatasetError("x contains NaN or infinite values")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DatasetError("y must hold integer class labels; found non-integer values")
+    elif y.dtype.kind not in "iub":
+        raise DatasetError(f"y has dtype {y.dtype}; expected integer class labels")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DatasetError(f"label {int(y.min())} is out of range: labels must be 0..K-1")
+    num_classes = len(class_names) if class_names else int(y.max()) + 1
+    if y.max() >= num_classes:
+        raise DatasetError(
+            f"label {int(y.max())} is out of range for {num_classes} classes (labels 0..{num_classes - 1})"
+        )
+    if num_classes < 2:
+        raise DatasetError("the dataset needs at least 2 classes")
+    counts = np.bincount(y, minlength=num_classes)
+    empty = [int(c) for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DatasetError(
+            f"classes {empty} have no samples (labels must cover 0..{num_classes - 1})"
+        )
+    return x, y, num_classes
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def _load_npz(path: Path) -> RawData:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    try:
+        # allow_pickle stays off: an object array would need unpickling, and is refused here.
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x", "y"} - set(npz.files)
+            if missing:
+                raise DatasetError(
+                    f"{path.name}: missing array(s) {sorted(missing)}; it holds {sorted(npz.files)}"
+                )
+            x, y = npz["x"], npz["y"]
+            names = [str(c) for c in npz["classes"]] if "classes" in npz.files else None
+    except DatasetError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise DatasetError(
+                f"{path.name}: holds object arrays, which would need unpickling; save plain numeric arrays"
+            ) from None
+        raise DatasetError(f"{path.name}: not a readable .npz file ({e})") from None
+    except Exception as e:  # zipfile/OSError/… on corrupt input
+        raise DatasetError(f"{path.name}: not a readable .npz file ({e})") from None
+    scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
+    return x, y, names, scale
+
+
+def _load_imagefolder(path: Path, image_size: int, grayscale: bool, workdir: Path) -> RawData:
+    from PIL import Image
+    from torchvision import datasets, transforms
+
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    root = safe_extract(path, workdir / "imagefolder")
+    # Tolerate archives that wrap the class folders in one top-level folder.
+    entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = [p for p in entries[0].iterdir() if p.is_dir()]
+        if inner and all(any(q.is_file() for q in d.iterdir()) for d in inner):
+            root = entries[0]
+    steps: list[Any] = [transforms.Resize((image_size, image_size))]
+    if grayscale:
+        steps.append(transforms.Grayscale(1))
+    steps.append(transforms.PILToTensor())
+
+    def loader(p: str) -> Image.Image:
+        with Image.open(p) as img:
+            return img.convert("RGB")
+
+    try:
+        ds = datasets.ImageFolder(str(root), transform=transforms.Compose(steps), loader=loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DatasetError(f"{path.name}: not an ImageFolder archive ({e})") from None
+    xs, ys = [], []
+    for i in range(len(ds)):
+        try:
+            img, label = ds[i]
+        except Exception as e:
+            raise DatasetError(f"{path.name}: cannot decode {ds.samples[i][0]} ({e})") from None
+        xs.append(img.numpy())
+        ys.append(label)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), list(ds.classes), 1.0 / 255.0
+
+
+def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
+    from torchvision import datasets
+
+    cls = getattr(datasets, TORCHVISION_DATASETS.get(spec.name))
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(root=spec.root, train=train, download=spec.download)
+        except RuntimeError as e:
+            hint = "" if spec.download else " (set dataset.download: true on a host with network)"
+            raise DatasetError(f"{spec.name} not found under {spec.root}{hint}: {e}") from None
+        x = np.asarray(ds.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # to N,C,H,W
+        splits.append((x, np.asarray(ds.targets), list(ds.classes), 1.0 / 255.0))
+    return splits[0], splits[1]
+
+
+# --- assembly ------------------------------------------------------------------------------
+
+
+def _subsample(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
+    if n is None or n >= len(x):
+        return x, y
+    idx = np.random.default_rng(seed).permutation(len(x))[:n]
+    return x[idx], y[idx]
+
+
+def _split(x, y, test_fraction: float, seed: int):
+    counts = np.bincount(y)
+    if counts.min() < 2:
+        raise DatasetError(
+            f"class {int(np.argmin(counts))} has {int(counts.min())} sample(s); each class needs at "
+            "least 2 to hold one out for evaluation"
+        )
+    n_test = max(int(round(len(y) * test_fraction)), len(counts))
+    if len(y) - n_test < len(counts):
+        raise DatasetError(f"{len(y)} samples are too few to split across {len(counts)} classes")
+    return train_test_split(x, y, test_size=n_test, random_state=seed, stratify=y)
+
+
+def _normalise(x_train: np.ndarray, x_test: np.ndarray, scale: float):
+    """Scale to ~[0,1], then standardise per channel (images) or per feature (rows)."""
+    x_train, x_test = x_train * scale, x_test * scale
+    axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
+    mean = x_train.mean(axis=axes)
+    std = x_train.std(axis=axes)
+    std = np.where(std < 1e-6, 1.0, std).astype(np.float32)
+    shape = (1, -1, 1, 1) if x_train.ndim == 4 else (1, -1)
+    x_train = (x_train - mean.reshape(shape)) / std.reshape(shape)
+    x_test = (x_test - mean.reshape(shape)) / std.reshape(shape)
+    return x_train, x_test, mean.tolist(), std.tolist()
+
+
+def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundle:
+    """Load any dataset spec into a validated, split, normalised `DataBundle`."""
+    test: RawData | None = None
+    if isinstance(spec, BuiltinDataset):
+        raw = BUILTIN_DATASETS.get(spec.name)()
+        origin = f"builtin:{spec.name}"
+    elif isinstance(spec, NpzDataset):
+        raw = _load_npz(Path(spec.path))
+        origin = "npz"
+    elif isinstance(spec, ImageFolderDataset):
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            raw = _load_imagefolder(Path(spec.path), spec.image_size, spec.grayscale, Path(tmp))
+        origin = "imagefolder"
+    elif isinstance(spec, TorchvisionDataset):
+        raw, test = _load_torchvision(spec)
+        origin = f"torchvision:{spec.name}"
+    else:  # pragma: no cover - the spec union is closed
+        raise DatasetError(f"unsupported dataset source {getattr(spec, 'source', spec)!r}")
+
+    x, y, names, scale = raw
+    x, y, num_classes = validate_arrays(x, y, names)
+    if test is not None:  # the source ships its own held-out split
+        xt, yt, _, _ = test
+        xt, yt, _ = validate_arrays(xt, yt, names)
+        x, y = _subsample(x, y, spec.max_samples, seed)
+        n_test = (
+            None if spec.max_samples is None else max(int(spec.max_samples * spec.test_fraction), 1)
+        )
+        xt, yt = _subsample(xt, yt, n_test, seed)
+        x_train, x_test, y_train, y_test = x, xt, y, yt
+    else:
+        x, y = _subsample(x, y, spec.max_samples, seed)
+        x_train, x_test, y_train, y_test = _split(x, y, spec.test_fraction, seed)
+    x_train, x_test, mean, std = _normalise(x_train, x_test, scale)
+    contract = {
+        "name": "input",
+        "shape": ["batch", *x_train.shape[1:]],
+        "dtype": "float32",
+        "layout": "NCHW" if x_train.ndim == 4 else "ND",
+        "scale": scale,
+        "mean": mean,
+        "std": std,
+        "preprocess": "x = (raw * scale - mean) / std, with mean/std per "
+        + ("channel" if x_train.ndim == 4 else "feature"),
+        "output": {"name": "logits", "shape": ["batch", num_classes]},
+        "source": origin,
+    }
+    return DataBundle(
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(y_test),
+        num_classes=num_classes,
+        class_names=names or [str(i) for i in range(num_classes)],
+        input_contract=contract,
+    )

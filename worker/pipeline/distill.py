@@ -1,0 +1,157 @@
+"""Distill stage: train the student against the teacher (and, if asked, a no-teacher baseline)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.pipeline.archs import build_model, count_params
+from worker.pipeline.context import StageContext
+from worker.pipeline.data import DataBundle
+from worker.pipeline.errors import SpecError
+from worker.pipeline.losses import FEATURE_LOSSES, KD_LOSSES, CrossEntropyOnly
+from worker.pipeline.spec import DistillSpec, FeatureLossSpec, StudentSpec
+from worker.pipeline.teacher import TeacherResult
+from worker.pipeline.train import (
+    FeatureHook,
+    FeatureTerm,
+    TrainConfig,
+    accuracy,
+    fit,
+    predict_logits,
+)
+
+
+@dataclass
+class TeacherSignal:
+    """How the student sees the teacher: precomputed logits, or a call on every batch."""
+
+    logits: torch.Tensor | None
+    online: object | None
+    seconds: float = 0.0
+
+
+def teacher_signal(
+    teacher: TeacherResult, data: DataBundle, spec: DistillSpec, ctx: StageContext
+) -> TeacherSignal:
+    """Cache the teacher's logits once when inputs are not augmented.
+
+    The teacher forward is the dominant cost of textbook KD (it runs on every batch of every
+    epoch); without augmentation the same input always gives the same logits, so one pass
+    over the training split replaces epochs x batches forwards.
+    """
+    if spec.cache_teacher_logits and not spec.augment and spec.feature is None:
+        started = time.perf_counter()
+        logits = predict_logits(teacher.logits_fn, data.x_train, ctx.device)
+        return TeacherSignal(logits, None, time.perf_counter() - started)
+    return TeacherSignal(None, teacher.logits_fn)
+
+
+def _submodule(model: nn.Module, name: str, role: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        known = [n for n, _ in model.named_modules() if n][:40]
+        raise SpecError(
+            f"distill.feature.{role}_layer: no layer {name!r}; layers: {', '.join(known)}"
+        ) from None
+
+
+def feature_term(
+    spec: FeatureLossSpec, student: nn.Module, teacher: nn.Module, data: DataBundle, device
+) -> FeatureTerm:
+    s_hook = FeatureHook(_submodule(student, spec.student_layer, "student"))
+    t_hook = FeatureHook(_submodule(teacher, spec.teacher_layer, "teacher"))
+    probe = data.x_train[:2].to(device)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        student(probe)
+        teacher(probe)
+    student.train(was_training)
+    s, t = s_hook.value, t_hook.value
+    if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor) or s.ndim != t.ndim:
+        raise SpecError(
+            f"distill.feature: layers {spec.student_layer!r} and {spec.teacher_layer!r} give outputs "
+            "of different kinds; pick two conv layers (N,C,H,W) or two linear layers (N,D)"
+        )
+    try:
+        loss = FEATURE_LOSSES.get(spec.loss)(s.shape[1], t.shape[1], conv=s.ndim == 4)
+    except ValueError as e:
+        raise SpecError(f"distill.feature: {e}") from None
+    return FeatureTerm(loss.to(device), s_hook, t_hook, spec.weight)
+
+
+def train_student(
+    student_spec: StudentSpec,
+    spec: DistillSpec,
+    data: DataBundle,
+    ctx: StageContext,
+    seed: int,
+    *,
+    signal: TeacherSignal | None,
+    teacher: TeacherResult | None = None,
+    tag: str = "distill",
+    progress_span: tuple[float, float] = (0.0, 1.0),
+) -> tuple[nn.Module, dict[str, float]]:
+    """Train a fresh student; with `signal=None` it learns from labels only (the baseline)."""
+    torch.manual_seed(seed)
+    student = build_model(
+        student_spec.arch, data.input_shape, data.num_classes, **student_spec.arch_kwargs
+    )
+    student.to(ctx.device)
+    cfg = TrainConfig(
+        spec.epochs, spec.lr, spec.weight_decay, spec.batch_size, spec.augment, spec.amp, seed
+    )
+    loss_fn: nn.Module
+    features = None
+    if signal is None:
+        loss_fn = CrossEntropyOnly()
+    else:
+        loss_fn = KD_LOSSES.get(spec.loss)(temperature=spec.temperature, alpha=spec.alpha)
+        if spec.feature is not None and teacher is not None and teacher.module is not None:
+            features = feature_term(spec.feature, student, teacher.module, data, ctx.device)
+    try:
+        parts = fit(
+            student,
+            data.x_train,
+            data.y_train,
+            cfg=cfg,
+            loss_fn=loss_fn,
+            ctx=ctx,
+            teacher=signal.online if signal else None,
+            teacher_logits=signal.logits if signal else None,
+            features=features,
+            progress_span=progress_span,
+            tag=tag,
+        )
+    finally:
+        if features is not None:
+            features.student.remove()
+            features.teacher.remove()
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in parts.items()}
+    metrics["torch_accuracy"] = accuracy(student, data.x_test, data.y_test, ctx.device)
+    metrics["params"] = count_params(student)
+    return student, metrics
+
+
+def run(
+    teacher: TeacherResult,
+    data: DataBundle,
+    spec: DistillSpec,
+    student_spec: StudentSpec,
+    ctx: StageContext,
+    seed: int,
+    signal: TeacherSignal | None = None,
+) -> tuple[nn.Module, dict[str, float], TeacherSignal]:
+    """Distill a student; returns it, its metrics and the teacher signal (reused by pruning)."""
+    signal = signal or teacher_signal(teacher, data, spec, ctx)
+    student, metrics = train_student(
+        student_spec, spec, data, ctx, seed, signal=signal, teacher=teacher, tag="distill"
+    )
+    metrics["teacher_logits_cached"] = float(signal.logits is not None)
+    metrics["teacher_cache_seconds"] = signal.seconds
+    return student, metrics, signal

@@ -1,0 +1,87 @@
+"""Quantize stage, on the ONNX model through ONNX Runtime quantization (the CPU deployment
+path): int8 static (calibrated, QDQ, per-channel weights), int8 dynamic, and fp16."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from worker.pipeline.registry import Registry
+from worker.pipeline.spec import QuantizeSpec
+
+Quantizer = Callable[[Path, Path, torch.Tensor, QuantizeSpec], None]
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+
+
+class _Calibration(CalibrationDataReader):
+    def __init__(self, x: torch.Tensor, input_name: str, batch_size: int = 32) -> None:
+        arr = x.numpy().astype(np.float32)
+        self._batches = iter(
+            [{input_name: arr[i : i + batch_size]} for i in range(0, len(arr), batch_size)]
+        )
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def _preprocessed(src: Path, tmp: Path) -> Path:
+    """ORT's recommended pre-pass (shape inference, graph optimisation) before quantizing."""
+    out = tmp / "pre.onnx"
+    quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+    return out
+
+
+@QUANTIZERS.register("int8_static")
+def int8_static(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
+    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_static(
+            str(_preprocessed(src, Path(tmp))),
+            str(dst),
+            _Calibration(calib, input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=spec.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+@QUANTIZERS.register("int8_dynamic")
+def int8_dynamic(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(
+            str(_preprocessed(src, Path(tmp))),
+            str(dst),
+            per_channel=spec.per_channel,
+            weight_type=QuantType.QInt8,
+        )
+
+
+@QUANTIZERS.register("fp16")
+def fp16(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # Inputs and outputs stay float32 so the input contract does not change.
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+SUFFIX = {"int8_static": "int8", "int8_dynamic": "int8_dynamic", "fp16": "fp16"}
+
+
+def run(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> Path:
+    QUANTIZERS.get(spec.method)(src, dst, calib, spec)
+    return dst

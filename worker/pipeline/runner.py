@@ -1,0 +1,418 @@
+"""Run a whole job: teacher -> [baseline] -> distill -> [prune] -> [quantize] -> export.
+
+Each stage measures the model it produced on the deployment runtime as soon as it finishes
+and records itself under `<out>/.work/state/`, so a re-run over the same folder resumes
+after the last finished stage (and, inside a training stage, after its last epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.pipeline import distill as distill_stage
+from worker.pipeline import prune as prune_stage
+from worker.pipeline import quantize as quantize_stage
+from worker.pipeline import teacher as teacher_stage
+from worker.pipeline.archs import count_params
+from worker.pipeline.context import StageContext, resolve_device
+from worker.pipeline.data import DataBundle, load_dataset
+from worker.pipeline.distill import TeacherSignal
+from worker.pipeline.evaluate import measure, onnx_params
+from worker.pipeline.export import (
+    export_onnx,
+    export_safetensors,
+    export_torchscript,
+    sha256_file,
+)
+from worker.pipeline.spec import JobSpec, TrainedTeacher
+
+EventFn = Callable[[dict[str, Any]], None]
+MODEL_METRICS = ("accuracy", "params", "size_bytes", "latency_ms")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def stage_plan(spec: JobSpec) -> list[tuple[str, float]]:
+    """The stages this spec runs, each with a rough cost weight (in epochs) for progress."""
+    teacher_w = float(spec.teacher.epochs) if isinstance(spec.teacher, TrainedTeacher) else 1.0
+    plan = [("teacher", max(teacher_w, 1.0))]
+    if spec.distill.baseline:
+        plan.append(("baseline", max(spec.distill.epochs, 1)))
+    plan.append(("distill", max(spec.distill.epochs, 1)))
+    if spec.prune is not None:
+        plan.append(("prune", spec.prune.finetune_epochs + 1.0))
+    if spec.quantize is not None:
+        plan.append(("quantize", 2.0))
+    plan.append(("export", 1.0))
+    return plan
+
+
+@dataclass
+class _Run:
+    spec: JobSpec
+    out: Path
+    ctx: StageContext
+    emit: EventFn
+    data: DataBundle
+    work: Path = field(init=False)
+    state: Path = field(init=False)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    teacher: teacher_stage.TeacherResult | None = None
+    signal: TeacherSignal | None = None
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work = self.out / ".work"
+        self.state = self.work / "state"
+        self.state.mkdir(parents=True, exist_ok=True)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def measure_onnx(self, key: str, path: Path, params: int | None) -> dict[str, float]:
+        m = measure(path, self.data.x_test, self.data.y_test, self.spec.evaluate, params)
+        self.metrics[key] = m
+        self.emit({"type": "metrics", "model": key, "metrics": m})
+        return m
+
+    def measure_module(self, key: str, model: nn.Module) -> dict[str, float]:
+        path = export_onnx(model, self.data.x_test, self.work / f"{key}.onnx")
+        return self.measure_onnx(key, path, count_params(model))
+
+    def save_model(self, key: str, model: nn.Module, arch: str, arch_kwargs: dict) -> None:
+        export_safetensors(
+            model, self.state / f"{key}.safetensors", arch=arch, arch_kwargs=arch_kwargs
+        )
+
+    def load_model(self, key: str, arch: str, arch_kwargs: dict) -> nn.Module:
+        path = self.state / f"{key}.safetensors"
+        return teacher_stage.load_safetensors(path, arch, arch_kwargs, self.data).to(
+            self.ctx.device
+        )
+
+    def teacher_signal(self) -> TeacherSignal:
+        if self.signal is None:
+            assert self.teacher is not None
+            self.signal = distill_stage.teacher_signal(
+                self.teacher, self.data, self.spec.distill, self.ctx
+            )
+        return self.signal
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def stage_teacher(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        spec = self.spec.teacher
+        if isinstance(spec, TrainedTeacher) and resumed:
+            model = self.load_model("teacher", spec.arch, spec.arch_kwargs)
+            self.teacher = teacher_stage.TeacherResult(
+                model, model, None, {}, spec.arch, dict(spec.arch_kwargs)
+            )
+            return {}
+        result = teacher_stage.run(spec, self.data, ctx, self.spec.seed)
+        self.teacher = result
+        if resumed:  # an upload: reloading it is cheap, its metrics are on record
+            return result.metrics
+        if isinstance(spec, TrainedTeacher):
+            self.save_model("teacher", result.module, spec.arch, spec.arch_kwargs)
+        if result.onnx_path is not None:
+            self.measure_onnx("teacher", result.onnx_path, onnx_params(result.onnx_path))
+        else:
+            self.measure_module("teacher", result.module)
+        return result.metrics
+
+    def stage_baseline(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        if resumed:
+            return {}
+        s = self.spec
+        model, metrics = distill_stage.train_student(
+            s.student, s.distill, self.data, ctx, s.seed, signal=None, tag="baseline"
+        )
+        self.measure_module("baseline", model)
+        return metrics
+
+    def stage_distill(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        s = self.spec
+        if resumed:
+            self.models["student"] = self.load_model(
+                "student", s.student.arch, s.student.arch_kwargs
+            )
+            return {}
+        assert self.teacher is not None
+        model, metrics, self.signal = distill_stage.run(
+            self.teacher, self.data, s.distill, s.student, ctx, s.seed, signal=self.signal
+        )
+        self.models["student"] = model
+        self.save_model("student", model, s.student.arch, s.student.arch_kwargs)
+        self.measure_module("student", model)
+        return metrics
+
+    def stage_prune(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        s = self.spec
+        if resumed:
+            self.models["pruned"] = self.load_model("pruned", s.student.arch, s.student.arch_kwargs)
+            return {}
+        assert s.prune is not None
+        base = self.models["student"]
+        model, metrics = prune_stage.run(
+            base, self.data, s.prune, s.distill, self.teacher_signal(), ctx, s.seed
+        )
+        self.models["pruned"] = model
+        self.save_model("pruned", model, s.student.arch, s.student.arch_kwargs)
+        self.measure_module("pruned", model)
+        return metrics
+
+    def final_float(self) -> tuple[str, nn.Module]:
+        key = "pruned" if "pruned" in self.models else "student"
+        return key, self.models[key]
+
+    def stage_quantize(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        s = self.spec
+        assert s.quantize is not None
+        key, model = self.final_float()
+        dst = self.out / f"model.{quantize_stage.SUFFIX[s.quantize.method]}.onnx"
+        if not resumed or not dst.exists():
+            src = export_onnx(model, self.data.x_test, self.work / f"{key}.onnx")
+            calib = self.data.calibration(s.quantize.calibration_samples, s.seed)
+            quantize_stage.run(src, dst, calib, s.quantize)
+        m = self.measure_onnx("quantized", dst, count_params(model))
+        return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"]}
+
+    def stage_export(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        s = self.spec
+        _, model = self.final_float()
+        example = self.data.x_test[:1]
+        if "onnx" in s.export:
+            export_onnx(model, example, self.out / "model.onnx")
+        if "torchscript" in s.export:
+            export_torchscript(model, example, self.out / "model.torchscript.pt")
+        if "safetensors" in s.export:
+            export_safetensors(
+                model,
+                self.out / "model.safetensors",
+                arch=s.student.arch,
+                arch_kwargs=s.student.arch_kwargs,
+                spec=s.model_dump(mode="json"),
+            )
+        return {}
+
+
+def _final(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    last = next(k for k in ("quantized", "pruned", "student") if k in metrics)
+    final = {k: metrics[last][k] for k in MODEL_METRICS}
+    final["model"] = last  # type: ignore[assignment]
+    teacher = metrics["teacher"]
+    final["accuracy_drop"] = teacher["accuracy"] - final["accuracy"]
+    final["size_ratio"] = teacher["size_bytes"] / max(final["size_bytes"], 1)
+    final["speedup"] = teacher["latency_ms"] / max(final["latency_ms"], 1e-9)
+    if "baseline" in metrics:
+        # What the teacher bought: positive when distillation beat training alone.
+        final["distill_gain"] = metrics["student"]["accuracy"] - metrics["baseline"]["accuracy"]
+    return final
+
+
+def evaluate_gates(spec: JobSpec, final: dict[str, float]) -> list[dict[str, Any]]:
+    g = spec.gates
+    checks = [
+        ("max_accuracy_drop", "final.accuracy_drop", "<=", g.max_accuracy_drop),
+        ("min_size_ratio", "final.size_ratio", ">=", g.min_size_ratio),
+        ("min_speedup", "final.speedup", ">=", g.min_speedup),
+        ("min_accuracy", "final.accuracy", ">=", g.min_accuracy),
+    ]
+    out = []
+    for name, metric, op, limit in checks:
+        if limit is None:
+            continue
+        value = final[metric.split(".")[1]]
+        passed = value <= limit if op == "<=" else value >= limit
+        out.append({"gate": name, "expr": f"{metric}{op}{limit}", "value": value, "passed": passed})
+    return out
+
+
+ARTIFACT_FORMATS = {
+    "model.onnx": "onnx",
+    "model.int8.onnx": "onnx-int8",
+    "model.int8_dynamic.onnx": "onnx-int8-dynamic",
+    "model.fp16.onnx": "onnx-fp16",
+    "model.torchscript.pt": "torchscript",
+    "model.safetensors": "safetensors",
+    "model_card.json": "json",
+}
+
+
+def _artifacts(out: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "format": fmt,
+            "bytes": (out / name).stat().st_size,
+            "sha256": sha256_file(out / name),
+        }
+        for name, fmt in ARTIFACT_FORMATS.items()
+        if (out / name).exists()
+    ]
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def run_job(
+    spec: JobSpec,
+    out_dir: Path | str,
+    *,
+    on_event: EventFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Run `spec`, write artifacts and `report.json` into `out_dir`, return the report.
+
+    Events go to `on_event` as dicts: `stage` (status changes), `progress` (overall 0..1),
+    `log` and `metrics`. Raises a PipelineError subclass (with a `.code`) on failure.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out / ".work", ignore_errors=True)
+    emit: EventFn = on_event or (lambda e: None)
+    started = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    device = resolve_device(spec.device)
+    plan = stage_plan(spec)
+    total_w = sum(w for _, w in plan)
+    done_w = 0.0
+
+    def on_progress(stage: str, fraction: float, message: str) -> None:
+        if fraction < 0:
+            emit({"type": "log", "stage": stage, "message": message})
+            return
+        w = dict(plan)[stage]
+        emit(
+            {
+                "type": "progress",
+                "stage": stage,
+                "stage_progress": fraction,
+                "progress": min((done_w + w * fraction) / total_w, 1.0),
+                "message": message,
+            }
+        )
+
+    root = StageContext(device, out / ".work" / "checkpoints", on_progress, should_cancel)
+    data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
+    emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
+    run = _Run(spec, out, root, emit, data)
+    for name, weight in plan:
+        record_path = run.state / f"{name}.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        resumed = record is not None
+        ctx = root.for_stage(name)
+        if not resumed:
+            root.check_cancel()
+            record = {"name": name, "status": "running", "started_at": _now()}
+            emit({"type": "stage", "stage": name, "status": "running"})
+        t0 = time.perf_counter()
+        stage_metrics = getattr(run, f"stage_{name}")(ctx, resumed)
+        if resumed:
+            run.metrics.update(record.get("models", {}))
+            emit({"type": "stage", "stage": name, "status": "succeeded", "resumed": True})
+        else:
+            models = {k: v for k, v in run.metrics.items() if k in _stage_models(name)}
+            record.update(
+                status="succeeded",
+                finished_at=_now(),
+                seconds=time.perf_counter() - t0,
+                metrics=stage_metrics,
+                models=models,
+            )
+            tmp = record_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, record_path)  # atomic: a stage is either on record or not
+            emit(
+                {
+                    "type": "stage",
+                    "stage": name,
+                    "status": "succeeded",
+                    "seconds": record["seconds"],
+                    "metrics": stage_metrics,
+                }
+            )
+        run.stages.append(record)
+        done_w += weight
+        emit(
+            {
+                "type": "progress",
+                "stage": name,
+                "stage_progress": 1.0,
+                "progress": done_w / total_w,
+                "message": "",
+            }
+        )
+
+    final = _final(run.metrics)
+    run.metrics["final"] = final
+    gates = evaluate_gates(spec, final)
+    resolved = spec.model_dump(mode="json")
+    model_info = {
+        "arch": spec.student.arch,
+        "arch_kwargs": spec.student.arch_kwargs,
+        "params": final["params"],
+        "final": final["model"],
+    }
+    card = {
+        "name": spec.name,
+        "created_at": _now(),
+        "spec": resolved,
+        "model": model_info,
+        "input": {**data.input_contract, "class_names": data.class_names},
+        "metrics": run.metrics,
+        "artifacts": [a for a in _artifacts(out) if a["name"] != "model_card.json"],
+        "versions": _versions(),
+    }
+    (out / "model_card.json").write_text(json.dumps(card, indent=2))
+    report = {
+        "name": spec.name,
+        "spec": resolved,
+        "device": str(device),
+        "dataset": data.summary(),
+        "metrics": run.metrics,
+        "gates": gates,
+        "gates_passed": all(g["passed"] for g in gates),
+        "stages": run.stages,
+        "artifacts": _artifacts(out),
+        "wall_seconds": time.perf_counter() - started,
+        "versions": _versions(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    emit({"type": "done", "report": report})
+    return report
+
+
+def _stage_models(stage: str) -> tuple[str, ...]:
+    return {
+        "teacher": ("teacher",),
+        "baseline": ("baseline",),
+        "distill": ("student",),
+        "prune": ("pruned",),
+        "quantize": ("quantized",),
+    }.get(stage, ())

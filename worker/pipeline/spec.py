@@ -1,0 +1,264 @@
+"""The job spec: one Pydantic model shared by `distillery run`, the API and the workers.
+
+Defaults give a good result on the built-in digits data; every name resolves through a
+registry and an unknown one fails validation with the list of known names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_name(registry_attr: str, module: str, name: str) -> str:
+    import importlib
+
+    registry = getattr(importlib.import_module(f"worker.pipeline.{module}"), registry_attr)
+    registry.get(name)  # raises UnknownName (a KeyError) listing the known names
+    return name
+
+
+def _known(registry_attr: str, module: str, name: str) -> str:
+    from worker.pipeline.registry import UnknownName
+
+    try:
+        return _check_name(registry_attr, module, name)
+    except UnknownName as e:
+        raise ValueError(str(e)) from None
+
+
+def _check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
+    from worker.pipeline.archs import ARCHS
+
+    builder = ARCHS.get(arch)
+    params = inspect.signature(builder).parameters
+    reserved = {"in_shape", "num_classes"}
+    accepted = [p for p in params if p not in reserved]
+    for key in kwargs:
+        if key not in accepted:
+            raise ValueError(
+                f"arch {arch!r} takes no argument {key!r}; it takes: {', '.join(accepted) or 'none'}"
+            )
+
+
+# --- dataset -------------------------------------------------------------------------------
+
+
+class _DatasetCommon(_Spec):
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="held-out share for evaluation")
+    max_samples: int | None = Field(None, ge=20, description="subsample (seeded) to this many")
+
+
+class BuiltinDataset(_DatasetCommon):
+    source: Literal["builtin"] = "builtin"
+    name: str = "digits"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _known("BUILTIN_DATASETS", "data", v)
+
+
+class TorchvisionDataset(_DatasetCommon):
+    source: Literal["torchvision"]
+    name: str
+    root: str = Field("./data", description="folder holding (or receiving) the files")
+    download: bool = Field(False, description="download when missing (needs network)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _known("TORCHVISION_DATASETS", "data", v)
+
+
+class NpzDataset(_DatasetCommon):
+    source: Literal["npz"]
+    path: str = Field(description=".npz with x (N,C,H,W or N,D) and y (N,) integer labels")
+
+
+class ImageFolderDataset(_DatasetCommon):
+    source: Literal["imagefolder"]
+    path: str = Field(description=".zip or .tar.gz of class_name/image files")
+    image_size: int = Field(32, ge=8, le=512)
+    grayscale: bool = False
+
+
+DatasetSpec = Annotated[
+    BuiltinDataset | TorchvisionDataset | NpzDataset | ImageFolderDataset,
+    Field(discriminator="source"),
+]
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+class _ArchRef(_Spec):
+    arch: str
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _known("ARCHS", "archs", v)
+
+    @model_validator(mode="after")
+    def _kwargs(self) -> _ArchRef:
+        _check_arch_kwargs(self.arch, self.arch_kwargs)
+        return self
+
+
+class OptimSpec(_Spec):
+    epochs: int = Field(30, ge=0, le=1000)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=65536)
+
+
+class TrainedTeacher(_ArchRef, OptimSpec):
+    source: Literal["train"] = "train"
+    arch: str = "cnn_large"
+
+
+class TorchScriptTeacher(_Spec):
+    source: Literal["torchscript"]
+    path: str
+
+
+class OnnxTeacher(_Spec):
+    source: Literal["onnx"]
+    path: str
+
+
+class SafetensorsTeacher(_ArchRef):
+    source: Literal["safetensors"]
+    path: str
+
+
+TeacherSpec = Annotated[
+    TrainedTeacher | TorchScriptTeacher | OnnxTeacher | SafetensorsTeacher,
+    Field(discriminator="source"),
+]
+
+
+class StudentSpec(_ArchRef):
+    arch: str = "cnn_small"
+
+
+# --- stages --------------------------------------------------------------------------------
+
+
+class FeatureLossSpec(_Spec):
+    loss: str = Field("hint", description="feature loss: hint (FitNets) or at (attention transfer)")
+    teacher_layer: str = Field(description="module name in the teacher, e.g. 'features.6'")
+    student_layer: str = Field(description="module name in the student, e.g. 'features.3'")
+    weight: float = Field(1.0, ge=0.0)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return _known("FEATURE_LOSSES", "losses", v)
+
+
+class DistillSpec(OptimSpec):
+    loss: str = "kd"
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    feature: FeatureLossSpec | None = None
+    augment: bool = Field(False, description="random shifts/flips on image data")
+    cache_teacher_logits: bool = Field(
+        True, description="compute teacher logits once (only when inputs are not augmented)"
+    )
+    baseline: bool = Field(False, description="also train the student without a teacher")
+    amp: bool = Field(True, description="mixed precision on CUDA")
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return _known("KD_LOSSES", "losses", v)
+
+
+class PruneSpec(_Spec):
+    method: str = "channel_l2"
+    amount: float = Field(0.5, gt=0.0, lt=1.0, description="share of channels/weights removed")
+    steps: int = Field(1, ge=1, le=20, description="iterative pruning steps")
+    finetune_epochs: int = Field(10, ge=0, le=1000, description="KD fine-tune epochs after pruning")
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _known("PRUNERS", "prune", v)
+
+
+class QuantizeSpec(_Spec):
+    method: str = "int8_static"
+    calibration_samples: int = Field(512, ge=1, le=100_000)
+    per_channel: bool = True
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _known("QUANTIZERS", "quantize", v)
+
+
+class EvaluateSpec(_Spec):
+    latency_runs: int = Field(200, ge=5, le=100_000)
+    latency_warmup: int = Field(20, ge=0, le=10_000)
+    threads: int = Field(1, ge=1, le=256, description="ONNX Runtime intra-op threads")
+
+
+class GatesSpec(_Spec):
+    max_accuracy_drop: float | None = Field(None, description="teacher.accuracy - final.accuracy")
+    min_size_ratio: float | None = Field(None, description="teacher.size_bytes / final.size_bytes")
+    min_speedup: float | None = Field(None, description="teacher.latency_ms / final.latency_ms")
+    min_accuracy: float | None = None
+
+
+ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+
+
+class JobSpec(_Spec):
+    """A whole compression job. `prune` and `quantize` are optional stages (null skips them)."""
+
+    name: str = Field("job", max_length=200)
+    dataset: DatasetSpec = Field(default_factory=BuiltinDataset)
+    teacher: TeacherSpec = Field(default_factory=TrainedTeacher)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    prune: PruneSpec | None = Field(default_factory=PruneSpec)
+    quantize: QuantizeSpec | None = Field(default_factory=QuantizeSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    export: list[ExportFormat] = Field(
+        default_factory=lambda: ["onnx", "torchscript", "safetensors"]
+    )
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.distill.feature is not None and isinstance(self.teacher, OnnxTeacher):
+            raise ValueError(
+                "distill.feature: feature losses need the teacher's inner layers, "
+                "which an ONNX teacher does not expose; use a TorchScript or safetensors teacher"
+            )
+        return self
+
+
+def format_validation_error(exc: Exception) -> str:
+    """One line per problem, each naming the field path: what a CLI or API error shows."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,229 @@
+"""One small training loop shared by the teacher, distill and prune fine-tune stages.
+
+Data lives in memory as tensors; batches are index slices of a seeded permutation, which
+is both faster than a DataLoader for data this size and bit-for-bit resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.pipeline.context import StageContext
+from worker.pipeline.errors import NanLoss
+
+# A teacher is anything that maps an input batch to logits: a torch module, or an ONNX
+# Runtime session wrapped by the teacher stage.
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    augment: bool = False
+    amp: bool = True
+    seed: int = 0
+
+
+@dataclass
+class FeatureHook:
+    """Captures one module's output on every forward."""
+
+    module: nn.Module
+    value: torch.Tensor | None = None
+    handle: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.handle = self.module.register_forward_hook(self._store)
+
+    def _store(self, _m, _inp, out) -> None:
+        self.value = out
+
+    def remove(self) -> None:
+        self.handle.remove()  # type: ignore[attr-defined]
+
+
+@dataclass
+class FeatureTerm:
+    """A feature loss between a student layer and a teacher layer (teacher run online)."""
+
+    loss: nn.Module
+    student: FeatureHook
+    teacher: FeatureHook
+    weight: float
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 1/8 of the side (zero padded); inputs keep their shape."""
+    if x.ndim != 4:
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, min(h, w) // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
+@torch.no_grad()
+def predict_logits(
+    fn: LogitsFn | nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
+    """Logits for `x` in eval mode, batched; returned on the CPU as float32."""
+    was_training = isinstance(fn, nn.Module) and fn.training
+    if isinstance(fn, nn.Module):
+        fn.eval()
+    outs = [
+        fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
+    ]
+    if was_training:
+        fn.train()  # type: ignore[union-attr]
+    return torch.cat(outs)
+
+
+def accuracy(
+    fn: LogitsFn | nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> float:
+    return (predict_logits(fn, x, device).argmax(1) == y).float().mean().item()
+
+
+def _amp_context(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return contextlib.nullcontext(), None
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    cfg: TrainConfig,
+    loss_fn: nn.Module,
+    ctx: StageContext,
+    teacher: LogitsFn | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    features: FeatureTerm | None = None,
+    progress_span: tuple[float, float] = (0.0, 1.0),
+    tag: str = "train",
+) -> dict[str, float]:
+    """Train `model` in place; return the last epoch's mean loss parts and the wall time.
+
+    The teacher signal is either `teacher_logits` (precomputed, indexed by sample; only valid
+    without augmentation) or `teacher` (called on every batch). Raises NanLoss on a
+    non-finite loss and Cancelled (via ctx) between batches.
+    """
+    device = ctx.device
+    model.to(device).train()
+    loss_fn.to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    if features is not None:
+        params += list(features.loss.parameters())
+        features.loss.to(device)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(x) / cfg.batch_size))
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15
+    )
+    autocast, amp_dtype = _amp_context(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    g = torch.Generator().manual_seed(cfg.seed)
+    aug_g = torch.Generator().manual_seed(cfg.seed + 1)
+    start_epoch = 0
+    ckpt = ctx.checkpoint_dir / f"{tag}.pt" if ctx.checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        # Our own file, still loaded with the safe (weights-only) unpickler.
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        if features is not None:
+            features.loss.load_state_dict(state["features"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        g.set_state(state["rng"])
+        aug_g.set_state(state["aug_rng"])
+        start_epoch = int(state["epoch"]) + 1
+        ctx.log(f"resumed {tag} after epoch {start_epoch}")
+
+    y_dev = y.to(device)
+    x_dev = x.to(device)
+    logits_dev = teacher_logits.to(device) if teacher_logits is not None else None
+    lo, hi = progress_span
+    parts_mean: dict[str, float] = {}
+    started = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = torch.randperm(len(x), generator=g).to(device)
+        sums: dict[str, float] = {}
+        batches = 0
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            if len(idx) < 2:  # batch norm cannot train on a single sample
+                continue
+            ctx.check_cancel()
+            xb, yb = x_dev[idx], y_dev[idx]
+            if cfg.augment:
+                xb = augment_batch(xb.cpu(), aug_g).to(device)
+            with autocast:
+                if logits_dev is not None:
+                    tb = logits_dev[idx]
+                elif teacher is not None:
+                    with torch.no_grad():
+                        tb = teacher(xb)
+                else:
+                    tb = None
+                out = model(xb)
+                parts = loss_fn(out, tb, yb)
+                if features is not None:
+                    feat = features.loss(features.student.value, features.teacher.value)
+                    parts["feature_loss"] = feat
+                    parts["loss"] = parts["loss"] + features.weight * feat
+            loss = parts["loss"]
+            if not torch.isfinite(loss):
+                raise NanLoss(
+                    f"{tag}: loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; "
+                    "lower the learning rate or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            batches += 1
+        parts_mean = {k: v / max(batches, 1) for k, v in sums.items()}
+        if ckpt is not None:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "features": features.loss.state_dict() if features is not None else {},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": g.get_state(),
+                    "aug_rng": aug_g.get_state(),
+                    "epoch": epoch,
+                },
+                ckpt,
+            )
+        msg = " ".join(f"{k}={v:.4f}" for k, v in parts_mean.items())
+        ctx.progress(
+            lo + (hi - lo) * (epoch + 1) / cfg.epochs, f"{tag} epoch {epoch + 1}/{cfg.epochs} {msg}"
+        )
+    model.eval()
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()  # the stage's result is checkpointed by the runner from here on
+    parts_mean["train_seconds"] = time.perf_counter() - started
+    return parts_mean
