@@ -127,7 +127,8 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool) -> None:
         with progress:
             report = run_job(spec, Path(out_dir), on_event=on_event, resume=not fresh)
     except PipelineError as e:
-        console.print(f"[red]error [{e.code}][/]: {e.message}")
+        # Plain, unwrapped, one line: scripts grep for the code.
+        click.echo(f"error [{e.code}]: {e.message}", err=True)
         sys.exit(EXIT_JOB_FAILED)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to resume")

@@ -102,4 +102,6 @@ class AttentionTransfer(nn.Module):
 
     def forward(self, s_feat: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
         s = _match_spatial(s_feat, t_feat)
-        return (self._attention(s) - self._attention(t_feat)).pow(2).mean()
+        # Squared L2 distance between unit-norm maps (0..4), averaged over the batch; the paper
+        # scales it by beta=1000/2 with mean-reduced maps, which `weight` in the spec plays.
+        return (self._attention(s) - self._attention(t_feat)).pow(2).sum(1).mean()

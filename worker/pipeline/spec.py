@@ -9,7 +9,15 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 class _Spec(BaseModel):
@@ -89,9 +97,28 @@ class ImageFolderDataset(_DatasetCommon):
     grayscale: bool = False
 
 
+def _source_or(default: str, known: str):
+    """Discriminate on `source`, defaulting when it is left out (a teacher with just an arch
+    is trained; a dataset with just a name is built in)."""
+
+    def get(value: Any) -> str:
+        if isinstance(value, dict):
+            return value.get("source", default)
+        return getattr(value, "source", default)
+
+    return Discriminator(
+        get,
+        custom_error_type="invalid_source",
+        custom_error_message=f"unknown source; known: {known}",
+    )
+
+
 DatasetSpec = Annotated[
-    BuiltinDataset | TorchvisionDataset | NpzDataset | ImageFolderDataset,
-    Field(discriminator="source"),
+    Annotated[BuiltinDataset, Tag("builtin")]
+    | Annotated[TorchvisionDataset, Tag("torchvision")]
+    | Annotated[NpzDataset, Tag("npz")]
+    | Annotated[ImageFolderDataset, Tag("imagefolder")],
+    _source_or("builtin", "builtin, torchvision, npz, imagefolder"),
 ]
 
 
@@ -141,8 +168,11 @@ class SafetensorsTeacher(_ArchRef):
 
 
 TeacherSpec = Annotated[
-    TrainedTeacher | TorchScriptTeacher | OnnxTeacher | SafetensorsTeacher,
-    Field(discriminator="source"),
+    Annotated[TrainedTeacher, Tag("train")]
+    | Annotated[TorchScriptTeacher, Tag("torchscript")]
+    | Annotated[OnnxTeacher, Tag("onnx")]
+    | Annotated[SafetensorsTeacher, Tag("safetensors")],
+    _source_or("train", "train, torchscript, onnx, safetensors"),
 ]
 
 

@@ -7,6 +7,7 @@ it is dressed up as one of these.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +90,16 @@ def _check_torchscript_archive(path: Path) -> None:
             f"{path.name}: not a TorchScript archive (a zip from torch.jit.save); "
             "pickled checkpoints are refused"
         )
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            bad = zf.testzip()  # CRC check: torch itself would load flipped weight bytes
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelLoadError(f"{path.name}: corrupt TorchScript archive ({e})") from None
+    if bad is not None:
+        raise ModelLoadError(
+            f"{path.name}: corrupt TorchScript archive (member {bad} fails its CRC)"
+        )
     has_code = any("/code/" in n for n in names)
     has_constants = any(n.endswith("/constants.pkl") for n in names)
     if not (has_code and has_constants):
@@ -105,7 +114,9 @@ def load_torchscript(path: Path) -> nn.Module:
         raise ModelLoadError(f"{path}: no such file")
     _check_torchscript_archive(path)
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated, still supported
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise ModelLoadError(f"{path.name}: corrupt TorchScript archive ({_short(e)})") from None
     return module.eval()

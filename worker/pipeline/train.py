@@ -143,6 +143,8 @@ def fit(
     aug_g = torch.Generator().manual_seed(cfg.seed + 1)
     start_epoch = 0
     ckpt = ctx.checkpoint_dir / f"{tag}.pt" if ctx.checkpoint_dir is not None else None
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and ckpt.exists():
         # Our own file, still loaded with the safe (weights-only) unpickler.
         state = torch.load(ckpt, map_location=device, weights_only=True)

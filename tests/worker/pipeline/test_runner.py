@@ -1,0 +1,200 @@
+"""A whole job end to end on tiny data: the metrics contract, artifacts, resume, and the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.pipeline.data import load_dataset
+from worker.pipeline.errors import Cancelled
+from worker.pipeline.evaluate import onnx_logits
+from worker.pipeline.export import read_safetensors_meta, sha256_file
+from worker.pipeline.runner import run_job
+from worker.pipeline.spec import BuiltinDataset, JobSpec
+from worker.pipeline.teacher import load_safetensors, load_torchscript
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"source": "builtin", "name": "digits", "max_samples": 400},
+    "teacher": {"source": "train", "arch": "cnn_small", "epochs": 4},
+    "student": {"arch": "cnn_tiny"},
+    "distill": {"epochs": 4, "baseline": True},
+    "prune": {"amount": 0.5, "finetune_epochs": 2},
+    "quantize": {"method": "int8_static", "calibration_samples": 64},
+    "evaluate": {"latency_runs": 10, "latency_warmup": 2},
+    "gates": {"max_accuracy_drop": 1.0},
+}
+MODELS = ("teacher", "baseline", "student", "pruned", "quantized")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("job")
+    events = []
+    report = run_job(JobSpec.model_validate(TINY), out, on_event=events.append)
+    return out, report, events
+
+
+def test_report_holds_the_metrics_contract(finished):
+    out, report, _ = finished
+    assert json.loads((out / "report.json").read_text()) == report
+    metrics = report["metrics"]
+    for key in MODELS:
+        assert set(metrics[key]) >= {"accuracy", "params", "size_bytes", "latency_ms"}, key
+        assert 0.0 <= metrics[key]["accuracy"] <= 1.0 and metrics[key]["latency_ms"] > 0
+    final, teacher = metrics["final"], metrics["teacher"]
+    assert final["model"] == "quantized"
+    assert final["accuracy"] == metrics["quantized"]["accuracy"]
+    assert final["accuracy_drop"] == pytest.approx(teacher["accuracy"] - final["accuracy"])
+    assert final["size_ratio"] == pytest.approx(teacher["size_bytes"] / final["size_bytes"])
+    assert final["speedup"] == pytest.approx(teacher["latency_ms"] / final["latency_ms"])
+    assert final["distill_gain"] == pytest.approx(
+        metrics["student"]["accuracy"] - metrics["baseline"]["accuracy"]
+    )
+    assert metrics["pruned"]["params"] < metrics["student"]["params"]
+    assert [s["name"] for s in report["stages"]] == [
+        "teacher",
+        "baseline",
+        "distill",
+        "prune",
+        "quantize",
+        "export",
+    ]
+    assert all(s["seconds"] > 0 and s["status"] == "succeeded" for s in report["stages"])
+    assert report["gates"] == [
+        {
+            "gate": "max_accuracy_drop",
+            "expr": "final.accuracy_drop<=1.0",
+            "value": final["accuracy_drop"],
+            "passed": True,
+        }
+    ]
+
+
+def test_artifacts_are_listed_with_their_sha256(finished):
+    out, report, _ = finished
+    names = [a["name"] for a in report["artifacts"]]
+    assert names == [
+        "model.onnx",
+        "model.int8.onnx",
+        "model.torchscript.pt",
+        "model.safetensors",
+        "model_card.json",
+    ]
+    for a in report["artifacts"]:
+        assert (
+            a["sha256"] == sha256_file(out / a["name"])
+            and a["bytes"] == (out / a["name"]).stat().st_size
+        )
+    card = json.loads((out / "model_card.json").read_text())
+    assert {a["name"]: a["sha256"] for a in card["artifacts"]} == {
+        a["name"]: a["sha256"] for a in report["artifacts"] if a["name"] != "model_card.json"
+    }
+    assert card["spec"]["student"]["arch"] == "cnn_tiny"
+    contract = card["input"]
+    assert (
+        contract["name"] == "input"
+        and contract["shape"] == ["batch", 1, 8, 8]
+        and contract["dtype"] == "float32"
+    )
+    assert (
+        contract["scale"] == 1 / 16
+        and len(contract["mean"]) == 1
+        and len(contract["class_names"]) == 10
+    )
+
+
+def test_exported_formats_agree_with_each_other(finished):
+    """The safetensors file rebuilds the pruned model from arch + recorded layer shapes."""
+    out, report, _ = finished
+    data = load_dataset(BuiltinDataset(max_samples=400), seed=0)
+    meta = read_safetensors_meta(out / "model.safetensors")
+    assert JobSpec.model_validate_json(meta["spec"]).name == "tiny"
+    rebuilt = load_safetensors(
+        out / "model.safetensors", meta["arch"], json.loads(meta["arch_kwargs"]), data
+    )
+    scripted = load_torchscript(out / "model.torchscript.pt")
+    ref = onnx_logits(out / "model.onnx", data.x_test)
+    with torch.no_grad():
+        np.testing.assert_allclose(rebuilt(data.x_test).numpy(), ref, atol=1e-4)
+        np.testing.assert_allclose(scripted(data.x_test).numpy(), ref, atol=1e-4)
+    int8 = onnx_logits(out / "model.int8.onnx", data.x_test)
+    assert (int8.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+def test_progress_is_monotonic_and_ends_at_one(finished):
+    _, _, events = finished
+    progress = [e["progress"] for e in events if e["type"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+    stages = [(e["stage"], e["status"]) for e in events if e["type"] == "stage"]
+    assert stages[0] == ("teacher", "running") and stages[-1] == ("export", "succeeded")
+
+
+def test_an_interrupted_job_resumes_after_its_last_finished_stage(tmp_path):
+    spec = JobSpec.model_validate({**TINY, "distill": {"epochs": 4}, "prune": None})
+    done = []
+
+    def on_event(e):
+        if e["type"] == "stage" and e["status"] == "succeeded":
+            done.append(e["stage"])
+
+    with pytest.raises(Cancelled):
+        run_job(spec, tmp_path, on_event=on_event, should_cancel=lambda: "distill" in done)
+    first = json.loads((tmp_path / ".work/state/distill.json").read_text())
+
+    events = []
+    report = run_job(spec, tmp_path, on_event=events.append)
+    resumed = [e["stage"] for e in events if e["type"] == "stage" and e.get("resumed")]
+    ran = [e["stage"] for e in events if e["type"] == "stage" and e["status"] == "running"]
+    assert resumed == ["teacher", "distill"] and ran == ["quantize", "export"]
+    # The resumed stages' numbers are the recorded ones, and nothing was trained twice.
+    assert report["metrics"]["student"] == first["models"]["student"]
+    assert len(report["artifacts"]) == len({a["name"] for a in report["artifacts"]})
+    assert not list((tmp_path / ".work/checkpoints").rglob("*.pt"))
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_runs_a_job_and_uses_exit_codes(tmp_path):
+    repo = Path(__file__).parents[3]
+    small = {
+        **TINY,
+        "distill": {"epochs": 2},
+        "prune": None,
+        "teacher": {"arch": "cnn_tiny", "epochs": 2},
+        "gates": {"min_size_ratio": 1e9},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(small))
+    r = _cli("run", str(tmp_path / "spec.json"), "--out", str(tmp_path / "out"), "--json", cwd=repo)
+    assert r.returncode == 1, r.stderr  # it ran, and the impossible gate failed
+    report = json.loads(r.stdout)
+    assert report["gates"][0]["passed"] is False and (tmp_path / "out/model.int8.onnx").exists()
+
+    (tmp_path / "bad.json").write_text(json.dumps({"student": {"arch": "nope"}}))
+    r = _cli("run", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o2"), cwd=repo)
+    assert (
+        r.returncode == 2
+        and "error [invalid_spec]: student.arch: Value error, unknown arch 'nope'" in r.stderr
+    )
+    assert "Traceback" not in r.stderr
+
+    missing = {**small, "dataset": {"source": "npz", "path": str(tmp_path / "nothere.npz")}}
+    (tmp_path / "missing.json").write_text(json.dumps(missing))
+    r = _cli("run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o3"), cwd=repo)
+    assert (
+        r.returncode == 2
+        and "error [invalid_dataset]" in r.stderr
+        and "nothere.npz: no such file" in r.stderr
+    )
