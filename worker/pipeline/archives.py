@@ -48,7 +48,10 @@ def safe_extract(
 
     Sizes are checked against the headers first and again while writing, so a member that
     lies about its size (a zip bomb) is stopped at the cap rather than after filling the disk.
+    `dest` must be new or empty: on failure it is removed with whatever was extracted.
     """
+    if dest.exists() and any(dest.iterdir()):
+        raise ValueError(f"extraction target {dest} is not empty")
     dest.mkdir(parents=True, exist_ok=True)
     kind = archive_kind(archive)
     try:
@@ -59,7 +62,15 @@ def safe_extract(
     except DatasetError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+    ) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: e.g. Deflate64 compression.
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(f"{archive.name}: corrupt or truncated archive ({e})") from None
     return dest
@@ -87,6 +98,10 @@ def _extract_zip(archive: Path, dest: Path, max_members: int, max_total: int) ->
         used = 0
         for info in infos:
             rel = _safe_name(info.filename)
+            if info.flag_bits & 0x1:
+                raise DatasetError(
+                    f"{archive.name}: member {info.filename!r} is encrypted; password-protected archives are not supported"
+                )
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise DatasetError(f"archive member {info.filename!r} is a symbolic link")

@@ -223,3 +223,16 @@ def apply_layer_config(model: nn.Module, cfg: dict[str, dict[str, int]]) -> nn.M
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_arch(
+    arch: str, arch_kwargs: dict[str, Any], in_shape: Sequence[int], num_classes: int
+) -> nn.Module:
+    """Build on the meta device (no memory, no time) to check an arch fits the data's shape.
+
+    Raises DatasetIncompatible (wrong kind of input) or ValueError/TypeError from the builder.
+    """
+    with torch.device("meta"):
+        model = build_model(arch, in_shape, num_classes, **arch_kwargs)
+        model(torch.empty(1, *in_shape))
+    return model

@@ -6,6 +6,7 @@ feed the exported model (layout, dtype, scaling, per-channel mean/std, class nam
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,11 @@ def validate_arrays(
 def _load_npz(path: Path) -> RawData:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # .npz files are zip archives
+            raise DatasetError(
+                f"{path.name}: not a readable .npz file (expected a zip archive of .npy arrays)"
+            )
     try:
         # allow_pickle stays off: an object array would need unpickling, and is refused here.
         with np.load(path, allow_pickle=False) as npz:
@@ -146,7 +152,7 @@ def _load_npz(path: Path) -> RawData:
     except DatasetError:
         raise
     except ValueError as e:
-        if "pickle" in str(e).lower():
+        if "object arrays cannot be loaded" in str(e).lower():
             raise DatasetError(
                 f"{path.name}: holds object arrays, which would need unpickling; save plain numeric arrays"
             ) from None
@@ -164,8 +170,14 @@ def _load_imagefolder(path: Path, image_size: int, grayscale: bool, workdir: Pat
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     root = safe_extract(path, workdir / "imagefolder")
+    # Archivers leave metadata folders (macOS: __MACOSX, ._* files) that are not classes.
+    for junk in [p for p in root.rglob("*") if p.name.startswith((".", "__MACOSX"))]:
+        if junk.is_dir():
+            shutil.rmtree(junk, ignore_errors=True)
+        elif junk.exists():
+            junk.unlink()
     # Tolerate archives that wrap the class folders in one top-level folder.
-    entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    entries = list(root.iterdir())
     if len(entries) == 1 and entries[0].is_dir():
         inner = [p for p in entries[0].iterdir() if p.is_dir()]
         if inner and all(any(q.is_file() for q in d.iterdir()) for d in inner):
@@ -188,7 +200,8 @@ def _load_imagefolder(path: Path, image_size: int, grayscale: bool, workdir: Pat
         try:
             img, label = ds[i]
         except Exception as e:
-            raise DatasetError(f"{path.name}: cannot decode {ds.samples[i][0]} ({e})") from None
+            member = Path(ds.samples[i][0]).relative_to(root)
+            raise DatasetError(f"{path.name}: cannot decode {member} ({e})") from None
         xs.append(img.numpy())
         ys.append(label)
     return np.stack(xs), np.asarray(ys, dtype=np.int64), list(ds.classes), 1.0 / 255.0
@@ -205,6 +218,10 @@ def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
         except RuntimeError as e:
             hint = "" if spec.download else " (set dataset.download: true on a host with network)"
             raise DatasetError(f"{spec.name} not found under {spec.root}{hint}: {e}") from None
+        except (ValueError, AssertionError, KeyError, TypeError, OSError) as e:
+            raise DatasetError(
+                f"{spec.name} files under {spec.root} are unreadable ({type(e).__name__}: {e})"
+            ) from None
         x = np.asarray(ds.data)
         x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # to N,C,H,W
         splits.append((x, np.asarray(ds.targets), list(ds.classes), 1.0 / 255.0))
@@ -263,8 +280,11 @@ def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundl
     elif isinstance(spec, TorchvisionDataset):
         raw, test = _load_torchvision(spec)
         origin = f"torchvision:{spec.name}"
-    else:  # pragma: no cover - the spec union is closed
-        raise DatasetError(f"unsupported dataset source {getattr(spec, 'source', spec)!r}")
+    else:  # an upload id: only the service can resolve it to a file
+        raise DatasetError(
+            f"dataset source {getattr(spec, 'source', spec)!r} names a service upload; outside the "
+            "service use source 'npz' or 'imagefolder' with a path"
+        )
 
     x, y, names, scale = raw
     x, y, num_classes = validate_arrays(x, y, names)
@@ -292,6 +312,7 @@ def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundl
         "preprocess": "x = (raw * scale - mean) / std, with mean/std per "
         + ("channel" if x_train.ndim == 4 else "feature"),
         "output": {"name": "logits", "shape": ["batch", num_classes]},
+        "class_names": names or [str(i) for i in range(num_classes)],
         "source": origin,
     }
     return DataBundle(
@@ -303,3 +324,17 @@ def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundl
         class_names=names or [str(i) for i in range(num_classes)],
         input_contract=contract,
     )
+
+
+# Shapes known without loading anything: lets the API check a spec before queueing it.
+_KNOWN_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "builtin:digits": ((1, 8, 8), 10),
+    "torchvision:CIFAR10": ((3, 32, 32), 10),
+    "torchvision:MNIST": ((1, 28, 28), 10),
+    "torchvision:FashionMNIST": ((1, 28, 28), 10),
+}
+
+
+def known_shape(spec: Any) -> tuple[tuple[int, ...], int] | None:
+    """(input_shape, num_classes) of a built-in or torchvision dataset, else None."""
+    return _KNOWN_SHAPES.get(f"{spec.source}:{getattr(spec, 'name', '')}")

@@ -384,7 +384,7 @@ def run_job(
         "created_at": _now(),
         "spec": resolved,
         "model": model_info,
-        "input": {**data.input_contract, "class_names": data.class_names},
+        "input": data.input_contract,
         "metrics": run.metrics,
         "artifacts": [a for a in _artifacts(out) if a["name"] != "model_card.json"],
         "versions": _versions(),

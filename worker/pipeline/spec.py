@@ -97,6 +97,15 @@ class ImageFolderDataset(_DatasetCommon):
     grayscale: bool = False
 
 
+class UploadedDataset(_DatasetCommon):
+    """A dataset uploaded to the service (POST /v1/datasets); the worker resolves the id."""
+
+    source: Literal["upload"]
+    id: str = Field(min_length=1, max_length=64)
+    image_size: int = Field(32, ge=8, le=512, description="for image-folder uploads")
+    grayscale: bool = False
+
+
 def _source_or(default: str, known: str):
     """Discriminate on `source`, defaulting when it is left out (a teacher with just an arch
     is trained; a dataset with just a name is built in)."""
@@ -117,8 +126,9 @@ DatasetSpec = Annotated[
     Annotated[BuiltinDataset, Tag("builtin")]
     | Annotated[TorchvisionDataset, Tag("torchvision")]
     | Annotated[NpzDataset, Tag("npz")]
-    | Annotated[ImageFolderDataset, Tag("imagefolder")],
-    _source_or("builtin", "builtin, torchvision, npz, imagefolder"),
+    | Annotated[ImageFolderDataset, Tag("imagefolder")]
+    | Annotated[UploadedDataset, Tag("upload")],
+    _source_or("builtin", "builtin, torchvision, npz, imagefolder, upload"),
 ]
 
 
@@ -167,12 +177,20 @@ class SafetensorsTeacher(_ArchRef):
     path: str
 
 
+class UploadedTeacher(_Spec):
+    """A teacher uploaded to the service (POST /v1/models); the worker resolves the id."""
+
+    source: Literal["upload"]
+    id: str = Field(min_length=1, max_length=64)
+
+
 TeacherSpec = Annotated[
     Annotated[TrainedTeacher, Tag("train")]
     | Annotated[TorchScriptTeacher, Tag("torchscript")]
     | Annotated[OnnxTeacher, Tag("onnx")]
-    | Annotated[SafetensorsTeacher, Tag("safetensors")],
-    _source_or("train", "train, torchscript, onnx, safetensors"),
+    | Annotated[SafetensorsTeacher, Tag("safetensors")]
+    | Annotated[UploadedTeacher, Tag("upload")],
+    _source_or("train", "train, torchscript, onnx, safetensors, upload"),
 ]
 
 
@@ -270,6 +288,9 @@ class JobSpec(_Spec):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    queue: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="worker queue (service only), e.g. gpu"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

@@ -203,8 +203,11 @@ def run(spec, data: DataBundle, ctx: StageContext, seed: int) -> TeacherResult:
         fn = OnnxLogits(Path(spec.path))
         _probe(fn, data, device, "ONNX")
         result = TeacherResult(fn, None, Path(spec.path), {})
-    else:  # pragma: no cover
-        raise ModelLoadError(f"unsupported teacher source {spec!r}")
+    else:  # an upload id: only the service can resolve it to a file
+        raise ModelLoadError(
+            f"teacher source {getattr(spec, 'source', spec)!r} names a service upload; outside the "
+            "service use source 'torchscript', 'onnx' or 'safetensors' with a path"
+        )
     result.metrics["torch_accuracy"] = accuracy(result.logits_fn, data.x_test, data.y_test, device)
     if result.module is not None:
         result.metrics["params"] = count_params(result.module)

@@ -54,7 +54,7 @@ def test_defaults_and_the_example_are_valid():
         ),
         (
             {"dataset": {"source": "ftp"}},
-            "dataset: unknown source; known: builtin, torchvision, npz, imagefolder",
+            "dataset: unknown source; known: builtin, torchvision, npz, imagefolder, upload",
         ),
         ({"distill": {"temperature": 0}}, "distill.temperature: Input should be greater than 0"),
         ({"distill": {"alpha": 1.5}}, "distill.alpha: Input should be less than or equal to 1"),
