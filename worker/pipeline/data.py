@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from worker.pipeline.archives import safe_extract
+from worker.pipeline.archives import MAX_MEMBERS, MAX_TOTAL_BYTES, safe_extract
 from worker.pipeline.errors import DatasetError
 from worker.pipeline.registry import Registry
 from worker.pipeline.spec import (
@@ -131,7 +131,7 @@ def validate_arrays(
 # --- sources -------------------------------------------------------------------------------
 
 
-def _load_npz(path: Path) -> RawData:
+def load_npz(path: Path) -> RawData:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -163,13 +163,23 @@ def _load_npz(path: Path) -> RawData:
     return x, y, names, scale
 
 
-def _load_imagefolder(path: Path, image_size: int, grayscale: bool, workdir: Path) -> RawData:
+def load_imagefolder(
+    path: Path,
+    image_size: int,
+    grayscale: bool,
+    workdir: Path,
+    *,
+    max_members: int = MAX_MEMBERS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> RawData:
     from PIL import Image
     from torchvision import datasets, transforms
 
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    root = safe_extract(path, workdir / "imagefolder")
+    root = safe_extract(
+        path, workdir / "imagefolder", max_members=max_members, max_total_bytes=max_total_bytes
+    )
     # Archivers leave metadata folders (macOS: __MACOSX, ._* files) that are not classes.
     for junk in [p for p in root.rglob("*") if p.name.startswith((".", "__MACOSX"))]:
         if junk.is_dir():
@@ -271,11 +281,11 @@ def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundl
         raw = BUILTIN_DATASETS.get(spec.name)()
         origin = f"builtin:{spec.name}"
     elif isinstance(spec, NpzDataset):
-        raw = _load_npz(Path(spec.path))
+        raw = load_npz(Path(spec.path))
         origin = "npz"
     elif isinstance(spec, ImageFolderDataset):
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            raw = _load_imagefolder(Path(spec.path), spec.image_size, spec.grayscale, Path(tmp))
+            raw = load_imagefolder(Path(spec.path), spec.image_size, spec.grayscale, Path(tmp))
         origin = "imagefolder"
     elif isinstance(spec, TorchvisionDataset):
         raw, test = _load_torchvision(spec)

@@ -76,6 +76,7 @@ class _Run:
     teacher: teacher_stage.TeacherResult | None = None
     signal: TeacherSignal | None = None
     models: dict[str, nn.Module] = field(default_factory=dict)
+    public_spec: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.work = self.out / ".work"
@@ -206,7 +207,7 @@ class _Run:
                 self.out / "model.safetensors",
                 arch=s.student.arch,
                 arch_kwargs=s.student.arch_kwargs,
-                spec=s.model_dump(mode="json"),
+                spec=self.public_spec,
             )
         return {}
 
@@ -284,11 +285,14 @@ def run_job(
     on_event: EventFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     resume: bool = True,
+    public_spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run `spec`, write artifacts and `report.json` into `out_dir`, return the report.
 
     Events go to `on_event` as dicts: `stage` (status changes), `progress` (overall 0..1),
     `log` and `metrics`. Raises a PipelineError subclass (with a `.code`) on failure.
+    `public_spec` is what the report and model card show (the service passes the user's spec,
+    without the server paths its uploads were resolved to).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +325,7 @@ def run_job(
     root = StageContext(device, out / ".work" / "checkpoints", on_progress, should_cancel)
     data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
     emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
-    run = _Run(spec, out, root, emit, data)
+    run = _Run(spec, out, root, emit, data, public_spec=public_spec or spec.model_dump(mode="json"))
     for name, weight in plan:
         record_path = run.state / f"{name}.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else None
@@ -372,7 +376,7 @@ def run_job(
     final = _final(run.metrics)
     run.metrics["final"] = final
     gates = evaluate_gates(spec, final)
-    resolved = spec.model_dump(mode="json")
+    resolved = public_spec if public_spec is not None else spec.model_dump(mode="json")
     model_info = {
         "arch": spec.student.arch,
         "arch_kwargs": spec.student.arch_kwargs,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,13 @@ def _amp_context(device: torch.device, enabled: bool):
     return contextlib.nullcontext(), None
 
 
+def _save_atomic(state: dict, path) -> None:
+    """Write then rename: a process killed mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -146,19 +154,22 @@ def fit(
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and ckpt.exists():
-        # Our own file, still loaded with the safe (weights-only) unpickler.
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        if features is not None:
-            features.loss.load_state_dict(state["features"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        g.set_state(state["rng"])
-        aug_g.set_state(state["aug_rng"])
-        start_epoch = int(state["epoch"]) + 1
-        ctx.log(f"resumed {tag} after epoch {start_epoch}")
-
+        try:
+            # Our own file, still loaded with the safe (weights-only) unpickler.
+            state = torch.load(ckpt, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            loss_fn.load_state_dict(state["loss"])
+            if features is not None:
+                features.loss.load_state_dict(state["features"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            g.set_state(state["rng"])
+            aug_g.set_state(state["aug_rng"])
+            start_epoch = int(state["epoch"]) + 1
+            ctx.log(f"resumed {tag} after epoch {start_epoch}")
+        except Exception as e:  # unreadable: start the stage over rather than fail the job
+            ctx.log(f"ignored an unreadable {tag} checkpoint ({type(e).__name__}); starting over")
+            start_epoch = 0
     y_dev = y.to(device)
     x_dev = x.to(device)
     logits_dev = teacher_logits.to(device) if teacher_logits is not None else None
@@ -207,7 +218,7 @@ def fit(
             batches += 1
         parts_mean = {k: v / max(batches, 1) for k, v in sums.items()}
         if ckpt is not None:
-            torch.save(
+            _save_atomic(
                 {
                     "model": model.state_dict(),
                     "loss": loss_fn.state_dict(),

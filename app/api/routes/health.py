@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is up (no dependencies checked)."""
+    return Health(status="ok")
+
+
+def _check_db(request: Request) -> str:
+    with request.app.state.db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return "ok"
+
+
+def _check_broker(request: Request) -> str:
+    with request.app.state.celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+    return "ok"
+
+
+def _check_storage(request: Request) -> str:
+    if not request.app.state.storage.writable():
+        raise OSError(f"{request.app.state.storage.root} is not writable")
+    return "ok"
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "a dependency is down"}},
+)
+async def readyz(request: Request) -> Response:
+    """Ready when the database, the broker and the artifact storage all answer."""
+    checks: dict[str, str] = {}
+    for name, check in (
+        ("database", _check_db),
+        ("broker", _check_broker),
+        ("storage", _check_storage),
+    ):
+        try:
+            checks[name] = await run_in_threadpool(check, request)
+        except Exception as e:
+            checks[name] = f"error: {type(e).__name__}: {str(e)[:200]}"
+    ok = all(v == "ok" for v in checks.values())
+    body = Readiness(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(
+        body.model_dump(),
+        status_code=200 if ok else 503,
+        headers={} if ok else {"Retry-After": "5"},
+    )

@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_enqueue
+from app.core.errors import (
+    ArtifactNotFound,
+    IdempotencyConflict,
+    JobNotFound,
+    JobStateConflict,
+    SpecInvalid,
+    Unauthorized,
+    error_responses,
+)
+from app.schemas.jobs import (
+    TERMINAL,
+    ArtifactPublic,
+    ArtifactsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+)
+from app.services import jobs as jobs_service
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+AUTH = (Unauthorized,)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        200: {
+            "model": JobPublic,
+            "description": "replayed: the job an earlier request with the same Idempotency-Key created",
+        },
+        **error_responses(*AUTH, IdempotencyConflict, SpecInvalid),
+    },
+)
+def create_job(
+    spec: JobCreate,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    response: Response,
+    enqueue=Depends(get_enqueue),
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Validate and store a job, then enqueue it (after the commit)."""
+    job, created = jobs_service.create_job(
+        session,
+        tenant_id=tenant.id,
+        spec=spec,
+        idempotency_key=idempotency_key,
+        settings=settings,
+        enqueue=enqueue,
+    )
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    stages = jobs_service.stages_of(session, job_ids=[job.id])[job.id]
+    return jobs_service.to_public(job, stages)
+
+
+@router.get("", response_model=JobsPublic, responses=error_responses(*AUTH, JobNotFound))
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    after: Annotated[
+        str | None, Query(max_length=64, description="id of the last job of the previous page")
+    ] = None,
+) -> JobsPublic:
+    """Jobs newest first; page with `after`=`next_after`."""
+    rows, has_more = jobs_service.list_jobs(
+        session, tenant_id=tenant.id, status=status, limit=limit, after=after
+    )
+    stages = jobs_service.stages_of(session, job_ids=[j.id for j in rows])
+    data = [jobs_service.to_public(j, stages[j.id]) for j in rows]
+    return JobsPublic(
+        data=data, has_more=has_more, next_after=data[-1].id if has_more and data else None
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(*AUTH, JobNotFound))
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    job = jobs_service.get_job(session, tenant_id=tenant.id, job_id=job_id)
+    return jobs_service.to_public(job, jobs_service.stages_of(session, job_ids=[job.id])[job.id])
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobPublic,
+    responses=error_responses(*AUTH, JobNotFound, JobStateConflict),
+)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    """Queued jobs end `cancelled` at once; running ones become `cancelling` and stop at the
+    next batch boundary. 409 when the job already finished."""
+    job = jobs_service.cancel_job(session, tenant_id=tenant.id, job_id=job_id)
+    return jobs_service.to_public(job, jobs_service.stages_of(session, job_ids=[job.id])[job.id])
+
+
+def _sse(event_id: int, kind: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
+        **error_responses(*AUTH, JobNotFound),
+    },
+    response_class=StreamingResponse,
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int, Query(ge=0, description="resume after this event id")] = 0,
+) -> StreamingResponse:
+    """Stage changes, progress, log lines and metrics as server-sent events, from the job's
+    first event (or after `Last-Event-ID`), ending once the job has ended."""
+    jobs_service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 for other tenants
+    db = request.app.state.db
+    poll = request.app.state.settings.PROGRESS_THROTTLE_SECONDS / 2
+
+    def fetch(cursor: int):
+        with db.session() as s:
+            return jobs_service.events_after(
+                s, job_id=job_id, after_id=cursor
+            ), jobs_service.job_status(s, job_id=job_id)
+
+    async def stream():
+        cursor = max(after, last_event_id or 0)
+        idle = 0.0
+        while True:
+            events, status = await run_in_threadpool(fetch, cursor)
+            for ev in events:
+                cursor = ev.id
+                yield _sse(ev.id, ev.type, {**ev.data, "at": ev.created_at.isoformat()})
+            if events:
+                idle = 0.0
+                continue  # drain the backlog before sleeping
+            if status in TERMINAL:
+                yield _sse(cursor, "end", {"status": status})
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(poll)
+            idle += poll
+            if idle >= 15:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _artifact_public(request: Request, job_id: str, a) -> ArtifactPublic:
+    url = str(request.url_for("download_artifact", job_id=job_id, name=a.name))
+    return ArtifactPublic(name=a.name, format=a.format, bytes=a.bytes, sha256=a.sha256, url=url)
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ArtifactsPublic,
+    responses=error_responses(*AUTH, JobNotFound),
+)
+def list_artifacts(
+    job_id: str, request: Request, session: SessionDep, tenant: TenantDep
+) -> ArtifactsPublic:
+    rows = jobs_service.list_artifacts(session, tenant_id=tenant.id, job_id=job_id)
+    return ArtifactsPublic(data=[_artifact_public(request, job_id, a) for a in rows])
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    name="download_artifact",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "the file; ETag is its sha256",
+        },
+        206: {"description": "the requested byte range"},
+        304: {"description": "If-None-Match matched the ETag"},
+        **error_responses(*AUTH, JobNotFound, ArtifactNotFound),
+    },
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    storage: StorageDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Streams the file with `ETag: "<sha256>"`; honours `Range` and `If-Range`."""
+    artifact = jobs_service.get_artifact(session, tenant_id=tenant.id, job_id=job_id, name=name)
+    etag = f'"{artifact.sha256}"'
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    path = storage.resolve(artifact.path)
+    if not path.is_file():
+        raise ArtifactNotFound(f"artifact {name!r} of job {job_id} is missing from storage")
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=name, headers={"ETag": etag})

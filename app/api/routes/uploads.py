@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.upload import receive_file
+from app.core.errors import (
+    DatasetNotFound,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UploadInvalid,
+    error_responses,
+)
+from app.schemas.uploads import DatasetPublic, ModelPublic
+from app.services import uploads as uploads_service
+
+router = APIRouter(tags=["uploads"])
+
+_FILE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "format": {
+                            "type": "string",
+                            "enum": ["torchscript", "onnx", "safetensors"],
+                            "description": "models: when the file name does not say",
+                        },
+                        "arch": {
+                            "type": "string",
+                            "description": "models: the registered arch of safetensors weights",
+                        },
+                        "arch_kwargs": {
+                            "type": "string",
+                            "description": "models: JSON object of arch arguments",
+                        },
+                        "input_shape": {
+                            "type": "string",
+                            "description": "models: C,H,W or D (checked against a job's dataset)",
+                        },
+                        "num_classes": {
+                            "type": "integer",
+                            "description": "models: number of outputs",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/datasets",
+    status_code=201,
+    response_model=DatasetPublic,
+    openapi_extra=_FILE_BODY,
+    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid),
+)
+async def upload_dataset(
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> DatasetPublic:
+    """Upload a `.npz` (`x`: N,C,H,W images or N,D rows; `y`: labels; optional `classes`) or an
+    ImageFolder `.zip` / `.tar.gz`. It is validated and described now; jobs use its id."""
+    received = await receive_file(
+        request, max_bytes=settings.MAX_UPLOAD_BYTES, tmp_dir=storage.tmp_dir()
+    )
+    try:
+        row = await run_in_threadpool(
+            uploads_service.create_dataset,
+            session,
+            tenant_id=tenant.id,
+            tmp_path=received.path,
+            filename=received.filename,
+            storage=storage,
+            settings=settings,
+        )
+    finally:
+        received.path.unlink(missing_ok=True)
+    return DatasetPublic.model_validate(row)
+
+
+@router.get(
+    "/v1/datasets/{dataset_id}",
+    response_model=DatasetPublic,
+    responses=error_responses(Unauthorized, DatasetNotFound),
+)
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
+    return DatasetPublic.model_validate(
+        uploads_service.get_dataset(session, tenant_id=tenant.id, dataset_id=dataset_id)
+    )
+
+
+@router.post(
+    "/v1/models",
+    status_code=201,
+    response_model=ModelPublic,
+    openapi_extra=_FILE_BODY,
+    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid),
+)
+async def upload_model(
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> ModelPublic:
+    """Upload a teacher: a TorchScript archive, an ONNX model, or safetensors weights with
+    `arch`. Pickled checkpoints are refused. The file is inspected, not executed, here."""
+    received = await receive_file(
+        request, max_bytes=settings.MAX_UPLOAD_BYTES, tmp_dir=storage.tmp_dir()
+    )
+    try:
+        row = await run_in_threadpool(
+            uploads_service.create_model,
+            session,
+            tenant_id=tenant.id,
+            tmp_path=received.path,
+            filename=received.filename,
+            fields=received.fields,
+            storage=storage,
+        )
+    finally:
+        received.path.unlink(missing_ok=True)
+    return ModelPublic.model_validate(row)
+
+
+@router.get(
+    "/v1/models/{model_id}",
+    response_model=ModelPublic,
+    responses=error_responses(Unauthorized, ModelNotFound),
+)
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
+    return ModelPublic.model_validate(
+        uploads_service.get_model(session, tenant_id=tenant.id, model_id=model_id)
+    )

@@ -1,0 +1,66 @@
+"""One Settings object for the API, the workers and the CLI.
+
+Embedded defaults need no services: SQLite for jobs, Celery over kombu's SQLAlchemy transport
+on a SQLite file, artifacts under DISTILLERY_HOME. Set DATABASE_URL / BROKER_URL / STORAGE_DIR
+for the distributed mode.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", env_ignore_empty=True)
+
+    DISTILLERY_HOME: Path = Path(".distillery")
+    DATABASE_URL: str | None = None  # default: sqlite file in DISTILLERY_HOME
+    BROKER_URL: str | None = None  # default: kombu SQLAlchemy transport on a sqlite file
+    STORAGE_DIR: Path | None = None  # default: DISTILLERY_HOME/storage; shared by API and workers
+    DATA_ROOT: Path | None = None  # torchvision datasets live (or are downloaded) here
+    ALLOW_DATASET_DOWNLOAD: bool = False  # may jobs ask torchvision to download?
+
+    DISTILLERY_API_KEY: str | None = None  # ensured at start as a key of tenant "default"
+
+    MAX_UPLOAD_BYTES: int = 512 * 1024**2
+    MAX_ARCHIVE_MEMBERS: int = 100_000
+    MAX_ARCHIVE_BYTES: int = 4 * 1024**3
+
+    DEFAULT_QUEUE: str = "default"
+    HEARTBEAT_SECONDS: float = 5.0
+    HEARTBEAT_TIMEOUT_SECONDS: float = 60.0  # no heartbeat for this long: the worker is gone
+    REAPER_INTERVAL_SECONDS: float = 10.0
+    MAX_ATTEMPTS: int = 3  # runs of one job (first + re-queues after a lost worker)
+    JOB_TIMEOUT_SECONDS: float = 24 * 3600.0
+    # Redis redelivers an unacknowledged message after this; it must outlast the longest stage.
+    VISIBILITY_TIMEOUT_SECONDS: int = 12 * 3600
+    PROGRESS_THROTTLE_SECONDS: float = 1.0
+
+    LOG_LEVEL: str = Field("INFO")
+
+    @cached_property
+    def home(self) -> Path:
+        return self.DISTILLERY_HOME.resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.DATABASE_URL or f"sqlite:///{self.home / 'distillery.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.BROKER_URL or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def storage_dir(self) -> Path:
+        return (self.STORAGE_DIR or self.home / "storage").resolve()
+
+    @property
+    def data_root(self) -> Path:
+        return (self.DATA_ROOT or self.home / "data").resolve()
+
+
+settings = Settings()

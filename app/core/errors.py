@@ -1,0 +1,90 @@
+"""Errors as types; one handler renders them all as {"error": {"code", "message"}}."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class AppError(Exception):
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class Unauthorized(AppError):
+    status_code, code = 401, "unauthorized"
+
+
+class NotFound(AppError):
+    status_code, code = 404, "not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class ArtifactNotFound(NotFound):
+    code = "artifact_not_found"
+
+
+class DatasetNotFound(NotFound):
+    code = "dataset_not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class JobStateConflict(AppError):
+    status_code, code = 409, "job_state_conflict"
+
+
+class IdempotencyConflict(AppError):
+    status_code, code = 409, "idempotency_key_reused"
+
+
+class PayloadTooLarge(AppError):
+    status_code, code = 413, "payload_too_large"
+
+
+class SpecInvalid(AppError):
+    status_code, code = 422, "invalid_spec"
+
+
+class UploadInvalid(AppError):
+    status_code, code = 422, "invalid_upload"
+
+
+class ServiceUnavailable(AppError):
+    status_code, code = 503, "unavailable"
+
+
+def error_responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route, so the OpenAPI document lists the errors it can return."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for err in errors:
+        entry = out.setdefault(err.status_code, {"model": ErrorBody, "description": ""})
+        entry["description"] = ", ".join(filter(None, [entry["description"], f"`{err.code}`"]))
+    return out

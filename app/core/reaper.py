@@ -1,0 +1,44 @@
+"""A background thread that runs the reaper pass (app.services.runs.reap) every few seconds.
+Runs in API processes and workers alike; passes in parallel are safe."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.services import runs
+
+log = logging.getLogger("distillery.reaper")
+
+
+class Reaper(threading.Thread):
+    def __init__(
+        self, database: Database, settings: Settings, enqueue: Callable[[str, str], None]
+    ) -> None:
+        super().__init__(daemon=True, name="reaper")
+        self.database, self.settings, self.enqueue = database, settings, enqueue
+        self._stop = threading.Event()
+
+    def run_once(self) -> dict[str, int]:
+        with self.database.session() as s:
+            return runs.reap(
+                s,
+                heartbeat_timeout=self.settings.HEARTBEAT_TIMEOUT_SECONDS,
+                max_attempts=self.settings.MAX_ATTEMPTS,
+                enqueue=self.enqueue,
+            )
+
+    def run(self) -> None:
+        while not self._stop.wait(self.settings.REAPER_INTERVAL_SECONDS):
+            try:
+                counts = self.run_once()
+                if any(counts.values()):
+                    log.info("reaper: %s", counts)
+            except Exception:
+                log.warning("reaper pass failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,156 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.routes import health, jobs, uploads
+from app.core.config import Settings
+from app.core.db import Database
+from app.core.errors import AppError
+from app.core.metrics import Metrics, MetricsMiddleware
+from app.core.storage import Storage
+
+log = logging.getLogger("distillery.api")
+
+Enqueue = Callable[[str, str], None]
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+        code = (
+            "invalid_spec"
+            if request.url.path == "/v1/jobs" and request.method == "POST"
+            else "invalid_request"
+        )
+        return _error(422, code, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def db_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error: %s", exc)
+        return _error(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry shortly",
+            {"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, "internal_error", "internal error; the server log has the details")
+
+
+def create_app(
+    settings: Settings | None = None, *, enqueue: Enqueue | None = None, start_reaper: bool = True
+) -> FastAPI:
+    """Build the API. `enqueue` defaults to sending a Celery message on the configured broker."""
+    from worker.celery_app import make_celery
+
+    settings = settings or Settings()
+    celery = make_celery(settings)
+
+    def celery_enqueue(job_id: str, queue: str) -> None:
+        celery.send_task(
+            "distillery.run_job",
+            args=[job_id],
+            queue=queue,
+            retry=True,
+            retry_policy={
+                "max_retries": 2,
+                "interval_start": 0.1,
+                "interval_step": 0.2,
+                "interval_max": 0.5,
+            },
+        )
+
+    send = enqueue or celery_enqueue
+    db = Database(settings.database_url)
+    storage = Storage(settings.storage_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from app.core.migrate import upgrade
+        from app.core.reaper import Reaper
+        from app.services import tenants
+
+        settings.home.mkdir(parents=True, exist_ok=True)
+        storage.ensure()
+        upgrade(settings.database_url)
+        if settings.DISTILLERY_API_KEY:
+            with db.session() as s:
+                tenants.create_key(s, tenant_name="default", key=settings.DISTILLERY_API_KEY)
+        reaper = Reaper(db, settings, send) if start_reaper else None
+        if reaper is not None:
+            reaper.start()
+        yield
+        if reaper is not None:
+            reaper.stop()
+        db.dispose()
+
+    app = FastAPI(
+        title="Distillery",
+        version="1.0.0",
+        summary="Knowledge distillation, pruning and quantization as a service.",
+        description="Submit a job spec; poll or stream its progress; download the compressed model. "
+        'Every metric is measured on ONNX Runtime (CPU). Errors are `{"error": {"code", "message"}}`.',
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.storage = storage
+    app.state.celery = celery
+    app.state.enqueue = send
+    metrics = Metrics(db)
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(uploads.router)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
+    def prometheus() -> Response:
+        """Prometheus text format: requests, jobs by status, stage durations."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

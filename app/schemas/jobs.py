@@ -1,0 +1,67 @@
+"""What the API says about jobs. The spec itself is the pipeline's JobSpec."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.pipeline.spec import JobSpec
+
+JobCreate = JobSpec  # one model for `distillery run`, the API and the workers
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class ErrorPublic(BaseModel):
+    code: str
+    message: str
+
+
+class StagePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    status: Literal["pending", "running", "succeeded", "failed", "cancelled", "skipped"]
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    seconds: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str
+    status: JobStatus
+    stage: str | None
+    progress: float = Field(ge=0.0, le=1.0)
+    stages: list[StagePublic]
+    metrics: dict[str, Any] = Field(description="the metrics contract, filled in as stages finish")
+    error: ErrorPublic | None
+    spec: dict[str, Any]
+    queue: str
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    has_more: bool
+    next_after: str | None = Field(description="pass as `after` for the next page")
+
+
+class ArtifactPublic(BaseModel):
+    name: str
+    format: str
+    bytes: int
+    sha256: str
+    url: str
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]

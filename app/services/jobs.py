@@ -1,0 +1,384 @@
+"""Jobs as the API sees them: create (idempotent), read, list, cancel, events, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import (
+    ArtifactNotFound,
+    IdempotencyConflict,
+    JobNotFound,
+    JobStateConflict,
+    SpecInvalid,
+)
+from app.models import Artifact, Dataset, Job, JobEvent, JobStage, Model, utcnow
+from app.schemas.jobs import TERMINAL, ErrorPublic, JobPublic, StagePublic
+from worker.pipeline.spec import (
+    ImageFolderDataset,
+    JobSpec,
+    NpzDataset,
+    OnnxTeacher,
+    SafetensorsTeacher,
+    TorchScriptTeacher,
+    TorchvisionDataset,
+    TrainedTeacher,
+    UploadedDataset,
+    UploadedTeacher,
+)
+
+Enqueue = Callable[[str, str], None]  # (job_id, queue)
+
+
+# --- enqueue after commit --------------------------------------------------------------------
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the session's transaction has committed (never before, never on
+    rollback): a message must not reference a row that is not there yet."""
+    session.info.setdefault("after_commit", []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for callback in session.info.pop("after_commit", []):
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop("after_commit", None)
+
+
+def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> None:
+    """Enqueue after commit and record that the message went out. If the broker is down the
+    job stays with enqueued_at NULL and the reaper sends it later."""
+
+    engine = session.get_bind()
+
+    def send() -> None:
+        from app.services import runs  # avoid an import cycle
+
+        try:
+            enqueue(job_id, queue)
+        except Exception:  # broker unreachable: the reaper retries
+            runs.log.warning("enqueue of %s failed; the reaper will retry", job_id, exc_info=True)
+            return
+        runs.mark_enqueued(engine, job_id=job_id)
+
+    after_commit(session, send)
+
+
+# --- spec checks a service needs beyond the schema -----------------------------------------
+
+
+def _shape_of_dataset(
+    session: Session, tenant_id: str, spec: JobSpec
+) -> tuple[tuple[int, ...], int] | None:
+    from worker.pipeline.data import known_shape
+
+    ds = spec.dataset
+    if isinstance(ds, UploadedDataset):
+        row = session.scalar(
+            select(Dataset).where(Dataset.id == ds.id, Dataset.tenant_id == tenant_id)
+        )
+        if row is None:
+            raise SpecInvalid(
+                f"dataset.id: no dataset {ds.id!r}; upload one with POST /v1/datasets"
+            )
+        shape = tuple(row.input_shape)
+        if row.kind == "imagefolder":
+            shape = (1 if ds.grayscale else 3, ds.image_size, ds.image_size)
+        return shape, row.num_classes
+    return known_shape(ds)
+
+
+def _check_arch(field: str, arch: str, kwargs: dict, shape: tuple[int, ...], classes: int) -> None:
+    from worker.pipeline.archs import check_arch
+
+    try:
+        check_arch(arch, kwargs, shape, classes)
+    except Exception as e:  # DatasetIncompatible, or the builder refusing its arguments
+        raise SpecInvalid(
+            f"{field}: {arch!r} does not fit input {list(shape)} with {classes} classes: {e}"
+        ) from None
+
+
+def validate_for_service(
+    session: Session, *, tenant_id: str, spec: JobSpec, settings: Settings
+) -> JobSpec:
+    """Refuse what a remote user may not ask for, and what cannot fit together, before queueing.
+
+    Returns the spec as it will run (torchvision data root set by the service).
+    """
+    ds = spec.dataset
+    if isinstance(ds, NpzDataset | ImageFolderDataset):
+        raise SpecInvalid(
+            f"dataset.source: {ds.source!r} reads a path on the server; upload the file with "
+            'POST /v1/datasets and use {"source": "upload", "id": "<dataset id>"}'
+        )
+    if isinstance(spec.teacher, TorchScriptTeacher | OnnxTeacher | SafetensorsTeacher):
+        raise SpecInvalid(
+            f"teacher.source: {spec.teacher.source!r} reads a path on the server; upload the model "
+            'with POST /v1/models and use {"source": "upload", "id": "<model id>"}'
+        )
+    if isinstance(ds, TorchvisionDataset):
+        if ds.download and not settings.ALLOW_DATASET_DOWNLOAD:
+            raise SpecInvalid(
+                "dataset.download: this service does not download datasets; its operator pre-fills the data root"
+            )
+        spec = spec.model_copy(
+            update={"dataset": ds.model_copy(update={"root": str(settings.data_root)})}
+        )
+
+    shape = _shape_of_dataset(session, tenant_id, spec)
+    teacher = spec.teacher
+    if isinstance(teacher, UploadedTeacher):
+        model = session.scalar(
+            select(Model).where(Model.id == teacher.id, Model.tenant_id == tenant_id)
+        )
+        if model is None:
+            raise SpecInvalid(
+                f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models"
+            )
+        if shape is not None:
+            in_shape, classes = shape
+            if model.input_shape is not None and tuple(model.input_shape) != in_shape:
+                raise SpecInvalid(
+                    f"teacher.id: model {model.id} takes input {model.input_shape}; the dataset gives {list(in_shape)}"
+                )
+            if model.num_classes is not None and model.num_classes != classes:
+                raise SpecInvalid(
+                    f"teacher.id: model {model.id} predicts {model.num_classes} classes; the dataset has {classes}"
+                )
+            if model.format == "safetensors" and model.arch:
+                _check_arch("teacher.id", model.arch, model.arch_kwargs, in_shape, classes)
+        if spec.distill.feature is not None and model.format == "onnx":
+            raise SpecInvalid("distill.feature: an ONNX teacher does not expose inner layers")
+    if shape is not None:
+        in_shape, classes = shape
+        _check_arch("student.arch", spec.student.arch, spec.student.arch_kwargs, in_shape, classes)
+        if isinstance(teacher, TrainedTeacher):
+            _check_arch("teacher.arch", teacher.arch, teacher.arch_kwargs, in_shape, classes)
+    return spec
+
+
+# --- create / read / list / cancel -----------------------------------------------------------
+
+
+def request_hash(spec: JobSpec) -> str:
+    return hashlib.sha256(
+        json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()
+
+
+def _existing_for_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != digest:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {key!r} was used for a different request (job {job.id}); use a new key"
+        )
+    return job
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    spec: JobSpec,
+    idempotency_key: str | None,
+    settings: Settings,
+    enqueue: Enqueue,
+) -> tuple[Job, bool]:
+    """Store a job and enqueue it after commit; returns (job, created). With an idempotency
+    key, the same key and body return the first job, even when the requests race."""
+    from worker.pipeline.runner import stage_plan
+
+    digest = request_hash(spec)
+    if idempotency_key is not None:
+        existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+    resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
+    job = Job(
+        tenant_id=tenant_id,
+        name=resolved.name,
+        status="queued",
+        progress=0.0,
+        spec=resolved.model_dump(mode="json"),
+        metrics={},
+        queue=resolved.queue or settings.DEFAULT_QUEUE,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        attempts=0,
+        cancel_requested=False,
+    )
+    try:
+        with session.begin_nested():  # a savepoint: a lost race rolls back only this insert
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
+        if existing is None:
+            raise
+        return existing, False
+    for position, (name, _) in enumerate(stage_plan(resolved)):
+        session.add(
+            JobStage(job_id=job.id, name=name, status="pending", position=position, metrics={})
+        )
+    session.add(JobEvent(job_id=job.id, type="status", data={"status": "queued"}))
+    session.flush()
+    send_job(session, job_id=job.id, queue=job.queue, enqueue=enqueue)
+    return job, True
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(
+    session: Session, *, tenant_id: str, status: str | None, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
+    """Newest first, `limit` per page; `after` is the id of the last job of the previous page.
+    Keyset pagination on (tenant_id, seq): each page is an index range scan, never an OFFSET."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        cursor = session.scalar(select(Job.seq).where(Job.id == after, Job.tenant_id == tenant_id))
+        if cursor is None:
+            raise JobNotFound(f"no job {after!r} to page after")
+        query = query.where(Job.seq < cursor)
+    rows = list(session.scalars(query.order_by(Job.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def stages_of(session: Session, *, job_ids: list[str]) -> dict[str, list[JobStage]]:
+    out: dict[str, list[JobStage]] = {j: [] for j in job_ids}
+    if job_ids:
+        rows = session.scalars(
+            select(JobStage).where(JobStage.job_id.in_(job_ids)).order_by(JobStage.position)
+        )
+        for row in rows:
+            out[row.job_id].append(row)
+    return out
+
+
+def to_public(job: Job, stages: list[JobStage]) -> JobPublic:
+    error = (
+        ErrorPublic(code=job.error_code, message=job.error_message or "")
+        if job.error_code
+        else None
+    )
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=job.status,  # type: ignore[arg-type]
+        stage=job.stage,
+        progress=job.progress,
+        stages=[StagePublic.model_validate(s) for s in stages],
+        metrics=job.metrics or {},
+        error=error,
+        spec=job.spec,
+        queue=job.queue,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+    )
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Queued jobs are cancelled at once (a worker that later gets the message skips them);
+    running ones are flagged and stop at the next batch boundary."""
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
+    )
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    if job.status in TERMINAL:
+        raise JobStateConflict(f"job {job_id} already {job.status}")
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+        job.error_code, job.error_message = "cancelled", "cancelled before it started"
+        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelled"}))
+    elif job.status == "running":
+        job.status = "cancelling"
+        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelling"}))
+    session.flush()
+    return job
+
+
+def events_after(
+    session: Session, *, job_id: str, after_id: int, limit: int = 500
+) -> list[JobEvent]:
+    return list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+            .order_by(JobEvent.id)
+            .limit(limit)
+        )
+    )
+
+
+def job_status(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def list_artifacts(session: Session, *, tenant_id: str, job_id: str) -> list[Artifact]:
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return list(
+        session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
+    )
+
+
+def get_artifact(session: Session, *, tenant_id: str, job_id: str, name: str) -> Artifact:
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    )
+    if artifact is None:
+        raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
+    return artifact
+
+
+def counts_by_status(session: Session) -> dict[str, int]:
+    from sqlalchemy import func
+
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())  # type: ignore[arg-type]
+
+
+def stage_durations(session: Session, *, buckets: list[float]) -> dict[str, dict[str, Any]]:
+    """Per stage: count, sum and cumulative bucket counts of finished stage durations."""
+    from sqlalchemy import case, func
+
+    cols = [func.sum(case((JobStage.seconds <= b, 1), else_=0)) for b in buckets]
+    rows = session.execute(
+        select(JobStage.name, func.count(), func.sum(JobStage.seconds), *cols)
+        .where(JobStage.status == "succeeded", JobStage.seconds.is_not(None))
+        .group_by(JobStage.name)
+    ).all()
+    return {
+        r[0]: {
+            "count": int(r[1]),
+            "sum": float(r[2] or 0.0),
+            "buckets": [int(v or 0) for v in r[3:]],
+        }
+        for r in rows
+    }

@@ -1,0 +1,278 @@
+"""Jobs as the workers see them: claim, heartbeat, record progress and events, finish, and
+the reaper that re-queues (then fails) jobs whose worker stopped heartbeating.
+
+Every write a worker makes is fenced on `worker_id`: a worker that lost its job to the reaper
+can no longer change it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Artifact, Job, JobEvent, JobStage, utcnow
+
+log = logging.getLogger("distillery.runs")
+
+ACTIVE = ("running", "cancelling")
+
+
+def mark_enqueued(engine: Engine, *, job_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+def claim(
+    session: Session, *, job_id: str, worker_id: str, stale_before: datetime, max_attempts: int
+) -> Job | None:
+    """Take the job if it is queued (or running under a worker that stopped heartbeating).
+    Returns the job when this worker now owns it, else None (duplicate message, finished…)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempts < max_attempts,
+            or_(
+                (Job.status == "queued") & (Job.cancel_requested.is_(False)),
+                (Job.status == "running") & (Job.heartbeat_at < stale_before),
+            ),
+        )
+        .values(
+            status="running",
+            worker_id=worker_id,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    job = session.scalar(select(Job).where(Job.id == job_id))
+    if job is None or not claimed:
+        return None
+    if job.started_at is None:
+        job.started_at = now
+    add_event(
+        session, job_id=job_id, type="status", data={"status": "running", "attempt": job.attempts}
+    )
+    session.flush()
+    return job
+
+
+def heartbeat(session: Session, *, job_id: str, worker_id: str) -> tuple[bool, bool]:
+    """Returns (still_owner, cancel_requested)."""
+    owned = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(ACTIVE))
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not owned:
+        return False, False
+    return True, bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, type=type, data=data))
+
+
+def _owned(job_id: str, worker_id: str):
+    return (Job.id == job_id) & (Job.worker_id == worker_id) & Job.status.in_(ACTIVE)
+
+
+def set_progress(
+    session: Session, *, job_id: str, worker_id: str, stage: str, progress: float
+) -> bool:
+    return bool(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, worker_id))
+            .values(stage=stage, progress=progress, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    )
+
+
+def set_stage(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    name: str,
+    status: str,
+    seconds: float | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> None:
+    if session.scalar(select(Job.id).where(_owned(job_id, worker_id))) is None:
+        return
+    stage = session.scalar(select(JobStage).where(JobStage.job_id == job_id, JobStage.name == name))
+    if stage is None:
+        return
+    now = utcnow()
+    stage.status = status
+    if status == "running":
+        stage.started_at, stage.finished_at, stage.seconds = now, None, None
+    else:
+        stage.finished_at = now
+        if stage.started_at is None:
+            stage.started_at = now
+        stage.seconds = seconds
+        if metrics is not None:
+            stage.metrics = metrics
+    session.execute(
+        update(Job)
+        .where(_owned(job_id, worker_id))
+        .values(stage=name, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def set_model_metrics(
+    session: Session, *, job_id: str, worker_id: str, model: str, metrics: dict[str, Any]
+) -> None:
+    job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
+    if job is not None:
+        job.metrics = {**(job.metrics or {}), model: metrics}
+
+
+def finish(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    status: str,
+    metrics: dict[str, Any] | None = None,
+    artifacts: list[dict[str, Any]] | None = None,
+    error: tuple[str, str] | None = None,
+) -> bool:
+    """Move an owned job to a terminal status; artifacts replace any earlier attempt's rows."""
+    job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
+    if job is None:
+        return False
+    now = utcnow()
+    job.status = status
+    job.finished_at = now
+    job.heartbeat_at = now
+    if metrics is not None:
+        job.metrics = metrics
+    if status == "succeeded":
+        job.progress = 1.0
+    if error is not None:
+        job.error_code, job.error_message = error
+    if artifacts is not None:
+        session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+        for a in artifacts:
+            session.add(Artifact(job_id=job_id, **a))
+    if status != "succeeded":
+        session.execute(
+            update(JobStage)
+            .where(JobStage.job_id == job_id, JobStage.status == "running")
+            .values(status="cancelled" if status == "cancelled" else "failed", finished_at=now)
+        )
+    add_event(
+        session,
+        job_id=job_id,
+        type="status",
+        data={
+            "status": status,
+            **({"error": {"code": error[0], "message": error[1]}} if error else {}),
+        },
+    )
+    return True
+
+
+def job_for_run(session: Session, *, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id))
+
+
+def mark_cancelled_if_requested(session: Session, *, job_id: str) -> None:
+    """A queued job that was cancelled before a worker saw it: make sure it reads cancelled."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(True))
+        .values(status="cancelled", finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def reap(
+    session: Session,
+    *,
+    heartbeat_timeout: float,
+    max_attempts: int,
+    enqueue: Callable[[str, str], None],
+) -> dict[str, int]:
+    """One reaper pass; safe to run in many processes at once (rows are locked and skipped).
+
+    - running/cancelling with no heartbeat for `heartbeat_timeout`: re-queued while attempts
+      remain, else failed `worker_lost` (a cancelling one just ends cancelled);
+    - queued whose message never went out (broker was down at submit): sent now.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=heartbeat_timeout)
+    counts = {"requeued": 0, "lost": 0, "sent": 0}
+    rows = session.scalars(
+        select(Job)
+        .where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale)
+        .with_for_update(skip_locked=True)
+        .limit(100)
+    ).all()
+    to_send: list[tuple[str, str]] = []
+    for job in rows:
+        if job.status == "cancelling":
+            job.status, job.finished_at = "cancelled", now
+            job.error_code, job.error_message = (
+                "cancelled",
+                "cancelled (its worker stopped responding)",
+            )
+            add_event(session, job_id=job.id, type="status", data={"status": "cancelled"})
+        elif job.attempts < max_attempts:
+            job.status, job.worker_id, job.enqueued_at = "queued", None, None
+            add_event(
+                session,
+                job_id=job.id,
+                type="log",
+                data={
+                    "stage": job.stage,
+                    "message": f"worker lost (no heartbeat for {heartbeat_timeout:.0f}s); re-queued, attempt {job.attempts + 1} of {max_attempts}",
+                },
+            )
+            add_event(session, job_id=job.id, type="status", data={"status": "queued"})
+            counts["requeued"] += 1
+        else:
+            job.status, job.finished_at = "failed", now
+            job.error_code = "worker_lost"
+            job.error_message = f"the worker stopped heartbeating {job.attempts} time(s); giving up"
+            add_event(
+                session,
+                job_id=job.id,
+                type="status",
+                data={
+                    "status": "failed",
+                    "error": {"code": "worker_lost", "message": job.error_message},
+                },
+            )
+            counts["lost"] += 1
+        job.updated_at = now
+    unsent = session.scalars(
+        select(Job)
+        .where(Job.status == "queued", Job.enqueued_at.is_(None))
+        .with_for_update(skip_locked=True)
+        .limit(100)
+    ).all()
+    to_send += [(j.id, j.queue) for j in unsent]
+    session.flush()
+    for job_id, queue in to_send:
+        try:
+            enqueue(job_id, queue)
+        except Exception:
+            log.warning("reaper could not enqueue %s; will retry", job_id, exc_info=True)
+            break
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+        counts["sent"] += 1
+    return counts

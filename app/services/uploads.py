@@ -1,0 +1,267 @@
+"""Uploaded datasets and teachers: validated and described at upload, stored per tenant.
+
+Datasets are parsed here (numpy without pickle; archives extracted safely) to record their
+shape, classes and sample count. Models are only inspected, never executed: a TorchScript
+archive's layout and CRCs, an ONNX graph's declared inputs/outputs, a safetensors header.
+Workers are the only processes that load a user's model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import DatasetNotFound, ModelNotFound, UploadInvalid
+from app.core.storage import Storage, safe_filename
+from app.models import Dataset, Model
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.export import sha256_file
+
+DATASET_KINDS = {
+    ".npz": "npz",
+    ".zip": "imagefolder",
+    ".tar.gz": "imagefolder",
+    ".tgz": "imagefolder",
+    ".tar": "imagefolder",
+}
+MODEL_FORMATS = {
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".ts": "torchscript",
+    ".onnx": "onnx",
+    ".safetensors": "safetensors",
+}
+
+
+def _suffix(name: str, table: dict[str, str]) -> str | None:
+    lower = name.lower()
+    return next((v for k, v in table.items() if lower.endswith(k)), None)
+
+
+def _describe_dataset(path: Path, kind: str, settings: Settings, workdir: Path) -> dict[str, Any]:
+    from worker.pipeline import data
+
+    if kind == "npz":
+        x, y, names, _ = data.load_npz(path)
+        x, y, num_classes = data.validate_arrays(x, y, names)
+        shape = list(x.shape[1:])
+    else:
+        x, y, names, _ = data.load_imagefolder(
+            path,
+            32,
+            False,
+            workdir,
+            max_members=settings.MAX_ARCHIVE_MEMBERS,
+            max_total_bytes=settings.MAX_ARCHIVE_BYTES,
+        )
+        x, y, num_classes = data.validate_arrays(x, y, names)
+        shape = [3, 32, 32]  # resized per job (dataset.image_size); channels per dataset.grayscale
+    counts = [int(c) for c in np.bincount(y, minlength=num_classes)]
+    if min(counts) < 2:
+        raise UploadInvalid(
+            f"class {counts.index(min(counts))} has {min(counts)} sample(s); each class needs at least 2"
+        )
+    return {
+        "num_samples": int(len(y)),
+        "num_classes": num_classes,
+        "input_shape": shape,
+        "class_names": names or [str(i) for i in range(num_classes)],
+    }
+
+
+def create_dataset(
+    session: Session,
+    *,
+    tenant_id: str,
+    tmp_path: Path,
+    filename: str,
+    storage: Storage,
+    settings: Settings,
+) -> Dataset:
+    kind = _suffix(filename, DATASET_KINDS)
+    if kind is None:
+        raise UploadInvalid(
+            f"{filename}: expected a .npz file or an ImageFolder .zip / .tar.gz archive"
+        )
+    try:
+        with tempfile.TemporaryDirectory(dir=storage.tmp_dir()) as work:
+            meta = _describe_dataset(tmp_path, kind, settings, Path(work))
+    except PipelineError as e:
+        raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
+    row = Dataset(
+        tenant_id=tenant_id,
+        filename=safe_filename(filename),
+        kind=kind,
+        path="",
+        bytes=tmp_path.stat().st_size,
+        sha256=sha256_file(tmp_path),
+        **meta,
+    )
+    session.add(row)
+    session.flush()
+    dest = storage.upload_dir(tenant_id, "datasets", row.id) / safe_filename(filename)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(tmp_path, dest)
+    row.path = storage.relative(dest)
+    return row
+
+
+def _onnx_meta(path: Path, filename: str) -> tuple[list[int] | None, int | None]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise UploadInvalid(
+            f"{filename}: not a valid ONNX model ({str(e).splitlines()[0][:200]})"
+        ) from None
+    # External data would make ONNX Runtime read files named by the uploader: refuse it.
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise UploadInvalid(
+            f"{filename}: ONNX models with external data files are not accepted; embed the weights"
+        )
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) < 1:
+        raise UploadInvalid(
+            f"{filename}: the model must take exactly one input tensor (it takes {len(inputs)})"
+        )
+
+    def dims(value_info) -> list[int | None]:
+        return [
+            d.dim_value if d.HasField("dim_value") else None
+            for d in value_info.type.tensor_type.shape.dim
+        ]
+
+    in_dims, out_dims = dims(inputs[0]), dims(model.graph.output[0])
+    in_shape = (
+        [int(d) for d in in_dims[1:]] if len(in_dims) > 1 and all(d for d in in_dims[1:]) else None
+    )
+    classes = int(out_dims[-1]) if len(out_dims) == 2 and out_dims[-1] else None
+    return in_shape, classes
+
+
+def _safetensors_check(path: Path, filename: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if not list(f.keys()):
+                raise UploadInvalid(f"{filename}: holds no tensors")
+    except UploadInvalid:
+        raise
+    except Exception as e:
+        raise UploadInvalid(f"{filename}: not a safetensors file ({str(e)[:200]})") from None
+
+
+def _parse_shape(raw: str | None) -> list[int] | None:
+    if raw in (None, ""):
+        return None
+    try:
+        shape = [int(v) for v in raw.replace("[", "").replace("]", "").split(",") if v.strip()]
+    except ValueError:
+        raise UploadInvalid(
+            f"input_shape: expected comma-separated integers like 3,32,32, got {raw!r}"
+        ) from None
+    if not shape or any(d <= 0 for d in shape) or len(shape) not in (1, 3):
+        raise UploadInvalid(f"input_shape: expected C,H,W or D (without the batch), got {raw!r}")
+    return shape
+
+
+def create_model(
+    session: Session,
+    *,
+    tenant_id: str,
+    tmp_path: Path,
+    filename: str,
+    fields: dict[str, str],
+    storage: Storage,
+) -> Model:
+    fmt = fields.get("format") or _suffix(filename, MODEL_FORMATS)
+    if fmt not in ("torchscript", "onnx", "safetensors"):
+        raise UploadInvalid(
+            f"format: cannot tell the format of {filename!r}; name it .pt (TorchScript), .onnx or .safetensors, "
+            "or pass format=torchscript|onnx|safetensors. Pickled checkpoints are not accepted."
+        )
+    input_shape = _parse_shape(fields.get("input_shape"))
+    num_classes = fields.get("num_classes")
+    classes = None
+    if num_classes not in (None, ""):
+        if not num_classes.isdigit() or int(num_classes) < 2:
+            raise UploadInvalid(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+        classes = int(num_classes)
+    arch, arch_kwargs = fields.get("arch") or None, {}
+    if fmt == "torchscript":
+        from worker.pipeline.errors import ModelLoadError
+        from worker.pipeline.teacher import _check_torchscript_archive
+
+        try:
+            _check_torchscript_archive(tmp_path)
+        except ModelLoadError as e:
+            raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
+    elif fmt == "onnx":
+        onnx_shape, onnx_classes = _onnx_meta(tmp_path, filename)
+        input_shape = input_shape or onnx_shape
+        classes = classes or onnx_classes
+    else:
+        from worker.pipeline.archs import ARCHS
+        from worker.pipeline.spec import _check_arch_kwargs
+
+        _safetensors_check(tmp_path, filename)
+        if arch is None:
+            raise UploadInvalid(
+                f"arch: safetensors holds weights only; name the architecture (one of {', '.join(ARCHS.names())})"
+            )
+        if arch not in ARCHS:
+            raise UploadInvalid(f"arch: unknown arch {arch!r}; known: {', '.join(ARCHS.names())}")
+        try:
+            arch_kwargs = json.loads(fields.get("arch_kwargs") or "{}")
+            if not isinstance(arch_kwargs, dict):
+                raise ValueError("must be a JSON object")
+            _check_arch_kwargs(arch, arch_kwargs)
+        except ValueError as e:
+            raise UploadInvalid(f"arch_kwargs: {e}") from None
+    row = Model(
+        tenant_id=tenant_id,
+        filename=safe_filename(filename),
+        format=fmt,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        path="",
+        bytes=tmp_path.stat().st_size,
+        sha256=sha256_file(tmp_path),
+        input_shape=input_shape,
+        num_classes=classes,
+    )
+    session.add(row)
+    session.flush()
+    dest = storage.upload_dir(tenant_id, "models", row.id) / safe_filename(filename)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(tmp_path, dest)
+    row.path = storage.relative(dest)
+    return row
+
+
+def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:
+    row = session.scalar(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    )
+    if row is None:
+        raise DatasetNotFound(f"no dataset {dataset_id!r}")
+    return row
+
+
+def get_model(session: Session, *, tenant_id: str, model_id: str) -> Model:
+    row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+    if row is None:
+        raise ModelNotFound(f"no model {model_id!r}")
+    return row

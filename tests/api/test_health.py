@@ -1,0 +1,46 @@
+from app.core.config import Settings
+from app.main import create_app
+from tests.service_support import TINY_SPEC, ThreadServer, client
+
+
+def test_liveness_and_readiness(api):
+    with api.client(None) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        r = c.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_readiness_fails_when_the_broker_is_down(tmp_path):
+    settings = Settings(
+        DISTILLERY_HOME=tmp_path, BROKER_URL="redis://127.0.0.1:1/0", REAPER_INTERVAL_SECONDS=3600
+    )
+    with ThreadServer(create_app(settings)) as server, client(server.url, None) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    checks = r.json()["checks"]
+    assert checks["database"] == "ok" and checks["broker"].startswith("error:")
+
+
+def test_prometheus_metrics_count_requests_and_jobs(api):
+    with api.client("metrics") as c:
+        job = c.post("/v1/jobs", json=TINY_SPEC).json()
+        c.get(f"/v1/jobs/{job['id']}")
+        text = c.get("/metrics").text
+    assert (
+        'distillery_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"}'
+        in text
+    )
+    queued = next(
+        line for line in text.splitlines() if line.startswith('distillery_jobs{status="queued"}')
+    )
+    assert float(queued.split()[-1]) >= 1
+    assert "# TYPE distillery_stage_duration_seconds histogram" in text
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_shape(api):
+    with api.client() as c:
+        r = c.get("/v1/nothing")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = c.delete("/v1/jobs")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

@@ -1,0 +1,150 @@
+"""The service on PostgreSQL + Redis with real `distillery api` and `distillery worker`
+processes: a job end to end, cancel, and a worker killed with SIGKILL."""
+
+import hashlib
+import json
+import signal
+
+import pytest
+
+from tests.e2e.conftest import wait_for_status
+from tests.service_support import TINY_SPEC, wait_until
+
+
+@pytest.fixture(scope="module")
+def worker(stack):
+    return stack.start_worker()
+
+
+def _events(c, job_id):
+    text = c.get(f"/v1/jobs/{job_id}/events", timeout=120).text
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "event" in lines:
+            out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_a_job_runs_to_success_with_metrics_and_artifacts(stack, worker):
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json=TINY_SPEC).json()
+        done = wait_for_status(c, job["id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded", done["error"]
+        assert done["progress"] == 1.0 and done["attempts"] == 1 and done["error"] is None
+        assert [(s["name"], s["status"]) for s in done["stages"]] == [
+            (n, "succeeded") for n in ("teacher", "distill", "prune", "quantize", "export")
+        ]
+        assert all(s["seconds"] > 0 for s in done["stages"])
+        for model in ("teacher", "student", "pruned", "quantized", "final"):
+            assert {"accuracy", "params", "size_bytes", "latency_ms"} <= set(
+                done["metrics"][model]
+            ), model
+        assert done["metrics"]["final"]["size_ratio"] > 1
+
+        events = _events(c, job["id"])
+        statuses = [d["status"] for kind, d in events if kind == "status"]
+        assert statuses == ["queued", "running", "succeeded"]
+        stage_events = [(d["stage"], d["status"]) for kind, d in events if kind == "stage"]
+        assert stage_events[:2] == [("teacher", "running"), ("teacher", "succeeded")]
+        assert any(kind == "metrics" and d["model"] == "quantized" for kind, d in events)
+        progress = [d["progress"] for kind, d in events if kind == "progress"]
+        assert progress == sorted(progress) and events[-1] == ("end", {"status": "succeeded"})
+
+        artifacts = {a["name"]: a for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+        assert {
+            "model.onnx",
+            "model.int8.onnx",
+            "model.torchscript.pt",
+            "model.safetensors",
+            "model_card.json",
+            "report.json",
+        } <= set(artifacts)
+        for a in artifacts.values():
+            r = c.get(a["url"])
+            assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == a["sha256"]
+            assert len(r.content) == a["bytes"] and r.headers["etag"] == f'"{a["sha256"]}"'
+        int8 = artifacts["model.int8.onnx"]
+        whole = c.get(int8["url"]).content
+        part = c.get(int8["url"], headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == whole[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{len(whole)}"
+        assert (
+            c.get(int8["url"], headers={"If-None-Match": f'"{int8["sha256"]}"'}).status_code == 304
+        )
+        card = c.get(artifacts["model_card.json"]["url"]).json()
+        assert card["spec"]["name"] == "tiny" and "path" not in json.dumps(card["spec"]["dataset"])
+
+
+def test_cancel_a_running_job(stack, worker):
+    slow = {**TINY_SPEC, "teacher": {"arch": "cnn_small", "epochs": 500}}
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json=slow).json()
+        wait_for_status(c, job["id"], {"running"}, timeout=60)
+        wait_until(
+            lambda: c.get(f"/v1/jobs/{job['id']}").json()["progress"] > 0, 60, what="progress"
+        )
+        r = c.post(f"/v1/jobs/{job['id']}/cancel")
+        assert r.status_code == 202 and r.json()["status"] in ("cancelling", "cancelled")
+        done = wait_for_status(c, job["id"], {"cancelled", "failed", "succeeded"}, timeout=30)
+        assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled"
+        assert done["stages"][0]["status"] == "cancelled"
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
+    """SIGKILL mid-job: the heartbeat stops, the reaper re-queues, a new worker resumes after
+    the last finished stage; one set of artifacts."""
+    queue = stack.queue + "-kill"
+    first = stack.start_worker(queue)
+    spec = {**TINY_SPEC, "queue": queue, "distill": {"epochs": 300}}
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json=spec).json()
+        wait_until(
+            lambda: c.get(f"/v1/jobs/{job['id']}").json()["stage"] == "distill",
+            120,
+            what="the distill stage",
+        )
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        requeued = wait_for_status(c, job["id"], {"queued"}, timeout=30)
+        assert requeued["attempts"] == 1
+        stack.start_worker(queue)
+        # The resumed distill stage continues from its last epoch checkpoint.
+        done = wait_for_status(c, job["id"], {"succeeded", "failed"}, timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 2
+        events = _events(c, job["id"])
+        assert [d["status"] for k, d in events if k == "status"] == [
+            "queued",
+            "running",
+            "queued",
+            "running",
+            "succeeded",
+        ]
+        resumed = [d["stage"] for k, d in events if k == "stage" and d.get("resumed")]
+        assert resumed == ["teacher"]  # the finished stage was not run again
+        assert any(k == "log" and "resumed distill after epoch" in d["message"] for k, d in events)
+        names = [a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
+        assert len(names) == len(set(names)) == 6
+
+
+def test_a_job_whose_worker_keeps_dying_fails_as_worker_lost(stack):
+    queue = stack.queue + "-lost"
+    spec = {**TINY_SPEC, "queue": queue, "teacher": {"arch": "cnn_small", "epochs": 500}}
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json=spec).json()
+        for attempt in (1, 2):  # MAX_ATTEMPTS=2 in this stack
+            w = stack.start_worker(queue)
+            wait_until(
+                lambda n=attempt: (
+                    (j := c.get(f"/v1/jobs/{job['id']}").json())["attempts"] == n
+                    and j["status"] == "running"
+                ),
+                60,
+                what=f"attempt {attempt}",
+            )
+            w.send_signal(signal.SIGKILL)
+            w.wait(timeout=10)
+        done = wait_for_status(c, job["id"], {"failed"}, timeout=30)
+        assert done["error"]["code"] == "worker_lost" and done["finished_at"] is not None

@@ -1,0 +1,78 @@
+"""README's first command: `distillery serve` alone (SQLite, SQLite broker, local storage)
+runs a job submitted over HTTP to success."""
+
+import hashlib
+import signal
+import subprocess
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.service_support import TINY_SPEC, cli, client, free_port, wait_until
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    home = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    log = open(home / "serve.log", "wb")
+    # No DATABASE_URL / BROKER_URL: the embedded defaults. A key is made and printed.
+    env = {
+        "DISTILLERY_HOME": str(home / "home"),
+        "OMP_NUM_THREADS": "1",
+        "DATABASE_URL": "",
+        "BROKER_URL": "",
+        "DISTILLERY_API_KEY": "",
+        "STORAGE_DIR": "",
+    }
+    proc = cli("serve", "--port", str(port), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 90, what="distillery serve")
+        key = (home / "home" / "api_key").read_text().strip()
+        assert f"API key: {key}" in (home / "serve.log").read_text()
+        yield url, key, home
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_serve_runs_a_job_and_serves_the_int8_model(served, tmp_path):
+    url, key, home = served
+    with client(url, key) as c:
+        job = c.post("/v1/jobs", json=TINY_SPEC).json()
+        assert job["status"] == "queued"
+        done = wait_until(
+            lambda: (
+                (j := c.get(f"/v1/jobs/{job['id']}").json())["status"] in ("succeeded", "failed")
+                and j
+            ),
+            240,
+            interval=0.5,
+            what="the job",
+        )
+        assert done["status"] == "succeeded", done["error"]
+        artifacts = {a["name"]: a for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+        int8 = artifacts["model.int8.onnx"]
+        body = c.get(int8["url"]).content
+    assert hashlib.sha256(body).hexdigest() == int8["sha256"]
+    path = tmp_path / "model.int8.onnx"
+    path.write_bytes(body)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": np.zeros((3, 1, 8, 8), np.float32)})[0]
+    assert logits.shape == (3, 10)
+    # Everything lives under DISTILLERY_HOME.
+    assert (home / "home" / "distillery.db").exists() and (home / "home" / "broker.db").exists()
+    assert (home / "home" / "storage" / "jobs" / job["id"] / "model.int8.onnx").exists()

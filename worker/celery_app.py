@@ -1,0 +1,59 @@
+"""The Celery application. The API imports this to send messages (by task name, so it never
+imports the ML code); workers import worker.tasks through `include`."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.core.config import Settings, settings
+
+RUN_JOB = "distillery.run_job"
+
+
+def make_celery(s: Settings = settings) -> Celery:
+    app = Celery("distillery", broker=s.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        # The DB row is the source of truth; the message is only "look at job X".
+        task_ignore_result=True,
+        result_backend=None,
+        # Ack after the task ends: a worker killed mid-job leaves the message to be redelivered.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=s.DEFAULT_QUEUE,
+        task_create_missing_queues=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=_transport_options(s),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+def _transport_options(s: Settings) -> dict:
+    if s.broker_url.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands every option to create_engine(); it polls each
+        # second and has no visibility timeout (a lost worker's job is re-queued by the reaper).
+        return {}
+    # Redis redelivers an unacknowledged message after visibility_timeout: longer than any stage.
+    return {"visibility_timeout": s.VISIBILITY_TIMEOUT_SECONDS}
+
+
+celery_app = make_celery()
+
+
+def enqueue(job_id: str, queue: str) -> None:
+    """Send the run message; fails fast when the broker is down (the reaper sends it later)."""
+    celery_app.send_task(
+        RUN_JOB,
+        args=[job_id],
+        queue=queue,
+        retry=True,
+        retry_policy={
+            "max_retries": 2,
+            "interval_start": 0.1,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+    )
