@@ -76,3 +76,29 @@ def test_serve_runs_a_job_and_serves_the_int8_model(served, tmp_path):
     # Everything lives under DISTILLERY_HOME.
     assert (home / "home" / "distillery.db").exists() and (home / "home" / "broker.db").exists()
     assert (home / "home" / "storage" / "jobs" / job["id"] / "model.int8.onnx").exists()
+
+
+def test_keys_create_makes_a_working_key_for_a_new_tenant(served):
+    url, default_key, home = served
+    env = {"DISTILLERY_HOME": str(home / "home"), "DATABASE_URL": "", "BROKER_URL": ""}
+    out = cli(
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = out.communicate(timeout=120)
+    assert out.returncode == 0, stderr
+    key = stdout.decode().strip()
+    assert key.startswith("dk_") and key != default_key
+    with client(url, key) as c:
+        r = c.get("/v1/jobs")
+        assert r.status_code == 200 and r.json()["data"] == []  # acme sees none of default's jobs
+    revoke = cli("keys", "revoke", key, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    revoke.communicate(timeout=120)
+    assert revoke.returncode == 0
+    with client(url, key) as c:
+        assert c.get("/v1/jobs").status_code == 401
