@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_JOB_FAILED = 0, 1, 2
+# Exit codes, the same for `run`, `submit --wait` and `wait` (documented in docs/cli.md):
+EXIT_OK, EXIT_GATE_FAILED, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -314,6 +315,379 @@ def serve(host: str, port: int, queues: str | None) -> None:
             worker_proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker_proc.kill()
+
+
+# --- the client commands -------------------------------------------------------------------
+
+
+def _client():
+    from app.client import Client
+
+    return Client()
+
+
+def _guard(fn):
+    """Map client failures to one stderr line and an exit code (never a traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import httpx
+
+        from app.client import ApiError, DownloadError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as e:
+            click.echo(f"error [{e.code}]: {e.message}", err=True)
+            sys.exit(
+                EXIT_UNREACHABLE if e.status in (401, 403) or e.status >= 500 else EXIT_JOB_FAILED
+            )
+        except DownloadError as e:
+            click.echo(f"error [download_failed]: {e}", err=True)
+            sys.exit(EXIT_JOB_FAILED)
+        except httpx.TransportError as e:
+            from app.client import DEFAULT_URL
+
+            url = os.environ.get("DISTILLERY_URL", DEFAULT_URL)
+            click.echo(f"error [unreachable]: cannot reach {url}: {e}", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+
+    return wrapper
+
+
+def _gates_option(fn):
+    def parse(_ctx, _param, values):
+        from app.gates import parse_gate
+
+        try:
+            return [parse_gate(v) for v in values]
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option(
+        "--gate",
+        "gates",
+        multiple=True,
+        callback=parse,
+        metavar="EXPR",
+        help="MODEL.METRIC OP NUMBER over the metrics contract, e.g. 'final.accuracy_drop<=0.01' (repeatable)",
+    )(fn)
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _job_table(job) -> None:
+    from rich.console import Console
+
+    console = Console()
+    # Plain lines for the id and the error: scripts grep them, and rich would wrap them.
+    stage = f" ({job.stage})" if job.stage and job.status != "succeeded" else ""
+    click.echo(f"{job.id} {job.name}: {job.status}{stage}")
+    if job.error:
+        click.echo(f"error [{job.error.code}]: {job.error.message}")
+    if any(k in job.metrics for k in ("teacher", "student")):
+        console.print(metrics_table(job.metrics))
+    if "final" in job.metrics:
+        console.print(final_summary(job.metrics["final"]))
+
+
+def _finish(job, gates, as_json: bool) -> None:
+    """Print the outcome and gates of a finished job, then exit with the documented code."""
+    from app.gates import check
+
+    results = [check(g, job.metrics) for g in gates] if job.status == "succeeded" else []
+    if as_json:
+        _emit_json({"job": job.model_dump(mode="json"), "gates": [r.as_dict() for r in results]})
+    else:
+        _job_table(job)
+        for r in results:
+            value = "not measured" if r.value is None else f"{r.value:.6g}"
+            click.echo(f"gate {r.gate.expr}: {value} {'pass' if r.passed else 'FAIL'}")
+    if job.status != "succeeded":
+        sys.exit(EXIT_JOB_FAILED)
+    sys.exit(EXIT_OK if all(r.passed for r in results) else EXIT_GATE_FAILED)
+
+
+def _wait(client, job_id: str, timeout: float | None, as_json: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from app.client import WaitTimeout
+
+    progress = Progress(
+        TextColumn("[bold]{task.fields[stage]:<9}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),
+        disable=as_json,
+    )
+    task = progress.add_task(job_id, total=1.0, stage="queued", status="")
+
+    def update(job) -> None:
+        progress.update(
+            task, completed=job.progress, stage=job.stage or job.status, status=job.status
+        )
+
+    try:
+        with progress:
+            return client.wait(job_id, timeout=timeout, poll=1.0, on_update=update)
+    except WaitTimeout as e:
+        if as_json:
+            _emit_json({"job": e.job.model_dump(mode="json"), "gates": [], "timeout": True})
+        click.echo(f"timeout: {e}", err=True)
+        sys.exit(EXIT_TIMEOUT)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option(
+    "--wait", "wait_", is_flag=True, help="follow the job to its end (progress bar, then metrics)"
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="with --wait: give up after this many seconds (exit 3)",
+)
+@click.option(
+    "--idempotency-key", default=None, help="resubmitting with the same key returns the same job"
+)
+@_gates_option
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def submit(
+    spec_path: str,
+    wait_: bool,
+    timeout: float | None,
+    idempotency_key: str | None,
+    gates,
+    as_json: bool,
+) -> None:
+    """Submit SPEC (a JSON file, or - for stdin) to the service.
+
+    Exit codes: 0 done and every gate passed (or submitted, without --wait); 1 a gate failed;
+    2 the job failed, was cancelled or was refused; 3 --timeout passed; 4 the service could not
+    be reached or refused the key.
+    """
+    try:
+        text = sys.stdin.read() if spec_path == "-" else Path(spec_path).read_text()
+        spec = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise click.ClickException(f"cannot read spec {spec_path}: {e}") from None
+    with _client() as client:
+        job = client.submit(spec, idempotency_key=idempotency_key)
+        if not wait_:
+            _emit_json(job.model_dump(mode="json")) if as_json else click.echo(job.id)
+            if gates:
+                click.echo("note: --gate is checked only with --wait", err=True)
+            return
+        click.echo(f"submitted {job.id}", err=True)
+        _finish(_wait(client, job.id, timeout, as_json), gates, as_json)
+
+
+@main.command("wait")
+@click.argument("job_id")
+@click.option(
+    "--timeout", type=float, default=None, help="give up after this many seconds (exit 3)"
+)
+@_gates_option
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def wait_cmd(job_id: str, timeout: float | None, gates, as_json: bool) -> None:
+    """Wait for JOB_ID to end; check gates. Exit codes as for `submit --wait`."""
+    with _client() as client:
+        _finish(_wait(client, job_id, timeout, as_json), gates, as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job: status, stage, progress, metrics, error."""
+    with _client() as client:
+        job = client.get(job_id)
+    if as_json:
+        _emit_json(job.model_dump(mode="json"))
+    else:
+        _job_table(job)
+        click.echo(
+            f"progress {job.progress * 100:.0f}%, "
+            + ", ".join(f"{s.name} {s.status}" for s in job.stages)
+        )
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per line")
+@_guard
+def logs(job_id: str, as_json: bool) -> None:
+    """Print a job's events from the start, following it until it ends."""
+    with _client() as client:
+        for e in client.events(job_id):
+            if as_json:
+                click.echo(json.dumps({"id": e.id, "type": e.type, **e.data}))
+            elif e.type == "status":
+                click.echo(f"[{e.data.get('at', '')[:19]}] status {e.data['status']}")
+            elif e.type == "stage":
+                extra = f" ({e.data['seconds']:.1f}s)" if e.data.get("seconds") else ""
+                click.echo(
+                    f"[{e.data.get('at', '')[:19]}] stage {e.data['stage']} {e.data['status']}{extra}"
+                )
+            elif e.type in ("log", "progress") and e.data.get("message"):
+                click.echo(
+                    f"[{e.data.get('at', '')[:19]}] {e.data.get('stage') or ''}: {e.data['message']}"
+                )
+            elif e.type == "metrics":
+                m = e.data["metrics"]
+                click.echo(
+                    f"[{e.data.get('at', '')[:19]}] {e.data['model']}: accuracy {m['accuracy']:.4f}, {_fmt_bytes(m['size_bytes'])}, {m['latency_ms']:.3f} ms"
+                )
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a job (queued: at once; running: at the next batch)."""
+    with _client() as client:
+        job = client.cancel(job_id)
+    _emit_json(job.model_dump(mode="json")) if as_json else click.echo(f"{job.id}: {job.status}")
+
+
+@main.command("list")
+@click.option("--status", "status_", default=None, help="only jobs with this status")
+@click.option("--limit", default=20, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def list_cmd(status_: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client() as client:
+        page = client.list(status=status_, limit=limit)
+    if as_json:
+        _emit_json(page.model_dump(mode="json"))
+        return
+    table = Table()
+    for col in ("id", "name", "status", "stage", "progress", "created"):
+        table.add_column(col)
+    for j in page.data:
+        table.add_row(
+            j.id,
+            j.name,
+            j.status,
+            j.stage or "",
+            f"{j.progress * 100:.0f}%",
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    Console().print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@click.argument("names", nargs=-1)
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def download(job_id: str, names: tuple[str, ...], out_dir: str, as_json: bool) -> None:
+    """Download artifacts of JOB_ID (all, or the NAMES given), verify their sha256, and resume
+    a download that was cut off."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    with _client() as client:
+        artifacts = {a.name: a for a in client.artifacts(job_id)}
+        for name in names or tuple(artifacts):
+            if name not in artifacts:
+                raise click.ClickException(
+                    f"job {job_id} has no artifact {name!r}; it has: {', '.join(artifacts)}"
+                )
+            part = out / (name + ".part")
+            resumed = part.stat().st_size if part.exists() else 0
+            path = client.download(job_id, name, out)
+            done.append(
+                {
+                    "name": name,
+                    "path": str(path),
+                    "bytes": artifacts[name].bytes,
+                    "sha256": artifacts[name].sha256,
+                    "resumed_from": resumed,
+                }
+            )
+            if not as_json:
+                note = f" (resumed at byte {resumed})" if resumed else ""
+                click.echo(f"{path}  sha256 {artifacts[name].sha256[:16]}… ok{note}")
+    if as_json:
+        _emit_json(done)
+
+
+@main.group()
+def datasets() -> None:
+    """Upload and inspect datasets."""
+
+
+@datasets.command("upload")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def datasets_upload(path: str, as_json: bool) -> None:
+    """Upload a .npz or an ImageFolder .zip/.tar.gz; prints its id."""
+    with _client() as client:
+        ds = client.upload_dataset(path)
+    if as_json:
+        _emit_json(ds.model_dump(mode="json"))
+    else:
+        click.echo(
+            f"{ds.id}  {ds.num_samples} samples, {ds.num_classes} classes, input {ds.input_shape}"
+        )
+
+
+@main.group()
+def models() -> None:
+    """Upload and inspect teacher models."""
+
+
+@models.command("upload")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--format", "fmt", type=click.Choice(["torchscript", "onnx", "safetensors"]), default=None
+)
+@click.option("--arch", default=None, help="safetensors: the registered architecture")
+@click.option("--arch-kwargs", default=None, help="safetensors: JSON object of arch arguments")
+@click.option("--input-shape", default=None, help="C,H,W or D, checked against a job's dataset")
+@click.option("--num-classes", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def models_upload(path, fmt, arch, arch_kwargs, input_shape, num_classes, as_json) -> None:
+    """Upload a teacher (TorchScript, ONNX, or safetensors + --arch); prints its id."""
+    shape = [int(v) for v in input_shape.split(",")] if input_shape else None
+    kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+    with _client() as client:
+        m = client.upload_model(
+            path,
+            format=fmt,
+            arch=arch,
+            arch_kwargs=kwargs,
+            input_shape=shape,
+            num_classes=num_classes,
+        )
+    if as_json:
+        _emit_json(m.model_dump(mode="json"))
+    else:
+        click.echo(
+            f"{m.id}  {m.format}"
+            + (f" {m.arch}" if m.arch else "")
+            + (f", input {m.input_shape}" if m.input_shape else "")
+            + (f", {m.num_classes} classes" if m.num_classes else "")
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ which a spec passes as `arch_kwargs`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,14 +54,14 @@ def mlp(
     hidden: Sequence[int] = (256, 128),
     dropout: float = 0.1,
 ) -> nn.Module:
-    return MLP(int(torch.tensor(in_shape).prod()), num_classes, hidden, dropout)
+    return MLP(math.prod(in_shape), num_classes, hidden, dropout)
 
 
 @ARCHS.register("mlp_small")
 def mlp_small(
     in_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (32,)
 ) -> nn.Module:
-    return MLP(int(torch.tensor(in_shape).prod()), num_classes, hidden, 0.0)
+    return MLP(math.prod(in_shape), num_classes, hidden, 0.0)
 
 
 class ConvNet(nn.Module):

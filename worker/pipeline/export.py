@@ -4,7 +4,6 @@ safetensors (+ arch and pruned layer shapes in its metadata), and sha256 of each
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import warnings
@@ -15,16 +14,11 @@ import torch
 from torch import nn
 
 from worker.pipeline.archs import layer_config
+from worker.pipeline.files import sha256_file
+
+__all__ = ["export_onnx", "export_safetensors", "export_torchscript", "sha256_file"]
 
 ONNX_OPSET = 17
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
