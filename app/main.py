@@ -79,26 +79,12 @@ def create_app(
     settings: Settings | None = None, *, enqueue: Enqueue | None = None, start_reaper: bool = True
 ) -> FastAPI:
     """Build the API. `enqueue` defaults to sending a Celery message on the configured broker."""
-    from worker.celery_app import make_celery
+    from worker.celery_app import make_celery, make_enqueue, make_queue_size
 
     settings = settings or Settings()
     celery = make_celery(settings)
-
-    def celery_enqueue(job_id: str, queue: str) -> None:
-        celery.send_task(
-            "distillery.run_job",
-            args=[job_id],
-            queue=queue,
-            retry=True,
-            retry_policy={
-                "max_retries": 2,
-                "interval_start": 0.1,
-                "interval_step": 0.2,
-                "interval_max": 0.5,
-            },
-        )
-
-    send = enqueue or celery_enqueue
+    send = enqueue or make_enqueue(celery)
+    queue_size = make_queue_size(celery)
     db = Database(settings.database_url)
     storage = Storage(settings.storage_dir)
 
@@ -114,7 +100,7 @@ def create_app(
         if settings.DISTILLERY_API_KEY:
             with db.session() as s:
                 tenants.create_key(s, tenant_name="default", key=settings.DISTILLERY_API_KEY)
-        reaper = Reaper(db, settings, send) if start_reaper else None
+        reaper = Reaper(db, settings, send, queue_size) if start_reaper else None
         if reaper is not None:
             reaper.start()
         yield

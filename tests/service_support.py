@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,3 +101,119 @@ TINY_SPEC = {
     "quantize": {"method": "int8_static", "calibration_samples": 32},
     "evaluate": {"latency_runs": 5, "latency_warmup": 1},
 }
+
+
+class Stack:
+    """`distillery api` and `distillery worker` processes on PostgreSQL and Redis."""
+
+    def __init__(
+        self, tmp_path, db_url: str, broker_url: str = REDIS_URL, **overrides: str
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = "dk_e2e_" + uuid.uuid4().hex
+        self.queue = f"e2e-{uuid.uuid4().hex[:8]}"
+        self.logs = tmp_path
+        self.env = {
+            "DATABASE_URL": db_url,
+            "BROKER_URL": broker_url,
+            "DISTILLERY_HOME": str(tmp_path / "home"),
+            "STORAGE_DIR": str(tmp_path / "storage"),
+            "DISTILLERY_API_KEY": self.key,
+            "DEFAULT_QUEUE": self.queue,
+            "HEARTBEAT_SECONDS": "0.5",
+            "HEARTBEAT_TIMEOUT_SECONDS": "4",
+            "REAPER_INTERVAL_SECONDS": "1",
+            "MAX_ATTEMPTS": "2",
+            "PROGRESS_THROTTLE_SECONDS": "0.2",
+            "OMP_NUM_THREADS": "1",
+            **overrides,
+        }
+        self.broker_url = broker_url
+        self.procs: list[subprocess.Popen] = []
+
+    def start_api(self) -> None:
+        log = open(self.logs / "api.log", "ab")
+        self.procs.append(
+            cli("api", "--port", str(self.port), env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        )
+
+        def ready():
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, what="the API to be ready")
+
+    def start_worker(self, queue: str | None = None) -> subprocess.Popen:
+        name = f"worker-{len(self.procs)}.log"
+        log = open(self.logs / name, "ab")
+        proc = cli(
+            "worker", "-Q", queue or self.queue, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.procs.append(proc)
+        wait_until(
+            lambda: b" ready." in (self.logs / name).read_bytes(), 90, what="the worker to be ready"
+        )
+        return proc
+
+    def client(self) -> httpx.Client:
+        return client(self.url, self.key)
+
+    def kill_api(self) -> None:
+        """SIGKILL the API process(es): no graceful shutdown, connections cut mid-stream."""
+        for p in self.procs:
+            if p.args[3:4] == ["api"] and p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@contextmanager
+def running_stack(tmp_path, db_url: str | None = None, **kw):
+    """A Stack with its API started on a fresh PostgreSQL database; stopped and cleaned after."""
+    import redis
+
+    with contextlib.ExitStack() as stack:
+        url = db_url or stack.enter_context(postgres_database())
+        s = Stack(tmp_path, url, **kw)
+        try:
+            s.start_api()
+            yield s
+        finally:
+            s.stop()
+            if s.broker_url.startswith("redis://"):
+                r = redis.Redis.from_url(s.broker_url)
+                for key in r.scan_iter(f"{s.queue}*"):
+                    r.delete(key)
+
+
+def wait_for_status(c: httpx.Client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+    def done():
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_until(done, timeout, interval=0.3, what=f"job {job_id} to reach {statuses}")
+
+
+def sse_events(c: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    """A finished job's whole event stream as (type, data) pairs."""
+    import json
+
+    text = c.get(f"/v1/jobs/{job_id}/events", timeout=120).text
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "event" in lines:
+            out.append((lines["event"], json.loads(lines["data"])))
+    return out

@@ -40,20 +40,46 @@ def _transport_options(s: Settings) -> dict:
     return {"visibility_timeout": s.VISIBILITY_TIMEOUT_SECONDS}
 
 
+def make_enqueue(app: Celery):
+    def enqueue(job_id: str, queue: str) -> None:
+        """Send the run message; fails fast when the broker is down (the reaper sends it later)."""
+        app.send_task(
+            RUN_JOB,
+            args=[job_id],
+            queue=queue,
+            retry=True,
+            retry_policy={
+                "max_retries": 2,
+                "interval_start": 0.1,
+                "interval_step": 0.2,
+                "interval_max": 0.5,
+            },
+        )
+
+    return enqueue
+
+
+def make_queue_size(app: Celery):
+    def queue_size(queue: str) -> int | None:
+        """Messages waiting in `queue` (0 when the broker does not know the queue), or None
+        when the broker cannot be asked."""
+        from kombu.exceptions import ChannelError
+
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                try:
+                    return conn.default_channel.queue_declare(
+                        queue=queue, passive=True
+                    ).message_count
+                except ChannelError:  # e.g. Redis restarted without persistence: queue gone
+                    return 0
+        except Exception:
+            return None
+
+    return queue_size
+
+
 celery_app = make_celery()
-
-
-def enqueue(job_id: str, queue: str) -> None:
-    """Send the run message; fails fast when the broker is down (the reaper sends it later)."""
-    celery_app.send_task(
-        RUN_JOB,
-        args=[job_id],
-        queue=queue,
-        retry=True,
-        retry_policy={
-            "max_retries": 2,
-            "interval_start": 0.1,
-            "interval_step": 0.2,
-            "interval_max": 0.5,
-        },
-    )
+enqueue = make_enqueue(celery_app)
+queue_size = make_queue_size(celery_app)

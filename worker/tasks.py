@@ -19,7 +19,7 @@ from app.core.reaper import Reaper
 from app.core.storage import Storage
 from app.models import Dataset, Model
 from app.services import runs
-from worker.celery_app import RUN_JOB, celery_app, enqueue
+from worker.celery_app import RUN_JOB, celery_app, enqueue, queue_size
 from worker.pipeline.errors import Cancelled, PipelineError
 from worker.pipeline.export import sha256_file
 from worker.pipeline.spec import (
@@ -273,17 +273,37 @@ def execute(job_id: str) -> str:
             }
             for name in names
         ]
-    with db().session() as s:
-        done = runs.finish(
-            s,
-            job_id=job_id,
-            worker_id=worker_id,
-            status=status,
-            metrics=report["metrics"] if report else None,
-            artifacts=artifacts,
-            error=error,
-        )
+    def record() -> bool:
+        with db().session() as s:
+            return runs.finish(
+                s,
+                job_id=job_id,
+                worker_id=worker_id,
+                status=status,
+                metrics=report["metrics"] if report else None,
+                artifacts=artifacts,
+                error=error,
+                stages=report["stages"] if report else None,
+            )
+
+    done = retry_db(record, what=f"recording the end of {job_id}")
     return status if done else "lost"
+
+
+def retry_db(fn, *, what: str, attempts: int = 30, delay: float = 2.0):
+    """Run a DB write, riding out a database that is briefly unreachable: the work it records
+    took minutes to hours and must not be lost to a blip."""
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            log.warning("database unavailable while %s; retry %d/%d", what, attempt, attempts - 1)
+            time.sleep(delay)
+    return None
 
 
 def _timedelta(seconds: float):
@@ -306,7 +326,7 @@ _reaper: Reaper | None = None
 def _start_reaper(**_: Any) -> None:
     global _reaper
     storage().ensure()
-    _reaper = Reaper(db(), settings, enqueue)
+    _reaper = Reaper(db(), settings, enqueue, queue_size)
     _reaper.start()
 
 

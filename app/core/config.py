@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     HEARTBEAT_SECONDS: float = 5.0
     HEARTBEAT_TIMEOUT_SECONDS: float = 60.0  # no heartbeat for this long: the worker is gone
     REAPER_INTERVAL_SECONDS: float = 10.0
+    # A queued job whose message is older than this while its broker queue is empty lost its
+    # message (e.g. Redis restarted without persistence): the reaper sends it again.
+    RESEND_AFTER_SECONDS: float = 60.0
     MAX_ATTEMPTS: int = 3  # runs of one job (first + re-queues after a lost worker)
     JOB_TIMEOUT_SECONDS: float = 24 * 3600.0
     # Redis redelivers an unacknowledged message after this; it must outlast the longest stage.

@@ -16,10 +16,15 @@ log = logging.getLogger("distillery.reaper")
 
 class Reaper(threading.Thread):
     def __init__(
-        self, database: Database, settings: Settings, enqueue: Callable[[str, str], None]
+        self,
+        database: Database,
+        settings: Settings,
+        enqueue: Callable[[str, str], None],
+        queue_size: Callable[[str], int | None] | None = None,
     ) -> None:
         super().__init__(daemon=True, name="reaper")
-        self.database, self.settings, self.enqueue = database, settings, enqueue
+        self.database, self.settings = database, settings
+        self.enqueue, self.queue_size = enqueue, queue_size
         self._stop = threading.Event()
 
     def run_once(self) -> dict[str, int]:
@@ -29,6 +34,8 @@ class Reaper(threading.Thread):
                 heartbeat_timeout=self.settings.HEARTBEAT_TIMEOUT_SECONDS,
                 max_attempts=self.settings.MAX_ATTEMPTS,
                 enqueue=self.enqueue,
+                queue_size=self.queue_size,
+                resend_after=self.settings.RESEND_AFTER_SECONDS,
             )
 
     def run(self) -> None:

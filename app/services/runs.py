@@ -149,8 +149,10 @@ def finish(
     metrics: dict[str, Any] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
     error: tuple[str, str] | None = None,
+    stages: list[dict[str, Any]] | None = None,
 ) -> bool:
-    """Move an owned job to a terminal status; artifacts replace any earlier attempt's rows."""
+    """Move an owned job to a terminal status; artifacts replace any earlier attempt's rows.
+    `stages` (the report's records) settle every stage row, even if a progress write was lost."""
     job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
     if job is None:
         return False
@@ -164,6 +166,12 @@ def finish(
         job.progress = 1.0
     if error is not None:
         job.error_code, job.error_message = error
+    for record in stages or []:
+        row = session.scalar(select(JobStage).where(JobStage.job_id == job_id, JobStage.name == record["name"]))
+        if row is not None and row.status != "succeeded":
+            row.status, row.seconds = "succeeded", record.get("seconds")
+            row.metrics = record.get("metrics") or {}
+            row.finished_at = row.finished_at or now
     if artifacts is not None:
         session.execute(delete(Artifact).where(Artifact.job_id == job_id))
         for a in artifacts:
@@ -206,12 +214,17 @@ def reap(
     heartbeat_timeout: float,
     max_attempts: int,
     enqueue: Callable[[str, str], None],
+    queue_size: Callable[[str], int | None] | None = None,
+    resend_after: float = 60.0,
 ) -> dict[str, int]:
     """One reaper pass; safe to run in many processes at once (rows are locked and skipped).
 
     - running/cancelling with no heartbeat for `heartbeat_timeout`: re-queued while attempts
       remain, else failed `worker_lost` (a cancelling one just ends cancelled);
-    - queued whose message never went out (broker was down at submit): sent now.
+    - queued whose message never went out (broker was down at submit): sent now;
+    - queued whose message went out more than `resend_after` ago while the broker's queue is
+      empty (the broker lost it, e.g. a restart without persistence): sent again. A duplicate
+      message is harmless: only one worker can claim a job.
     """
     now = utcnow()
     stale = now - timedelta(seconds=heartbeat_timeout)
@@ -266,6 +279,15 @@ def reap(
         .limit(100)
     ).all()
     to_send += [(j.id, j.queue) for j in unsent]
+    if queue_size is not None:
+        cutoff = now - timedelta(seconds=resend_after)
+        waiting = select(Job).where(Job.status == "queued", Job.enqueued_at < cutoff)
+        for queue in session.scalars(waiting.with_only_columns(Job.queue).distinct()).all():
+            if queue_size(queue) == 0:
+                lost = session.scalars(
+                    waiting.where(Job.queue == queue).with_for_update(skip_locked=True).limit(100)
+                )
+                to_send += [(j.id, j.queue) for j in lost]
     session.flush()
     for job_id, queue in to_send:
         try:

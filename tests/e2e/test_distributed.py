@@ -1,29 +1,17 @@
 """The service on PostgreSQL + Redis with real `distillery api` and `distillery worker`
-processes: a job end to end, cancel, and a worker killed with SIGKILL."""
+processes: a job end to end, and cancel. (Faults: tests/reliability/.)"""
 
 import hashlib
 import json
-import signal
 
 import pytest
 
-from tests.e2e.conftest import wait_for_status
-from tests.service_support import TINY_SPEC, wait_until
+from tests.service_support import TINY_SPEC, sse_events, wait_for_status, wait_until
 
 
 @pytest.fixture(scope="module")
 def worker(stack):
     return stack.start_worker()
-
-
-def _events(c, job_id):
-    text = c.get(f"/v1/jobs/{job_id}/events", timeout=120).text
-    out = []
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if "event" in lines:
-            out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_a_job_runs_to_success_with_metrics_and_artifacts(stack, worker):
@@ -42,7 +30,7 @@ def test_a_job_runs_to_success_with_metrics_and_artifacts(stack, worker):
             ), model
         assert done["metrics"]["final"]["size_ratio"] > 1
 
-        events = _events(c, job["id"])
+        events = sse_events(c, job["id"])
         statuses = [d["status"] for kind, d in events if kind == "status"]
         assert statuses == ["queued", "running", "succeeded"]
         stage_events = [(d["stage"], d["status"]) for kind, d in events if kind == "stage"]
@@ -90,61 +78,3 @@ def test_cancel_a_running_job(stack, worker):
         assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled"
         assert done["stages"][0]["status"] == "cancelled"
         assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
-
-
-def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
-    """SIGKILL mid-job: the heartbeat stops, the reaper re-queues, a new worker resumes after
-    the last finished stage; one set of artifacts."""
-    queue = stack.queue + "-kill"
-    first = stack.start_worker(queue)
-    spec = {**TINY_SPEC, "queue": queue, "distill": {"epochs": 300}}
-    with stack.client() as c:
-        job = c.post("/v1/jobs", json=spec).json()
-        wait_until(
-            lambda: c.get(f"/v1/jobs/{job['id']}").json()["stage"] == "distill",
-            120,
-            what="the distill stage",
-        )
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        requeued = wait_for_status(c, job["id"], {"queued"}, timeout=30)
-        assert requeued["attempts"] == 1
-        stack.start_worker(queue)
-        # The resumed distill stage continues from its last epoch checkpoint.
-        done = wait_for_status(c, job["id"], {"succeeded", "failed"}, timeout=300)
-        assert done["status"] == "succeeded", done["error"]
-        assert done["attempts"] == 2
-        events = _events(c, job["id"])
-        assert [d["status"] for k, d in events if k == "status"] == [
-            "queued",
-            "running",
-            "queued",
-            "running",
-            "succeeded",
-        ]
-        resumed = [d["stage"] for k, d in events if k == "stage" and d.get("resumed")]
-        assert resumed == ["teacher"]  # the finished stage was not run again
-        assert any(k == "log" and "resumed distill after epoch" in d["message"] for k, d in events)
-        names = [a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
-        assert len(names) == len(set(names)) == 6
-
-
-def test_a_job_whose_worker_keeps_dying_fails_as_worker_lost(stack):
-    queue = stack.queue + "-lost"
-    spec = {**TINY_SPEC, "queue": queue, "teacher": {"arch": "cnn_small", "epochs": 500}}
-    with stack.client() as c:
-        job = c.post("/v1/jobs", json=spec).json()
-        for attempt in (1, 2):  # MAX_ATTEMPTS=2 in this stack
-            w = stack.start_worker(queue)
-            wait_until(
-                lambda n=attempt: (
-                    (j := c.get(f"/v1/jobs/{job['id']}").json())["attempts"] == n
-                    and j["status"] == "running"
-                ),
-                60,
-                what=f"attempt {attempt}",
-            )
-            w.send_signal(signal.SIGKILL)
-            w.wait(timeout=10)
-        done = wait_for_status(c, job["id"], {"failed"}, timeout=30)
-        assert done["error"]["code"] == "worker_lost" and done["finished_at"] is not None

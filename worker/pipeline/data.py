@@ -226,7 +226,11 @@ def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
         try:
             ds = cls(root=spec.root, train=train, download=spec.download)
         except RuntimeError as e:
-            hint = "" if spec.download else " (pre-fill the data root, or set dataset.download: true where downloads are allowed)"
+            hint = (
+                ""
+                if spec.download
+                else " (pre-fill the data root, or set dataset.download: true where downloads are allowed)"
+            )
             raise DatasetError(f"{spec.name} not found under {spec.root}{hint}: {e}") from None
         except (ValueError, AssertionError, KeyError, TypeError, OSError) as e:
             raise DatasetError(
