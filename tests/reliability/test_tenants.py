@@ -8,6 +8,8 @@ import pytest
 from app.services import tenants
 from tests.service_support import TINY_SPEC
 
+pytestmark = pytest.mark.reliability
+
 
 @pytest.fixture(scope="module")
 def owned(api):
