@@ -75,6 +75,8 @@ def final_summary(final: dict[str, Any]) -> str:
     ]
     if "distill_gain" in final:
         parts.append(f"distillation vs no teacher {final['distill_gain'] * 100:+.2f} pt")
+    if final.get("student_kept") == "baseline":
+        parts.append("kept the student trained without a teacher (it scored higher on validation)")
     return ", ".join(parts)
 
 

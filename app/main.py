@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.routes import health, jobs, uploads
@@ -38,6 +38,14 @@ def _loc(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+def _is_submit(request: Request) -> bool:
+    return request.url.path == "/v1/jobs" and request.method == "POST"
+
+
+def _invalid_code(request: Request) -> str:
+    return "invalid_spec" if _is_submit(request) else "invalid_request"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
@@ -46,17 +54,28 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
-        code = (
-            "invalid_spec"
-            if request.url.path == "/v1/jobs" and request.method == "POST"
-            else "invalid_request"
-        )
-        return _error(422, code, message)
+        return _error(422, _invalid_code(request), message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and _is_submit(request):
+            # FastAPI answers a body json.loads cannot take (not UTF-8, nested too deep) with a
+            # bare 400; to the client it is a malformed spec like any other.
+            return _error(422, "invalid_spec", f"body: not a readable JSON document ({exc.detail})")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value of the request (a NUL character in PostgreSQL text, a
+        # number out of range): that is the request's fault, and retrying will not help.
+        log.info("database refused a request value: %s", exc.orig)
+        return _error(
+            422,
+            _invalid_code(request),
+            "a value in the request cannot be stored or looked up (NUL characters and numbers "
+            "out of range are refused)",
+        )
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
@@ -96,6 +115,11 @@ def create_app(
 
         settings.home.mkdir(parents=True, exist_ok=True)
         storage.ensure()
+        # Spec checks build models on PyTorch's meta device; loading torchvision takes seconds
+        # the first time, so pay it at start rather than in the first POST (measured: 2-3 s).
+        from worker.pipeline.archs import check_arch
+
+        check_arch("resnet18", {}, (3, 32, 32), 10)
         upgrade(settings.database_url)
         if settings.DISTILLERY_API_KEY:
             with db.session() as s:

@@ -1,1 +1,2 @@
-"""Benchmarks; run each as a module, e.g. `python -m bench.distill_speed`."""
+"""Benchmarks: all of them with `python -m bench`, or one as `python -m bench.<name>`
+(bench/README.md)."""

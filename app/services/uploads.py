@@ -9,8 +9,11 @@ Workers are the only processes that load a user's model.
 from __future__ import annotations
 
 import json
+import lzma
 import shutil
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ DATASET_KINDS = {
     ".tgz": "imagefolder",
     ".tar": "imagefolder",
 }
+MAX_NUM_CLASSES = 1_000_000
 MODEL_FORMATS = {
     ".pt": "torchscript",
     ".pth": "torchscript",
@@ -46,16 +50,23 @@ def _suffix(name: str, table: dict[str, str]) -> str | None:
     return next((v for k, v in table.items() if lower.endswith(k)), None)
 
 
-def _describe_dataset(path: Path, kind: str, settings: Settings, workdir: Path) -> dict[str, Any]:
+def _describe_dataset(
+    path: Path, kind: str, settings: Settings, workdir: Path, filename: str
+) -> dict[str, Any]:
     from worker.pipeline import data
 
     if kind == "npz":
-        x, y, names, _ = data.load_npz(path)
+        x, y, names, _ = data.load_npz(path, max_total_bytes=settings.MAX_ARCHIVE_BYTES)
         x, y, num_classes = data.validate_arrays(x, y, names)
         shape = list(x.shape[1:])
     else:
+        # The upload sits under a temporary name; a link named like the uploader's file lets
+        # the extractor go by its suffix (a truncated .zip is then called corrupt, not "not an
+        # archive") and its messages name the file the uploader knows.
+        named = workdir / safe_filename(filename)
+        named.symlink_to(path)
         x, y, names, _ = data.load_imagefolder(
-            path,
+            named,
             32,
             False,
             workdir,
@@ -93,7 +104,7 @@ def create_dataset(
         )
     try:
         with tempfile.TemporaryDirectory(dir=storage.tmp_dir()) as work:
-            meta = _describe_dataset(tmp_path, kind, settings, Path(work))
+            meta = _describe_dataset(tmp_path, kind, settings, Path(work), filename)
     except PipelineError as e:
         raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
     row = Dataset(
@@ -163,6 +174,69 @@ def _safetensors_check(path: Path, filename: str) -> None:
         raise UploadInvalid(f"{filename}: not a safetensors file ({str(e)[:200]})") from None
 
 
+# What TorchScript's own unpickler resolves (torch/csrc/jit/serialization/unpickler.cpp):
+# its compiled classes, tensor and storage rebuilders, a few containers. Any other global in a
+# .pkl member belongs to a Python pickle naming arbitrary callables, which torch.jit.load would
+# refuse anyway; refusing it here keeps it out of storage and away from every worker.
+_TORCHSCRIPT_GLOBAL_PREFIXES = ("__torch__.", "torch._utils.", "torch.jit._pickle.")
+_TORCHSCRIPT_GLOBALS = {
+    "collections.OrderedDict",
+    "builtins.complex",
+    "builtins.set",
+    "torch.device",
+    "torch._tensor._rebuild_from_type_v2",
+    # quantization schemes of quantized tensors
+    "torch.per_tensor_affine",
+    "torch.per_channel_affine",
+    "torch.per_tensor_symmetric",
+    "torch.per_channel_symmetric",
+    "torch.per_channel_affine_float_qparams",
+}
+MAX_TORCHSCRIPT_PICKLE_BYTES = 64 * 1024**2  # structure only: tensor data lives in data/
+
+
+def _torchscript_global(module: str, name: str) -> bool:
+    qualified = f"{module}.{name}"
+    return (
+        qualified.startswith(_TORCHSCRIPT_GLOBAL_PREFIXES)
+        or qualified in _TORCHSCRIPT_GLOBALS
+        or (module == "torch" and name.endswith("Storage"))
+    )
+
+
+def _check_pickle_opcode(where: str, op: str, arg: Any) -> None:
+    if op in ("GLOBAL", "INST"):
+        module, _, name = str(arg).partition(" ")
+        if not _torchscript_global(module, name):
+            raise UploadInvalid(
+                f"{where} is a Python pickle that would call {module}.{name}; "
+                "pickled checkpoints are not accepted"
+            )
+    elif op in ("STACK_GLOBAL", "EXT1", "EXT2", "EXT4"):  # TorchScript's pickles never use them
+        raise UploadInvalid(
+            f"{where} is a Python pickle (opcode {op}); pickled checkpoints are not accepted"
+        )
+
+
+def _check_torchscript_pickles(path: Path, filename: str) -> None:
+    """Read (never load) each .pkl member's opcodes; refuse globals TorchScript never uses."""
+    import pickletools
+
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".pkl"):
+                continue
+            where = f"{filename}: member {info.filename!r}"
+            if info.file_size > MAX_TORCHSCRIPT_PICKLE_BYTES:
+                raise UploadInvalid(f"{where} is {info.file_size} bytes; not a TorchScript archive")
+            with zf.open(info) as member:
+                try:
+                    for op, arg, _ in pickletools.genops(member):
+                        _check_pickle_opcode(where, op.name, arg)
+                except ValueError as e:  # malformed opcodes (a short read is zipfile's EOFError)
+                    raise UploadInvalid(f"{where} is not a readable pickle ({e})") from None
+
+
 def _parse_shape(raw: str | None) -> list[int] | None:
     if raw in (None, ""):
         return None
@@ -196,8 +270,13 @@ def create_model(
     num_classes = fields.get("num_classes")
     classes = None
     if num_classes not in (None, ""):
-        if not num_classes.isdigit() or int(num_classes) < 2:
-            raise UploadInvalid(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+        # isdecimal, not isdigit: int() refuses digits like '²' that isdigit accepts; the length
+        # check keeps int() off a 5000-digit string.
+        plausible = num_classes.isdecimal() and len(num_classes) <= len(str(MAX_NUM_CLASSES))
+        if not (plausible and 2 <= int(num_classes) <= MAX_NUM_CLASSES):
+            raise UploadInvalid(
+                f"num_classes: expected an integer from 2 to {MAX_NUM_CLASSES}, got {num_classes[:40]!r}"
+            )
         classes = int(num_classes)
     arch, arch_kwargs = fields.get("arch") or None, {}
     if fmt == "torchscript":
@@ -206,8 +285,13 @@ def create_model(
 
         try:
             _check_torchscript_archive(tmp_path)
+            _check_torchscript_pickles(tmp_path, filename)
         except ModelLoadError as e:
             raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
+        except (zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError) as e:
+            # A damaged compressed member (zipfile lets zlib/lzma errors through), an encrypted
+            # one (RuntimeError) or an unsupported compression method.
+            raise UploadInvalid(f"{filename}: corrupt TorchScript archive ({e})") from None
     elif fmt == "onnx":
         onnx_shape, onnx_classes = _onnx_meta(tmp_path, filename)
         input_shape = input_shape or onnx_shape
@@ -228,6 +312,8 @@ def create_model(
             if not isinstance(arch_kwargs, dict):
                 raise ValueError("must be a JSON object")
             _check_arch_kwargs(arch, arch_kwargs)
+        except RecursionError:
+            raise UploadInvalid("arch_kwargs: nested too deeply") from None
         except ValueError as e:
             raise UploadInvalid(f"arch_kwargs: {e}") from None
     row = Model(

@@ -21,7 +21,8 @@ def test_a_job_runs_to_success_with_metrics_and_artifacts(stack, worker):
         assert done["status"] == "succeeded", done["error"]
         assert done["progress"] == 1.0 and done["attempts"] == 1 and done["error"] is None
         assert [(s["name"], s["status"]) for s in done["stages"]] == [
-            (n, "succeeded") for n in ("teacher", "distill", "prune", "quantize", "export")
+            (n, "succeeded")
+            for n in ("teacher", "baseline", "distill", "prune", "quantize", "export")
         ]
         assert all(s["seconds"] > 0 for s in done["stages"])
         for model in ("teacher", "student", "pruned", "quantized", "final"):

@@ -64,7 +64,10 @@ def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
             "running",
             "succeeded",
         ]
-        assert [d["stage"] for k, d in events if k == "stage" and d.get("resumed")] == ["teacher"]
+        assert [d["stage"] for k, d in events if k == "stage" and d.get("resumed")] == [
+            "teacher",
+            "baseline",
+        ]
         assert any(k == "log" and "resumed distill after epoch" in d["message"] for k, d in events)
         names = [a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
         assert len(names) == len(set(names)) == 6

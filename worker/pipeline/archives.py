@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from worker.pipeline.errors import DatasetError
@@ -69,8 +71,11 @@ def safe_extract(
         OSError,
         RuntimeError,
         NotImplementedError,
+        zlib.error,
+        lzma.LZMAError,
     ) as e:
-        # RuntimeError: an encrypted member; NotImplementedError: e.g. Deflate64 compression.
+        # RuntimeError: an encrypted member; NotImplementedError: e.g. Deflate64 compression;
+        # zlib/lzma errors: a compressed member whose data is damaged (zipfile lets them through).
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(f"{archive.name}: corrupt or truncated archive ({e})") from None
     return dest

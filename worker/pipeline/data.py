@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ class DataBundle:
     num_classes: int
     class_names: list[str]
     input_contract: dict[str, Any] = field(default_factory=dict)
+    # Held out of the training split to choose between models (never used for training).
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -63,6 +67,7 @@ class DataBundle:
         return {
             "num_train": len(self.x_train),
             "num_test": len(self.x_test),
+            "num_val": 0 if self.x_val is None else len(self.x_val),
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
         }
@@ -96,12 +101,15 @@ def validate_arrays(
         raise DatasetError(f"x has {len(x)} samples but y has {len(y)} labels")
     if len(x) == 0:
         raise DatasetError("the dataset is empty")
+    if 0 in x.shape[1:]:
+        raise DatasetError(f"x has shape {tuple(x.shape)}: each sample is empty")
     if x.ndim == 4 and not (1 <= x.shape[1] <= 16):
         raise DatasetError(
             f"x has {x.shape[1]} channels (shape {tuple(x.shape)}); images must be N,C,H,W "
             "with C first (1..16 channels)"
         )
-    x = x.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # a value past float32 becomes inf, refused just below
+        x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise DatasetError("x contains NaN or infinite values")
     if y.dtype.kind == "f":
@@ -117,6 +125,13 @@ def validate_arrays(
         raise DatasetError(
             f"label {int(y.max())} is out of range for {num_classes} classes (labels 0..{num_classes - 1})"
         )
+    if num_classes > len(y):
+        # Checked before counting: bincount would allocate one slot per class, and a single
+        # huge label (2**40) would ask for terabytes.
+        raise DatasetError(
+            f"{num_classes} classes but only {len(y)} samples: labels must cover 0..K-1, "
+            "each class with samples"
+        )
     if num_classes < 2:
         raise DatasetError("the dataset needs at least 2 classes")
     counts = np.bincount(y, minlength=num_classes)
@@ -131,7 +146,8 @@ def validate_arrays(
 # --- sources -------------------------------------------------------------------------------
 
 
-def load_npz(path: Path) -> RawData:
+def load_npz(path: Path, *, max_total_bytes: int = MAX_TOTAL_BYTES) -> RawData:
+    """x, y and optional class names from a .npz; its arrays may expand to `max_total_bytes`."""
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -140,6 +156,17 @@ def load_npz(path: Path) -> RawData:
                 f"{path.name}: not a readable .npz file (expected a zip archive of .npy arrays)"
             )
     try:
+        # The members' declared sizes bound what is read (zipfile stops there and checks the
+        # CRC), so this caps memory before a compressed array expands.
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise DatasetError(f"{path.name}: not a readable .npz file ({e})") from None
+    if declared > max_total_bytes:
+        raise DatasetError(
+            f"{path.name}: its arrays expand to {declared} bytes; the cap is {max_total_bytes}"
+        )
+    try:
         # allow_pickle stays off: an object array would need unpickling, and is refused here.
         with np.load(path, allow_pickle=False) as npz:
             missing = {"x", "y"} - set(npz.files)
@@ -147,8 +174,15 @@ def load_npz(path: Path) -> RawData:
                 raise DatasetError(
                     f"{path.name}: missing array(s) {sorted(missing)}; it holds {sorted(npz.files)}"
                 )
-            x, y = npz["x"], npz["y"]
-            names = [str(c) for c in npz["classes"]] if "classes" in npz.files else None
+            arrays = {k: npz[k] for k in ("x", "y", "classes") if k in npz.files}
+            raw = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+            if raw:
+                # np.load hands back the bytes of a member that is not a .npy array.
+                raise DatasetError(
+                    f"{path.name}: {', '.join(raw)} must be .npy arrays (as np.savez writes them)"
+                )
+            x, y = arrays["x"], arrays["y"]
+            names = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
     except DatasetError:
         raise
     except ValueError as e:
@@ -314,7 +348,16 @@ def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundl
     else:
         x, y = _subsample(x, y, spec.max_samples, seed)
         x_train, x_test, y_train, y_test = _split(x, y, spec.test_fraction, seed)
+    x_val = y_val = None
+    if spec.val_fraction > 0:
+        try:
+            x_train, x_val, y_train, y_val = _split(x_train, y_train, spec.val_fraction, seed + 1)
+        except DatasetError:  # too few samples to hold some out: models are not compared
+            x_val = y_val = None
     x_train, x_test, mean, std = _normalise(x_train, x_test, scale)
+    if x_val is not None:
+        shape = (1, -1, 1, 1) if x_val.ndim == 4 else (1, -1)
+        x_val = (x_val * scale - np.asarray(mean).reshape(shape)) / np.asarray(std).reshape(shape)
     contract = {
         "name": "input",
         "shape": ["batch", *x_train.shape[1:]],
@@ -337,6 +380,10 @@ def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundl
         num_classes=num_classes,
         class_names=names or [str(i) for i in range(num_classes)],
         input_contract=contract,
+        x_val=None
+        if x_val is None
+        else torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)),
+        y_val=None if y_val is None else torch.from_numpy(y_val),
     )
 
 

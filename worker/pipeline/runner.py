@@ -77,6 +77,7 @@ class _Run:
     signal: TeacherSignal | None = None
     models: dict[str, nn.Module] = field(default_factory=dict)
     public_spec: dict[str, Any] | None = None
+    kept: str = "distilled"  # which student went on to pruning: "distilled" or "baseline"
 
     def __post_init__(self) -> None:
         self.work = self.out / ".work"
@@ -137,30 +138,68 @@ class _Run:
         return result.metrics
 
     def stage_baseline(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
-        if resumed:
-            return {}
         s = self.spec
+        if resumed:
+            self.models["baseline"] = self.load_model(
+                "baseline", s.student.arch, s.student.arch_kwargs
+            )
+            return {}
         model, metrics = distill_stage.train_student(
             s.student, s.distill, self.data, ctx, s.seed, signal=None, tag="baseline"
         )
+        self.models["baseline"] = model
+        self.save_model("baseline", model, s.student.arch, s.student.arch_kwargs)
         self.measure_module("baseline", model)
         return metrics
 
     def stage_distill(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
         s = self.spec
         if resumed:
-            self.models["student"] = self.load_model(
-                "student", s.student.arch, s.student.arch_kwargs
-            )
+            self.kept = self.selection_of_record()
+            self.models["student"] = self.load_model("kept", s.student.arch, s.student.arch_kwargs)
             return {}
         assert self.teacher is not None
         model, metrics, self.signal = distill_stage.run(
             self.teacher, self.data, s.distill, s.student, ctx, s.seed, signal=self.signal
         )
-        self.models["student"] = model
-        self.save_model("student", model, s.student.arch, s.student.arch_kwargs)
         self.measure_module("student", model)
+        self.save_model("student", model, s.student.arch, s.student.arch_kwargs)
+        kept, selection = self.select(model)
+        metrics.update(selection)
+        self.models["student"] = self.models[kept] if kept == "baseline" else model
+        self.save_model("kept", self.models["student"], s.student.arch, s.student.arch_kwargs)
+        if kept == "baseline":
+            ctx.log(
+                "the student trained without a teacher scored higher on the validation split "
+                f"({selection['val_accuracy_baseline']:.4f} vs {selection['val_accuracy_distilled']:.4f}): keeping it"
+            )
         return metrics
+
+    def select(self, distilled: nn.Module) -> tuple[str, dict[str, Any]]:
+        """Keep the better of the distilled student and the no-teacher baseline, judged on the
+        validation split (never the test split, which only measures)."""
+        self.kept = "distilled"
+        baseline = self.models.get("baseline")
+        data = self.data
+        if self.spec.distill.keep != "better" or baseline is None or data.x_val is None:
+            return "distilled", {"kept": self.kept}
+        from worker.pipeline.train import accuracy
+
+        val = {
+            "distilled": accuracy(distilled, data.x_val, data.y_val, self.ctx.device),
+            "baseline": accuracy(baseline, data.x_val, data.y_val, self.ctx.device),
+        }
+        # Ties go to the distilled student: it also learned the teacher's soft targets.
+        self.kept = "baseline" if val["baseline"] > val["distilled"] else "distilled"
+        return self.kept, {
+            "kept": self.kept,
+            "val_accuracy_distilled": val["distilled"],
+            "val_accuracy_baseline": val["baseline"],
+        }
+
+    def selection_of_record(self) -> str:
+        record = json.loads((self.state / "distill.json").read_text())
+        return record.get("metrics", {}).get("kept", "distilled")
 
     def stage_prune(self, ctx: StageContext, resumed: bool) -> dict[str, float]:
         s = self.spec
@@ -212,8 +251,9 @@ class _Run:
         return {}
 
 
-def _final(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
-    last = next(k for k in ("quantized", "pruned", "student") if k in metrics)
+def _final(metrics: dict[str, dict[str, float]], kept: str = "distilled") -> dict[str, float]:
+    student = "baseline" if kept == "baseline" else "student"
+    last = next(k for k in ("quantized", "pruned", student) if k in metrics)
     final = {k: metrics[last][k] for k in MODEL_METRICS}
     final["model"] = last  # type: ignore[assignment]
     teacher = metrics["teacher"]
@@ -223,6 +263,7 @@ def _final(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     if "baseline" in metrics:
         # What the teacher bought: positive when distillation beat training alone.
         final["distill_gain"] = metrics["student"]["accuracy"] - metrics["baseline"]["accuracy"]
+        final["student_kept"] = kept  # type: ignore[assignment]
     return final
 
 
@@ -373,7 +414,7 @@ def run_job(
             }
         )
 
-    final = _final(run.metrics)
+    final = _final(run.metrics, run.kept)
     run.metrics["final"] = final
     gates = evaluate_gates(spec, final)
     resolved = public_spec if public_spec is not None else spec.model_dump(mode="json")

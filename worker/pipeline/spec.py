@@ -7,6 +7,7 @@ registry and an unknown one fails validation with the list of known names.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,7 +22,17 @@ from pydantic import (
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A spec is stored as JSON: NaN and infinity are not JSON (PostgreSQL refuses them), and
+    # no bound or gate means anything with them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # NUL cannot be stored in a PostgreSQL text column, and names nothing real.
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        return v
 
 
 def _check_name(registry_attr: str, module: str, name: str) -> str:
@@ -53,6 +64,19 @@ def _check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
             raise ValueError(
                 f"arch {arch!r} takes no argument {key!r}; it takes: {', '.join(accepted) or 'none'}"
             )
+    # Walked without recursion: a value nested past Python's recursion limit must fail here
+    # as a ValueError, not crash the caller.
+    pending: list[Any] = list(kwargs.items())
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.items())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"arch_kwargs hold {item}; values must be finite numbers")
+        elif isinstance(item, str) and "\x00" in item:
+            raise ValueError("arch_kwargs must not contain NUL characters")
 
 
 # --- dataset -------------------------------------------------------------------------------
@@ -60,6 +84,9 @@ def _check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
 
 class _DatasetCommon(_Spec):
     test_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="held-out share for evaluation")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="share of the training split held out to choose between models"
+    )
     max_samples: int | None = Field(None, ge=20, description="subsample (seeded) to this many")
 
 
@@ -222,7 +249,12 @@ class DistillSpec(OptimSpec):
     cache_teacher_logits: bool = Field(
         True, description="compute teacher logits once (only when inputs are not augmented)"
     )
-    baseline: bool = Field(False, description="also train the student without a teacher")
+    baseline: bool = Field(True, description="also train the student without a teacher")
+    keep: Literal["better", "distilled"] = Field(
+        "better",
+        description="with a baseline: keep whichever student scores higher on the validation split "
+        "(on small students plain KD can lose to training alone); 'distilled' always keeps the KD one",
+    )
     amp: bool = Field(True, description="mixed precision on CUDA")
 
     @field_validator("loss")
@@ -236,7 +268,7 @@ class PruneSpec(_Spec):
     amount: float = Field(0.5, gt=0.0, lt=1.0, description="share of channels/weights removed")
     steps: int = Field(1, ge=1, le=20, description="iterative pruning steps")
     finetune_epochs: int = Field(10, ge=0, le=1000, description="KD fine-tune epochs after pruning")
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)  # measured: 1e-3 left the pruned digits model 0.7 pt lower
 
     @field_validator("method")
     @classmethod

@@ -40,7 +40,7 @@ def _raw(bundle: DataBundle, x: torch.Tensor) -> np.ndarray:
 
 def _save_npz(path: Path, **arrays) -> NpzDataset:
     np.savez(path, **arrays)
-    return NpzDataset(source="npz", path=str(path))
+    return NpzDataset(val_fraction=0, source="npz", path=str(path))
 
 
 # --- builtin digits ------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def _save_npz(path: Path, **arrays) -> NpzDataset:
 
 @pytest.fixture(scope="module")
 def digits() -> DataBundle:
-    return load_dataset(BuiltinDataset(), seed=0)
+    return load_dataset(BuiltinDataset(val_fraction=0), seed=0)
 
 
 def test_digits_are_8x8_single_channel_images_of_ten_classes(digits):
@@ -63,7 +63,7 @@ def test_digits_are_8x8_single_channel_images_of_ten_classes(digits):
 
 @pytest.mark.parametrize("fraction", [0.2, 0.5])
 def test_digits_split_holds_out_test_fraction_stratified_by_class(fraction):
-    b = load_dataset(BuiltinDataset(test_fraction=fraction), seed=0)
+    b = load_dataset(BuiltinDataset(val_fraction=0, test_fraction=fraction), seed=0)
     total = len(b.x_train) + len(b.x_test)
     all_y = torch.cat([b.y_train, b.y_test])
 
@@ -76,8 +76,8 @@ def test_digits_split_holds_out_test_fraction_stratified_by_class(fraction):
 
 
 def test_digits_split_is_seeded(digits):
-    again = load_dataset(BuiltinDataset(), seed=0)
-    other = load_dataset(BuiltinDataset(), seed=1)
+    again = load_dataset(BuiltinDataset(val_fraction=0), seed=0)
+    other = load_dataset(BuiltinDataset(val_fraction=0), seed=1)
 
     for name in ("x_train", "y_train", "x_test", "y_test"):
         assert torch.equal(getattr(digits, name), getattr(again, name)), name
@@ -92,7 +92,7 @@ def test_digits_train_split_is_standardised(digits):
 
 
 def test_digits_max_samples_subsamples_before_splitting():
-    b = load_dataset(BuiltinDataset(max_samples=200, test_fraction=0.25), seed=0)
+    b = load_dataset(BuiltinDataset(val_fraction=0, max_samples=200, test_fraction=0.25), seed=0)
 
     assert len(b.x_train) == 150
     assert len(b.x_test) == 50
@@ -196,7 +196,9 @@ def test_npz_max_samples_draws_a_seeded_sample_from_the_whole_file(tmp_path):
     # Rows sorted by class: taking the first rows would miss class 1 entirely.
     x = np.arange(200, dtype=np.float32).reshape(100, 2)
     np.savez(tmp_path / "sorted.npz", x=x, y=np.repeat([0, 1], 50))
-    spec = NpzDataset(source="npz", path=str(tmp_path / "sorted.npz"), max_samples=40)
+    spec = NpzDataset(
+        val_fraction=0, source="npz", path=str(tmp_path / "sorted.npz"), max_samples=40
+    )
 
     a, again, other = (load_dataset(spec, seed=s) for s in (0, 0, 1))
 
@@ -249,7 +251,7 @@ def test_npz_with_an_object_array_is_refused_without_unpickling_it(tmp_path):
     np.savez(path, x=x, y=_balanced_labels(20, 2))  # savez pickles object arrays
 
     with pytest.raises(DatasetError, match=r"object arrays.*unpickling"):
-        load_dataset(NpzDataset(source="npz", path=str(path)), seed=0)
+        load_dataset(NpzDataset(val_fraction=0, source="npz", path=str(path)), seed=0)
 
     assert not marker.exists()
 
@@ -325,7 +327,7 @@ def test_truncated_npz_file_is_refused_as_unreadable(tmp_path):
     path.write_bytes((tmp_path / "full.npz").read_bytes()[:3000])
 
     with pytest.raises(DatasetError, match=r"cut\.npz: not a readable \.npz file"):
-        load_dataset(NpzDataset(source="npz", path=str(path)), seed=0)
+        load_dataset(NpzDataset(val_fraction=0, source="npz", path=str(path)), seed=0)
 
 
 def test_random_bytes_npz_file_is_refused(tmp_path):
@@ -333,7 +335,7 @@ def test_random_bytes_npz_file_is_refused(tmp_path):
     path.write_bytes(np.random.default_rng(0).bytes(2048))
 
     with pytest.raises(DatasetError, match=r"noise\.npz"):
-        load_dataset(NpzDataset(source="npz", path=str(path)), seed=0)
+        load_dataset(NpzDataset(val_fraction=0, source="npz", path=str(path)), seed=0)
 
 
 def test_random_bytes_npz_file_is_called_unreadable_not_an_object_array(tmp_path):
@@ -341,12 +343,14 @@ def test_random_bytes_npz_file_is_called_unreadable_not_an_object_array(tmp_path
     path.write_bytes(np.random.default_rng(0).bytes(2048))
 
     with pytest.raises(DatasetError, match=r"not a readable \.npz file"):
-        load_dataset(NpzDataset(source="npz", path=str(path)), seed=0)
+        load_dataset(NpzDataset(val_fraction=0, source="npz", path=str(path)), seed=0)
 
 
 def test_missing_npz_file_is_refused(tmp_path):
     with pytest.raises(DatasetError, match=r"no such file"):
-        load_dataset(NpzDataset(source="npz", path=str(tmp_path / "nope.npz")), seed=0)
+        load_dataset(
+            NpzDataset(val_fraction=0, source="npz", path=str(tmp_path / "nope.npz")), seed=0
+        )
 
 
 # --- validate_arrays -----------------------------------------------------------------------
@@ -418,7 +422,9 @@ def _write_archive(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def _folder_spec(path: Path, **kw) -> ImageFolderDataset:
-    return ImageFolderDataset(source="imagefolder", path=str(path), image_size=16, **kw)
+    return ImageFolderDataset(
+        val_fraction=0, source="imagefolder", path=str(path), image_size=16, **kw
+    )
 
 
 @pytest.mark.parametrize("name", ["pets.zip", "pets.tar.gz"])
@@ -523,7 +529,9 @@ def mnist_root(tmp_path) -> Path:
 
 
 def _mnist(root: Path, **kw) -> TorchvisionDataset:
-    return TorchvisionDataset(source="torchvision", name="MNIST", root=str(root), **kw)
+    return TorchvisionDataset(
+        val_fraction=0, source="torchvision", name="MNIST", root=str(root), **kw
+    )
 
 
 def test_torchvision_mnist_uses_the_official_test_split_from_a_local_root(mnist_root):
@@ -569,9 +577,21 @@ def test_unknown_builtin_dataset_fails_validation_listing_known_names():
     with pytest.raises(
         ValidationError, match=r"unknown builtin dataset 'imagenet'; known: .*digits"
     ):
-        BuiltinDataset(name="imagenet")
+        BuiltinDataset(val_fraction=0, name="imagenet")
 
 
 def test_unknown_torchvision_dataset_fails_validation_listing_known_names():
     with pytest.raises(ValidationError, match=r"known: .*MNIST"):
-        TorchvisionDataset(source="torchvision", name="SVHN")
+        TorchvisionDataset(val_fraction=0, source="torchvision", name="SVHN")
+
+
+def test_a_validation_split_is_held_out_of_training_stratified_and_normalised_alike():
+    b = load_dataset(BuiltinDataset(val_fraction=0.1), seed=0)
+    assert b.x_val is not None and len(b.x_val) == round(0.1 * (1797 - len(b.x_test)))
+    assert len(b.x_train) + len(b.x_val) + len(b.x_test) == 1797
+    assert set(b.y_val.tolist()) == set(range(10))  # stratified: every class is in it
+    # Disjoint from the training rows, and on the training split's scale.
+    train_rows = {tuple(r) for r in b.x_train.flatten(1).tolist()}
+    assert not any(tuple(r) in train_rows for r in b.x_val.flatten(1).tolist())
+    assert abs(float(b.x_val.mean())) < 0.2 and b.summary()["num_val"] == len(b.x_val)
+    assert load_dataset(BuiltinDataset(val_fraction=0), seed=0).x_val is None

@@ -150,7 +150,7 @@ def test_an_interrupted_job_resumes_after_its_last_finished_stage(tmp_path):
     report = run_job(spec, tmp_path, on_event=events.append)
     resumed = [e["stage"] for e in events if e["type"] == "stage" and e.get("resumed")]
     ran = [e["stage"] for e in events if e["type"] == "stage" and e["status"] == "running"]
-    assert resumed == ["teacher", "distill"] and ran == ["quantize", "export"]
+    assert resumed == ["teacher", "baseline", "distill"] and ran == ["quantize", "export"]
     # The resumed stages' numbers are the recorded ones, and nothing was trained twice.
     assert report["metrics"]["student"] == first["models"]["student"]
     assert len(report["artifacts"]) == len({a["name"] for a in report["artifacts"]})
@@ -197,4 +197,47 @@ def test_cli_runs_a_job_and_uses_exit_codes(tmp_path):
         r.returncode == 2
         and "error [invalid_dataset]" in r.stderr
         and "nothere.npz: no such file" in r.stderr
+    )
+
+
+@pytest.mark.parametrize("keep", ["better", "distilled"])
+def test_a_teacher_that_hurts_is_caught_by_the_baseline(tmp_path, keep):
+    """An untrained teacher teaches noise: the student trained alone scores higher on the
+    validation split and goes on to pruning, and the report says so."""
+    from worker.pipeline.archs import build_model
+    from worker.pipeline.export import export_safetensors
+
+    torch.manual_seed(123)
+    noise = export_safetensors(
+        build_model("cnn_small", (1, 8, 8), 10),
+        tmp_path / "noise.safetensors",
+        arch="cnn_small",
+        arch_kwargs={},
+    )
+    spec = JobSpec.model_validate(
+        {
+            **TINY,
+            "teacher": {"source": "safetensors", "path": str(noise), "arch": "cnn_small"},
+            "distill": {"epochs": 6, "alpha": 1.0, "keep": keep},
+            "prune": None,
+        }
+    )
+    report = run_job(spec, tmp_path / keep)
+    distill = next(s for s in report["stages"] if s["name"] == "distill")["metrics"]
+    final = report["metrics"]["final"]
+    assert distill["kept"] == final["student_kept"]
+    if keep == "better":
+        assert distill["val_accuracy_baseline"] > distill["val_accuracy_distilled"]
+        assert final["student_kept"] == "baseline"
+    else:
+        assert final["student_kept"] == "distilled" and "val_accuracy_baseline" not in distill
+    # The int8 model descends from the kept student: it agrees with that student's predictions.
+    assert (
+        abs(
+            report["metrics"]["quantized"]["accuracy"]
+            - report["metrics"]["baseline" if final["student_kept"] == "baseline" else "student"][
+                "accuracy"
+            ]
+        )
+        < 0.05
     )
