@@ -736,6 +736,7 @@ def measure(profile: Profile, pg_admin: str, redis_url: str, tmp: Path) -> Outco
                         Cell(GET_ONE, server, main, None, ids, c8),
                         Cell(GET_ONE, server, main, None, ids, 1),  # a request's own time
                         Cell(POST_ONE, server, main, "/v1/jobs", post, c8),
+                        Cell(POST_ONE, server, main, "/v1/jobs", post, 1),
                     ]
                 out.loads += run_cells(cells, profile, tmp)
 
@@ -886,13 +887,14 @@ def software(pg_admin: str, redis_url: str) -> str:
 def notes(out: Outcome) -> list[str]:
     """What the rows say beyond themselves, from this run's numbers."""
     lines = []
+    c = max(r.connections for r in out.loads)
     one, two = out.find(GET_ONE, MID, 1, 1), out.find(GET_ONE, MID, 2, 1)
-    many, many2 = out.find(GET_ONE, MID, 1), out.find(GET_ONE, MID, 2)
-    post, post2 = out.find(POST_ONE, MID, 1), out.find(POST_ONE, MID, 2)
+    many, many2 = out.find(GET_ONE, MID, 1, c), out.find(GET_ONE, MID, 2, c)
+    post, post2 = out.find(POST_ONE, MID, 1, c), out.find(POST_ONE, MID, 2, c)
     lines.append(
-        f"- `--workers 2` against 1 process: one job {many2.rps / many.rps:.2f}x the "
-        f"requests/s, create a job {post2.rps / post.rps:.2f}x (2 CPUs shared with "
-        "PostgreSQL and wrk)."
+        f"- `--workers 2` against 1 process, {c} connections: one job "
+        f"{many2.rps / many.rps:.2f}x the requests/s, create a job {post2.rps / post.rps:.2f}x "
+        "(2 CPUs shared with PostgreSQL and wrk)."
     )
     if two.p50_ms > max(20.0, 5 * one.p50_ms):
         lines.append(

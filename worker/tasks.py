@@ -273,6 +273,7 @@ def execute(job_id: str) -> str:
             }
             for name in names
         ]
+
     def record() -> bool:
         with db().session() as s:
             return runs.finish(

@@ -167,7 +167,9 @@ def finish(
     if error is not None:
         job.error_code, job.error_message = error
     for record in stages or []:
-        row = session.scalar(select(JobStage).where(JobStage.job_id == job_id, JobStage.name == record["name"]))
+        row = session.scalar(
+            select(JobStage).where(JobStage.job_id == job_id, JobStage.name == record["name"])
+        )
         if row is not None and row.status != "succeeded":
             row.status, row.seconds = "succeeded", record.get("seconds")
             row.metrics = record.get("metrics") or {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _check_torchscript_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             bad = zf.testzip()  # CRC check: torch itself would load flipped weight bytes
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, zlib.error) as e:
         raise ModelLoadError(f"{path.name}: corrupt TorchScript archive ({e})") from None
     if bad is not None:
         raise ModelLoadError(
