@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,16 @@ async def receive_file(request: Request, *, max_bytes: int, tmp_dir: Path) -> Re
         await upload.close()
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     return Received(path=path, filename=upload.filename or "upload", fields=fields)
+
+
+@asynccontextmanager
+async def uploaded_file(
+    request: Request, *, max_bytes: int, tmp_dir: Path
+) -> AsyncIterator[Received]:
+    """`receive_file`, with the temporary file removed when the block ends, whatever happens
+    (the service moves it into storage when it accepts the upload)."""
+    received = await receive_file(request, max_bytes=max_bytes, tmp_dir=tmp_dir)
+    try:
+        yield received
+    finally:
+        received.path.unlink(missing_ok=True)

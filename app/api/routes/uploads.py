@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.upload import receive_file
+from app.api.upload import uploaded_file
 from app.core.errors import (
     DatasetNotFound,
     ModelNotFound,
@@ -73,10 +73,9 @@ async def upload_dataset(
 ) -> DatasetPublic:
     """Upload a `.npz` (`x`: N,C,H,W images or N,D rows; `y`: labels; optional `classes`) or an
     ImageFolder `.zip` / `.tar.gz`. It is validated and described now; jobs use its id."""
-    received = await receive_file(
+    async with uploaded_file(
         request, max_bytes=settings.MAX_UPLOAD_BYTES, tmp_dir=storage.tmp_dir()
-    )
-    try:
+    ) as received:
         row = await run_in_threadpool(
             uploads_service.create_dataset,
             session,
@@ -86,8 +85,6 @@ async def upload_dataset(
             storage=storage,
             settings=settings,
         )
-    finally:
-        received.path.unlink(missing_ok=True)
     return DatasetPublic.model_validate(row)
 
 
@@ -118,10 +115,9 @@ async def upload_model(
 ) -> ModelPublic:
     """Upload a teacher: a TorchScript archive, an ONNX model, or safetensors weights with
     `arch`. Pickled checkpoints are refused. The file is inspected, not executed, here."""
-    received = await receive_file(
+    async with uploaded_file(
         request, max_bytes=settings.MAX_UPLOAD_BYTES, tmp_dir=storage.tmp_dir()
-    )
-    try:
+    ) as received:
         row = await run_in_threadpool(
             uploads_service.create_model,
             session,
@@ -131,8 +127,6 @@ async def upload_model(
             fields=received.fields,
             storage=storage,
         )
-    finally:
-        received.path.unlink(missing_ok=True)
     return ModelPublic.model_validate(row)
 
 
