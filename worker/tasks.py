@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
@@ -47,10 +48,6 @@ def db() -> Database:
 
 def storage() -> Storage:
     return Storage(settings.storage_dir)
-
-
-class JobLost(Exception):
-    """Another worker (or the reaper) took the job: stop without touching it."""
 
 
 class Heartbeat(threading.Thread):
@@ -108,8 +105,6 @@ class Recorder:
         try:
             with db().session() as s:
                 self._write(s, kind, e)
-        except JobLost:
-            raise
         except Exception:  # a lost progress line is not worth failing a job for
             log.warning("could not record %s event for %s", kind, self.job_id, exc_info=True)
 
@@ -208,7 +203,7 @@ def execute(job_id: str) -> str:
     from worker.pipeline.runner import ARTIFACT_FORMATS, run_job
 
     worker_id = worker_identity()
-    stale_before = runs.utcnow() - _timedelta(settings.HEARTBEAT_TIMEOUT_SECONDS)
+    stale_before = runs.utcnow() - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_SECONDS)
     with db().session() as s:
         job = runs.claim(
             s,
@@ -305,12 +300,6 @@ def retry_db(fn, *, what: str, attempts: int = 30, delay: float = 2.0):
             log.warning("database unavailable while %s; retry %d/%d", what, attempt, attempts - 1)
             time.sleep(delay)
     return None
-
-
-def _timedelta(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
 
 
 @celery_app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
