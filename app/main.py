@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -120,6 +121,10 @@ def create_app(
         from worker.pipeline.archs import check_arch
 
         check_arch("resnet18", {}, (3, 32, 32), 10)
+        # torch leaves ~250k long-lived objects; without freezing them every full collection
+        # stalled all requests for ~170 ms (measured under wrk: list p99 239 -> 141 ms).
+        gc.collect()
+        gc.freeze()
         upgrade(settings.database_url)
         if settings.DISTILLERY_API_KEY:
             with db.session() as s:

@@ -26,7 +26,7 @@ from app.core.errors import DatasetNotFound, ModelNotFound, UploadInvalid
 from app.core.storage import Storage, safe_filename
 from app.models import Dataset, Model
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.export import sha256_file
+from worker.pipeline.files import sha256_file
 
 DATASET_KINDS = {
     ".npz": "npz",
