@@ -163,7 +163,6 @@ class _Run:
             self.teacher, self.data, s.distill, s.student, ctx, s.seed, signal=self.signal
         )
         self.measure_module("student", model)
-        self.save_model("student", model, s.student.arch, s.student.arch_kwargs)
         kept, selection = self.select(model)
         metrics.update(selection)
         self.models["student"] = self.models[kept] if kept == "baseline" else model
