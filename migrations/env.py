@@ -1,7 +1,7 @@
 """Alembic environment: the URL comes from the caller (distillery migrate) or Settings."""
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 
 import app.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.core.config import settings
@@ -10,6 +10,7 @@ from app.core.db import Base
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or settings.database_url
 target_metadata = Base.metadata
+MIGRATION_LOCK = 0x44697374  # an arbitrary advisory-lock key of ours ("Dist")
 
 
 def run_migrations_offline() -> None:
@@ -36,6 +37,11 @@ def _run(connection) -> None:
     # Batch mode lets ALTERs work on SQLite (copy-and-move), a no-op on PostgreSQL.
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # API processes and workers all migrate at start-up: the first to take the lock
+            # migrates, the others wait, then find the schema at head (Alembic reads the
+            # version table after this, inside run_migrations) and do nothing. Released at commit.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
