@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -219,11 +220,50 @@ def keys_revoke(key: str) -> None:
 @click.option("--workers", default=1, show_default=True, type=int, help="API processes")
 def api(host: str, port: int, workers: int) -> None:
     """Run the API alone (distributed mode: workers run separately)."""
+    run_uvicorn(host, port, workers)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket whose accepted connections get TCP_NODELAY.
+
+    uvicorn binds its own socket for `--workers N` with protocol 0, and asyncio sets
+    TCP_NODELAY only on sockets whose protocol is IPPROTO_TCP, so every response then waits
+    on Nagle + delayed ACK (~40 ms on Linux; uvicorn#3149). Declaring the protocol, and
+    setting the option on the listener (Linux copies it to accepted sockets), avoids that.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_uvicorn(host: str, port: int, workers: int = 1) -> None:
+    """uvicorn.run, except that with several processes the socket is ours (see listen_socket)."""
     import uvicorn
 
-    uvicorn.run(
+    config = uvicorn.Config(
         "app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
     )
+    if workers <= 1:
+        uvicorn.Server(config).run()  # binds through asyncio, which sets TCP_NODELAY itself
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    sock = listen_socket(host, port)
+    click.echo(
+        f"Distillery API on http://{host}:{sock.getsockname()[1]} ({workers} processes)", err=True
+    )
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
 
 
 @main.command()
@@ -295,8 +335,6 @@ def serve(host: str, port: int, queues: str | None) -> None:
     import os
     import subprocess
 
-    import uvicorn
-
     from app.core.migrate import upgrade
 
     s = _settings()
@@ -310,7 +348,7 @@ def serve(host: str, port: int, queues: str | None) -> None:
     click.echo(f"API key: {key}", err=True)
     click.echo(f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True)
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+        run_uvicorn(host, port)
     finally:
         worker_proc.terminate()
         try:

@@ -902,8 +902,16 @@ def notes(out: Outcome) -> list[str]:
             f"{one.p50_ms:.1f} ms with one process: a fixed wait on every keep-alive "
             "response, the signature of Kludex/uvicorn#3149 (the supervisor binds the shared "
             "socket with proto 0, so asyncio never sets TCP_NODELAY on accepted connections "
-            "and Nagle waits for the client's delayed ACK). It is uvicorn's, not the "
-            "routes': the 1-process rows are the API's own speed."
+            "and Nagle waits for the client's delayed ACK). `distillery api` binds that socket "
+            "itself to avoid this (`app.cli.listen_socket`), so seeing it means that fix "
+            "regressed."
+        )
+    else:
+        lines.append(
+            f"- A lone request takes {two.p50_ms:.1f} ms at p50 with `--workers 2` and "
+            f"{one.p50_ms:.1f} ms with one process: no fixed ~40 ms wait, because "
+            "`distillery api` binds the shared socket itself with TCP_NODELAY "
+            "(`app.cli.listen_socket`; uvicorn's own socket lacks it, Kludex/uvicorn#3149)."
         )
     lines.append(
         "- One tenant owns every row, so for the page the planner walks the primary key on "

@@ -132,11 +132,10 @@ class Stack:
         self.broker_url = broker_url
         self.procs: list[subprocess.Popen] = []
 
-    def start_api(self) -> None:
+    def start_api(self, workers: int = 1) -> None:
         log = open(self.logs / "api.log", "ab")
-        self.procs.append(
-            cli("api", "--port", str(self.port), env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        )
+        args = ("api", "--port", str(self.port), "--workers", str(workers))
+        self.procs.append(cli(*args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
         def ready():
             try:
@@ -180,7 +179,7 @@ class Stack:
 
 
 @contextmanager
-def running_stack(tmp_path, db_url: str | None = None, **kw):
+def running_stack(tmp_path, db_url: str | None = None, api_workers: int = 1, **kw):
     """A Stack with its API started on a fresh PostgreSQL database; stopped and cleaned after."""
     import redis
 
@@ -188,7 +187,7 @@ def running_stack(tmp_path, db_url: str | None = None, **kw):
         url = db_url or stack.enter_context(postgres_database())
         s = Stack(tmp_path, url, **kw)
         try:
-            s.start_api()
+            s.start_api(api_workers)
             yield s
         finally:
             s.stop()
