@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -100,15 +101,26 @@ def _shape_of_dataset(
     return known_shape(ds)
 
 
-def _check_arch(field: str, arch: str, kwargs: dict, shape: tuple[int, ...], classes: int) -> None:
+@functools.lru_cache(maxsize=1024)
+def _arch_misfit(arch: str, kwargs_json: str, shape: tuple[int, ...], classes: int) -> str | None:
+    """Why `arch` cannot take this input, or None. Building a model, even on the meta device,
+    is most of a POST's cost; specs repeat the same few (arch, kwargs, shape), so the verdict
+    is cached per process (the arch registry is fixed at import)."""
     from worker.pipeline.archs import check_arch
 
     try:
-        check_arch(arch, kwargs, shape, classes)
+        check_arch(arch, json.loads(kwargs_json), shape, classes)
     except Exception as e:  # DatasetIncompatible, or the builder refusing its arguments
+        return str(e)
+    return None
+
+
+def _check_arch(field: str, arch: str, kwargs: dict, shape: tuple[int, ...], classes: int) -> None:
+    misfit = _arch_misfit(arch, json.dumps(kwargs, sort_keys=True), tuple(shape), classes)
+    if misfit is not None:
         raise SpecInvalid(
-            f"{field}: {arch!r} does not fit input {list(shape)} with {classes} classes: {e}"
-        ) from None
+            f"{field}: {arch!r} does not fit input {list(shape)} with {classes} classes: {misfit}"
+        )
 
 
 def validate_for_service(
