@@ -56,9 +56,11 @@ ROLE = {
     "teacher": "teacher",
     "baseline": "baseline student (no teacher)",
     "student": "distilled student",
-    "pruned": "distilled + pruned",
-    "quantized": "distilled + pruned + int8",
+    "pruned": "{kept} + pruned",
+    "quantized": "{kept} + pruned + int8",
 }
+# What the pruned and int8 rows start from: the student the pipeline kept (final.student_kept).
+KEPT = {"distilled": "distilled", "baseline": "baseline"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Outcome:
     summary: dict[str, Any] = field(default_factory=dict)  # the job's dataset summary
     spec: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None  # why there are no numbers
+    kept: list[str] = field(default_factory=list)  # per seed: the student the job kept
 
     def values(self, model: str, metric: str) -> list[float]:
         return [float(r[model][metric]) for r in self.runs]
@@ -185,15 +188,17 @@ def measure_seed(dataset: Dataset, seed: int, device: str) -> tuple[dict, float,
                 "latency_b32_ms": statistics.median(timings[key, 32]),
                 "job_latency_ms": float(m["latency_ms"]),  # the job's own, for comparison
             }
-    return metrics, float(report["wall_seconds"]), report["dataset"], report["spec"]
+    kept = report["metrics"]["final"].get("student_kept", "distilled")
+    return metrics, float(report["wall_seconds"]), report["dataset"], report["spec"], kept
 
 
 def measure(dataset: Dataset, settings: Settings) -> Outcome:
     outcome = Outcome(dataset)
     for seed in settings.seeds:
         print(f"  {dataset.key} seed {seed}:", flush=True)
-        metrics, wall, summary, spec = measure_seed(dataset, seed, settings.device)
+        metrics, wall, summary, spec, kept = measure_seed(dataset, seed, settings.device)
         outcome.seeds.append(seed)
+        outcome.kept.append(kept)
         outcome.runs.append(metrics)
         outcome.wall_s.append(wall)
         outcome.summary, outcome.spec = summary, spec
@@ -225,7 +230,25 @@ def span(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def model_label(outcome: Outcome, model: str) -> str:
     arch = outcome.spec.get("teacher" if model == "teacher" else "student", {}).get("arch", "")
-    return f"{ROLE[model]} ({arch})" if arch else ROLE[model]
+    kept = set(outcome.kept)
+    role = ROLE[model].format(kept=KEPT[kept.pop()] if len(kept) == 1 else "kept student")
+    return f"{role} ({arch})" if arch else role
+
+
+def kept_note(outcome: Outcome) -> str:
+    """Which student each seed's job kept, which the pruned and int8 rows start from."""
+    by_kind: dict[str, list[str]] = {}
+    for seed, kept in zip(outcome.seeds, outcome.kept, strict=True):
+        by_kind.setdefault(kept, []).append(str(seed))
+    said = "; ".join(
+        f"the {'distilled' if k == 'distilled' else 'no-teacher baseline'} student on seed(s) "
+        f"{', '.join(seeds)}"
+        for k, seeds in sorted(by_kind.items(), key=lambda kv: kv[0] != "distilled")
+    )
+    return (
+        f"The pipeline kept {said} (`final.student_kept`, chosen on the validation split); "
+        "the pruned and int8 rows start from the kept student."
+    )
 
 
 def table(outcome: Outcome) -> str:
@@ -271,6 +294,7 @@ def findings(outcome: Outcome) -> list[str]:
     per_seed = " / ".join(f"{100 * g:+.2f}" for g in gain)
     return [
         f"Distilled student minus baseline student: {spread(gain, 100)} pt (per seed {per_seed}).",
+        kept_note(outcome),
         f"Teacher minus the final int8 model: {spread(drop, 100)} pt, for a model "
         f"{statistics.fmean(outcome.ratios('quantized', 'size_bytes')):.0f}x smaller and "
         f"{statistics.fmean(outcome.ratios('quantized', 'latency_ms')):.1f}x faster at "
