@@ -14,7 +14,7 @@ three sizes, with the API restarted between them:
   1,000 jobs     the list: first page (`?limit=20`) and a deep page (`after=` the 31st-oldest
                  job: the same 20 jobs at every size, 971st-990th newest of 1,000)
   10,000 jobs    one job over a sample of 2,000 existing ids (8 connections, then 1), then
-                 create a job with a tiny valid spec (tests/service_support.TINY_SPEC); with
+                 create a job with a tiny valid spec (app.testing.TINY_SPEC); with
                  1 API process, then with `--workers 2`
   100,000 jobs   the list again, the deep page now 99,971st-99,990th; EXPLAIN (ANALYZE) of the
                  statements one list request runs, captured from the service functions
@@ -46,7 +46,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,12 +60,11 @@ from typing import Any
 
 import httpx
 
+from app.testing import PG_ADMIN, REDIS_URL, TINY_SPEC, free_port, postgres_database
 from bench.common import REPO, command_line, markers, utc_now, write_section
 
 NAME = "api_load"
 START, END = markers(NAME)
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 TARGET_RATIO = 1.5  # list latency at 100k jobs over the same page at 1k, p50 and p99 alike
 SMALL, MID, LARGE = 1_000, 10_000, 100_000
 PAGE = 20
@@ -87,18 +85,6 @@ FAILURES = [
     ("worker_lost", "no heartbeat for 60 s; gave up after 3 attempts"),
     ("dataset_incompatible", "student.arch: 'cnn_small' does not fit input [3, 32, 32]"),
 ]
-
-# The same tiny job as tests/service_support.TINY_SPEC: what each POST sends.
-TINY_SPEC: dict[str, Any] = {
-    "name": "tiny",
-    "dataset": {"source": "builtin", "name": "digits", "max_samples": 300},
-    "teacher": {"source": "train", "arch": "cnn_tiny", "epochs": 2},
-    "student": {"arch": "cnn_tiny", "arch_kwargs": {"widths": [8, 16]}},
-    "distill": {"epochs": 2},
-    "prune": {"amount": 0.5, "finetune_epochs": 1},
-    "quantize": {"method": "int8_static", "calibration_samples": 32},
-    "evaluate": {"latency_runs": 5, "latency_warmup": 1},
-}
 
 
 @dataclass(frozen=True)
@@ -133,18 +119,12 @@ class Db:
 @contextmanager
 def fresh_database(pg_admin: str, env: dict[str, str]) -> Iterator[Db]:
     """A new database, migrated, with one tenant and its key; dropped afterwards."""
-    import psycopg
-
     from app.core.db import Database
     from app.models import Tenant
     from app.services import tenants
 
-    name = f"distillery_bench_{uuid.uuid4().hex[:10]}"
-    host = pg_admin.split("://", 1)[1].rsplit("/", 1)[0]
-    url = f"postgresql+psycopg://{host}/{name}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with postgres_database(pg_admin, prefix="distillery_bench") as url:
+        name = url.rsplit("/", 1)[1]
         subprocess.run(
             [sys.executable, "-m", "app.cli", "migrate"],
             cwd=REPO,
@@ -159,10 +139,7 @@ def fresh_database(pg_admin: str, env: dict[str, str]) -> Iterator[Db]:
                 tenant_id = s.query(Tenant.id).filter(Tenant.name == "bench").scalar()
         finally:
             database.dispose()
-        yield Db(name, url, f"postgresql://{host}/{name}", tenant_id, key)
-    finally:
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield Db(name, url, url.replace("postgresql+psycopg://", "postgresql://"), tenant_id, key)
 
 
 JOB_COLUMNS = (
@@ -389,12 +366,6 @@ def explain_offset(db: Db, offset: int) -> Plan:
 
 
 # --- the server ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env() -> dict[str, str]:
@@ -940,8 +911,9 @@ def section(
             "behind the other connections' requests on a saturated server (p50 is about 8 / "
             "requests/s); the 1-connection rows are a request's own time. wrk, the API and "
             "PostgreSQL share the 2 CPUs. **one job** rotates over 2,000 random existing job "
-            "ids. **create a job** sends `tests/service_support.TINY_SPEC`: each is validated "
-            "(the student and the teacher are built on PyTorch's meta device), stored with "
+            "ids. **create a job** sends `app.testing.TINY_SPEC`: each is validated "
+            "(the student and the teacher are built on PyTorch's meta device, once per API process "
+            "for each arch and input shape, then the verdict is cached), stored with "
             "its stage rows and an event, and enqueued to Redis after the commit. The **deep "
             f"page** is `after=` the 31st-oldest job: jobs {SMALL - 29:,}-{SMALL - 10:,} of "
             f"{SMALL:,} newest first, {LARGE - 29:,}-{LARGE - 10:,} of {LARGE:,}, the same "

@@ -44,7 +44,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from typing import Any
 
 import httpx
 
+from app.testing import PG_ADMIN, REDIS_URL, TINY_SPEC, free_port, postgres_database
 from bench.common import machine, markers, utc_now, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,18 +68,6 @@ TARGET_RATIO = 1.1  # service job wall time at most 1.1x the same job in process
 POLL_S = 0.2  # how often the client asks for the job's status
 TERMINAL = {"succeeded", "failed", "cancelled"}
 MODES = ("embedded", "distributed")
-
-# The same tiny job as tests/service_support.TINY_SPEC (a few seconds on one CPU thread).
-TINY_SPEC: dict[str, Any] = {
-    "name": "tiny",
-    "dataset": {"source": "builtin", "name": "digits", "max_samples": 300},
-    "teacher": {"source": "train", "arch": "cnn_tiny", "epochs": 2},
-    "student": {"arch": "cnn_tiny", "arch_kwargs": {"widths": [8, 16]}},
-    "distill": {"epochs": 2},
-    "prune": {"amount": 0.5, "finetune_epochs": 1},
-    "quantize": {"method": "int8_static", "calibration_samples": 32},
-    "evaluate": {"latency_runs": 5, "latency_warmup": 1},
-}
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -137,12 +125,6 @@ def stage_seconds(report: dict[str, Any]) -> dict[str, float]:
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(args: list[str], env: dict[str, str], log) -> subprocess.Popen:
@@ -241,27 +223,24 @@ def embedded_stack(tmp: Path, env: dict[str, str]) -> Iterator[Stack]:
 
 @contextmanager
 def distributed_stack(tmp: Path, env: dict[str, str], pg_admin: str, redis_url: str):
-    import psycopg
     import redis
 
-    db_name = f"distillery_bench_{uuid.uuid4().hex[:10]}"
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    host = pg_admin.split("://", 1)[1].rsplit("/", 1)[0]
     env = {
         **env,
-        "DATABASE_URL": f"postgresql+psycopg://{host}/{db_name}",
         "BROKER_URL": redis_url,
         "DISTILLERY_HOME": str(tmp / "distributed-home"),
         "STORAGE_DIR": str(tmp / "distributed-storage"),
         "DISTILLERY_API_KEY": "dk_bench_" + uuid.uuid4().hex,
         "DEFAULT_QUEUE": queue,
     }
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db_name}"')
     try:
         with ExitStack() as cleanup:
+            env["DATABASE_URL"] = cleanup.enter_context(
+                postgres_database(pg_admin, prefix="distillery_bench")
+            )
             api_log = cleanup.enter_context(open(tmp / "api.log", "wb"))
             api = spawn(["api", "--port", str(port)], env, api_log)
             cleanup.callback(stop, api)
@@ -280,8 +259,6 @@ def distributed_stack(tmp: Path, env: dict[str, str], pg_admin: str, redis_url: 
                 "`api` + one `worker`: PostgreSQL jobs DB, Redis broker",
             )
     finally:
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         r = redis.Redis.from_url(redis_url)
         for k in r.scan_iter(f"*{queue}*"):  # the queue and kombu's bindings of it
             r.delete(k)
@@ -562,8 +539,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         "--threads", type=int, default=1, help="OMP_NUM_THREADS for both sides (default 1)"
     )
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "digits.json")
-    parser.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/test")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--pg-admin", default=PG_ADMIN)
+    parser.add_argument("--redis-url", default=REDIS_URL)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp folder and logs")
     parser.add_argument("--write", type=Path, help="(re)write the result section in this file")
     args = parser.parse_args(argv)
@@ -615,7 +592,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     setup = (
         f"spec `{shown_spec}`, {args.repeats} whole-job repeats per mode (in process and "
         f"service alternating), {args.latency_jobs} tiny latency jobs per mode "
-        f"(`tests/service_support.TINY_SPEC`), OMP_NUM_THREADS={args.threads} and "
+        f"(`app.testing.TINY_SPEC`), OMP_NUM_THREADS={args.threads} and "
         "OMP_WAIT_POLICY=PASSIVE for every process, service settings at their defaults "
         "(PROGRESS_THROTTLE_SECONDS=1, HEARTBEAT_SECONDS=5), client polls every 0.2 s; "
         f"1-minute load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,31 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psycopg
 import uvicorn
 
+from app.testing import (  # noqa: F401  (re-exported for the tests)
+    PG_ADMIN,
+    REDIS_URL,
+    TINY_SPEC,
+    free_port,
+    postgres_database,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@contextmanager
-def postgres_database():
-    """A fresh database on the local server, dropped afterwards."""
-    name = f"distillery_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ThreadServer:
@@ -89,18 +74,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-TINY_SPEC = {
-    "name": "tiny",
-    "dataset": {"source": "builtin", "name": "digits", "max_samples": 300},
-    "teacher": {"source": "train", "arch": "cnn_tiny", "epochs": 2},
-    "student": {"arch": "cnn_tiny", "arch_kwargs": {"widths": [8, 16]}},
-    "distill": {"epochs": 2},
-    "prune": {"amount": 0.5, "finetune_epochs": 1},
-    "quantize": {"method": "int8_static", "calibration_samples": 32},
-    "evaluate": {"latency_runs": 5, "latency_warmup": 1},
-}
 
 
 class Stack:

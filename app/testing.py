@@ -1,0 +1,47 @@
+"""Helpers that the test suite and the benchmarks share: the local PostgreSQL and Redis, a
+throwaway database, a free port, and the tiny job they both submit. Not used by the service."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"  # a database to CREATE DATABASE from
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# A whole job that runs in a few seconds on one CPU thread: every stage, on 300 digits.
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "dataset": {"source": "builtin", "name": "digits", "max_samples": 300},
+    "teacher": {"source": "train", "arch": "cnn_tiny", "epochs": 2},
+    "student": {"arch": "cnn_tiny", "arch_kwargs": {"widths": [8, 16]}},
+    "distill": {"epochs": 2},
+    "prune": {"amount": 0.5, "finetune_epochs": 1},
+    "quantize": {"method": "int8_static", "calibration_samples": 32},
+    "evaluate": {"latency_runs": 5, "latency_warmup": 1},
+}
+
+
+@contextmanager
+def postgres_database(admin: str = PG_ADMIN, prefix: str = "distillery_test") -> Iterator[str]:
+    """A new, empty database on `admin`'s server (its SQLAlchemy URL), dropped afterwards."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    host = admin.split("://", 1)[1].rsplit("/", 1)[0]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://{host}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
