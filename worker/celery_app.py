@@ -6,13 +6,16 @@ from __future__ import annotations
 from celery import Celery
 
 from app.core.config import Settings, settings
+from worker.broker import broker_settings
 
 RUN_JOB = "distillery.run_job"
 
 
 def make_celery(s: Settings = settings) -> Celery:
-    app = Celery("distillery", broker=s.broker_url, include=["worker.tasks"])
+    broker, transport = broker_settings(s.broker_url)
+    app = Celery("distillery", broker=broker, include=["worker.tasks"])
     app.conf.update(
+        broker_transport=transport,
         # The DB row is the source of truth; the message is only "look at job X".
         task_ignore_result=True,
         result_backend=None,
@@ -33,8 +36,9 @@ def make_celery(s: Settings = settings) -> Celery:
 
 def _transport_options(s: Settings) -> dict:
     if s.broker_url.startswith("sqla+"):
-        # kombu's SQLAlchemy transport hands every option to create_engine(); it polls each
-        # second and has no visibility timeout (a lost worker's job is re-queued by the reaper).
+        # kombu's SQLAlchemy transport hands every option to create_engine() (its polling
+        # interval is set in worker/broker.py) and has no visibility timeout (a lost worker's
+        # job is re-queued by the reaper).
         return {}
     # Redis redelivers an unacknowledged message after visibility_timeout: longer than any stage.
     return {"visibility_timeout": s.VISIBILITY_TIMEOUT_SECONDS}
