@@ -804,3 +804,8 @@ def test_model_upload_fields_that_broke_the_server_are_refused(api, tmp_path):
         # zlib, not zipfile, notices flipped bytes in a deflated member.
         r = c.post("/v1/models", files={"file": ("damaged.pt", _damaged_zip())})
         assert "damaged.pt: corrupt TorchScript archive" in _refused(r, "invalid_upload")
+        # Laid out like TorchScript, with 64 MB of zeros deflated to ~64 KB: refused from the
+        # declared sizes, before the CRC check would inflate it.
+        bomb = _deflated({"m/code/m.py": b"", "m/constants.pkl": b"", "m/data/0": bytes(64 << 20)})
+        r = c.post("/v1/models", files={"file": ("bomb.pt", bomb)})
+        assert "bomb.pt: archive would expand to 67,108,864 bytes" in _refused(r, "invalid_upload")

@@ -83,6 +83,9 @@ class TeacherResult:
     arch_kwargs: dict | None = None
 
 
+TORCHSCRIPT_MAX_EXPANSION = 8  # declared uncompressed bytes per archive byte, at most
+
+
 def _check_torchscript_archive(path: Path) -> None:
     """A TorchScript archive is a zip holding code/ and constants.pkl; torch.save output is a
     zip with data.pkl only. Refuse anything that is not the former before torch sees it."""
@@ -94,6 +97,17 @@ def _check_torchscript_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
+            # torch.jit.save stores its records uncompressed, so a real archive expands to
+            # about its own size. zipfile stops each member at its declared size, so capping
+            # the declared total caps the CRC check's work on a compressed bomb.
+            declared = sum(i.file_size for i in zf.infolist())
+            limit = TORCHSCRIPT_MAX_EXPANSION * path.stat().st_size + (1 << 20)
+            if declared > limit:
+                raise ModelLoadError(
+                    f"{path.name}: archive would expand to {declared:,} bytes from "
+                    f"{path.stat().st_size:,}; a TorchScript archive stores its records "
+                    "uncompressed, so this is refused"
+                )
             bad = zf.testzip()  # CRC check: torch itself would load flipped weight bytes
     except (zipfile.BadZipFile, OSError, zlib.error) as e:
         raise ModelLoadError(f"{path.name}: corrupt TorchScript archive ({e})") from None
