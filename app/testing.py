@@ -3,12 +3,18 @@ throwaway database, a free port, and the tiny job they both submit. Not used by 
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"  # a database to CREATE DATABASE from
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -45,3 +51,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_cli(args: list[str], env: dict[str, str], log) -> subprocess.Popen:
+    """`python -m app.cli ARGS` in a session of its own, so that stop_group() reaches its
+    children too (uvicorn's worker processes, serve's worker)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, give it 20 s, then SIGKILL what is left of it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+    with suppress(ProcessLookupError):  # stragglers of the group, e.g. an orphaned worker
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -53,14 +53,22 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from app.testing import PG_ADMIN, REDIS_URL, TINY_SPEC, free_port, postgres_database
+from app.testing import (
+    PG_ADMIN,
+    REDIS_URL,
+    TINY_SPEC,
+    free_port,
+    postgres_database,
+    spawn_cli,
+    stop_group,
+)
 from bench.common import REPO, command_line, markers, utc_now, write_section
 
 NAME = "api_load"
@@ -378,17 +386,6 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (uvicorn's workers too), 20 s, then SIGKILL what is left."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @dataclass
 class Server:
     url: str
@@ -404,15 +401,8 @@ def api_server(env: dict[str, str], workers: int, log_path: Path) -> Iterator[Se
     with ExitStack() as cleanup:
         log = cleanup.enter_context(open(log_path, "ab"))
         start = log_path.stat().st_size
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        cleanup.callback(stop, proc)
+        proc = spawn_cli(args, env, log)
+        cleanup.callback(stop_group, proc)
 
         def started() -> bool:
             with open(log_path, "rb") as f:

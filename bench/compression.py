@@ -103,6 +103,10 @@ class Outcome:
     def values(self, model: str, metric: str) -> list[float]:
         return [float(r[model][metric]) for r in self.runs]
 
+    def differences(self, model: str, base: str, metric: str) -> list[float]:
+        """model - base for `metric`, per seed (both from the same job)."""
+        return [float(r[model][metric]) - float(r[base][metric]) for r in self.runs]
+
     def ratios(self, model: str, metric: str) -> list[float]:
         """teacher / model, per seed (each pair measured in the same job)."""
         return [
@@ -275,22 +279,8 @@ def table(outcome: Outcome) -> str:
 
 
 def findings(outcome: Outcome) -> list[str]:
-    gain = [
-        s - b
-        for s, b in zip(
-            outcome.values("student", "accuracy"),
-            outcome.values("baseline", "accuracy"),
-            strict=True,
-        )
-    ]
-    drop = [
-        t - q
-        for t, q in zip(
-            outcome.values("teacher", "accuracy"),
-            outcome.values("quantized", "accuracy"),
-            strict=True,
-        )
-    ]
+    gain = outcome.differences("student", "baseline", "accuracy")
+    drop = outcome.differences("teacher", "quantized", "accuracy")
     per_seed = " / ".join(f"{100 * g:+.2f}" for g in gain)
     return [
         f"Distilled student minus baseline student: {spread(gain, 100)} pt (per seed {per_seed}).",

@@ -51,14 +51,22 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from app.testing import PG_ADMIN, REDIS_URL, TINY_SPEC, free_port, postgres_database
+from app.testing import (
+    PG_ADMIN,
+    REDIS_URL,
+    TINY_SPEC,
+    free_port,
+    postgres_database,
+    spawn_cli,
+    stop_group,
+)
 from bench.common import machine, markers, utc_now, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,29 +135,6 @@ def stage_seconds(report: dict[str, Any]) -> dict[str, float]:
 # --- processes -------------------------------------------------------------------------------
 
 
-def spawn(args: list[str], env: dict[str, str], log) -> subprocess.Popen:
-    # A session of its own: stop() signals the whole group (serve's worker child included).
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, give it 20 s, then SIGKILL what is left of it."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-    with suppress(ProcessLookupError):  # stragglers of the group, e.g. an orphaned worker
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def wait_for(
     what: str, predicate, procs: list[subprocess.Popen], log: Path, timeout: float = 120
 ) -> None:
@@ -206,8 +191,8 @@ def embedded_stack(tmp: Path, env: dict[str, str]) -> Iterator[Stack]:
     url, log_path = f"http://127.0.0.1:{port}", tmp / "embedded.log"
     with ExitStack() as cleanup:
         log = cleanup.enter_context(open(log_path, "wb"))
-        proc = spawn(["serve", "--port", str(port)], {**env, "DISTILLERY_HOME": str(home)}, log)
-        cleanup.callback(stop, proc)
+        proc = spawn_cli(["serve", "--port", str(port)], {**env, "DISTILLERY_HOME": str(home)}, log)
+        cleanup.callback(stop_group, proc)
         wait_for("the embedded API", lambda: api_ready(url), [proc], log_path)
         wait_for("the embedded worker", lambda: worker_ready(log_path), [proc], log_path)
         key = (home / "api_key").read_text().strip()
@@ -242,13 +227,13 @@ def distributed_stack(tmp: Path, env: dict[str, str], pg_admin: str, redis_url: 
                 postgres_database(pg_admin, prefix="distillery_bench")
             )
             api_log = cleanup.enter_context(open(tmp / "api.log", "wb"))
-            api = spawn(["api", "--port", str(port)], env, api_log)
-            cleanup.callback(stop, api)
+            api = spawn_cli(["api", "--port", str(port)], env, api_log)
+            cleanup.callback(stop_group, api)
             wait_for("the API", lambda: api_ready(url), [api], tmp / "api.log")
             worker_log_path = tmp / "worker.log"
             worker_log = cleanup.enter_context(open(worker_log_path, "wb"))
-            worker = spawn(["worker", "-Q", queue], env, worker_log)
-            cleanup.callback(stop, worker)
+            worker = spawn_cli(["worker", "-Q", queue], env, worker_log)
+            cleanup.callback(stop_group, worker)
             wait_for("the worker", lambda: worker_ready(worker_log_path), [worker], worker_log_path)
             yield Stack(
                 "distributed",

@@ -101,11 +101,11 @@ def _check_torchscript_archive(path: Path) -> None:
             # about its own size. zipfile stops each member at its declared size, so capping
             # the declared total caps the CRC check's work on a compressed bomb.
             declared = sum(i.file_size for i in zf.infolist())
-            limit = TORCHSCRIPT_MAX_EXPANSION * path.stat().st_size + (1 << 20)
-            if declared > limit:
+            size = path.stat().st_size
+            if declared > TORCHSCRIPT_MAX_EXPANSION * size + (1 << 20):
                 raise ModelLoadError(
                     f"{path.name}: archive would expand to {declared:,} bytes from "
-                    f"{path.stat().st_size:,}; a TorchScript archive stores its records "
+                    f"{size:,}; a TorchScript archive stores its records "
                     "uncompressed, so this is refused"
                 )
             bad = zf.testzip()  # CRC check: torch itself would load flipped weight bytes
