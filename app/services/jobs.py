@@ -43,24 +43,33 @@ Enqueue = Callable[[str, str], None]  # (job_id, queue)
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:
     """Run `callback` once the session's transaction has committed (never before, never on
-    rollback): a message must not reference a row that is not there yet."""
+    rollback): a message must not reference a row that is not there yet.
+
+    It runs when the transaction has ended and given its connection back to the pool, not in
+    SQLAlchemy's after_commit hook, which fires while the connection is still checked out: a
+    callback that writes through the engine would then hold two connections per request, and
+    a burst of submissions as large as the pool waits on itself until the pool times out."""
     session.info.setdefault("after_commit", []).append(callback)
 
 
 @event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
-    for callback in session.info.pop("after_commit", []):
-        callback()
+def _commit_callbacks(session: Session) -> None:
+    if not session.in_nested_transaction():  # a released savepoint commits nothing yet
+        session.info["committed"] = session.info.pop("after_commit", [])
 
 
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop("after_commit", None)
+@event.listens_for(Session, "after_transaction_end")
+def _run_committed_callbacks(session: Session, transaction) -> None:
+    if transaction.parent is None:  # the root: its connection is back in the pool
+        session.info.pop("after_commit", None)  # it ended without a commit: never run these
+        for callback in session.info.pop("committed", []):
+            callback()
 
 
 def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> None:
-    """Enqueue after commit and record that the message went out. If the broker is down the
-    job stays with enqueued_at NULL and the reaper sends it later."""
+    """Enqueue after commit and record that the message went out. If the broker is down, or
+    the record cannot be written, the job stays with enqueued_at NULL and the reaper sends it
+    (again) later; a duplicate message is harmless, the worker's claim takes a job once."""
 
     engine = session.get_bind()
 
@@ -72,7 +81,10 @@ def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> 
         except Exception:  # broker unreachable: the reaper retries
             runs.log.warning("enqueue of %s failed; the reaper will retry", job_id, exc_info=True)
             return
-        runs.mark_enqueued(engine, job_id=job_id)
+        try:
+            runs.mark_enqueued(engine, job_id=job_id)
+        except Exception:  # the job is stored and its message sent: the request succeeded
+            runs.log.warning("recording that %s was sent failed", job_id, exc_info=True)
 
     after_commit(session, send)
 
