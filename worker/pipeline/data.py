@@ -28,6 +28,12 @@ from worker.pipeline.spec import (
     TorchvisionDataset,
 )
 
+# A decoded image costs width x height x 3 bytes before it is resized to the spec's few dozen
+# pixels, and a small PNG of a huge blank canvas decodes to gigabytes (Pillow refuses only
+# beyond ~179 M pixels, and merely warns beyond ~89 M). 8192 x 8192 (200 MB decoded) still
+# takes a 48-megapixel photo.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
 RawData = tuple[np.ndarray, np.ndarray, list[str] | None, float]  # x, y, class names, scale
 
 BUILTIN_DATASETS: Registry[Callable[[], RawData]] = Registry("builtin dataset")
@@ -205,6 +211,7 @@ def load_imagefolder(
     *,
     max_members: int = MAX_MEMBERS,
     max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_image_pixels: int | None = None,
 ) -> RawData:
     from PIL import Image
     from torchvision import datasets, transforms
@@ -231,8 +238,15 @@ def load_imagefolder(
         steps.append(transforms.Grayscale(1))
     steps.append(transforms.PILToTensor())
 
+    limit = max_image_pixels or MAX_IMAGE_PIXELS
+
     def loader(p: str) -> Image.Image:
-        with Image.open(p) as img:
+        with Image.open(p) as img:  # reads the header only: the size is known before decoding
+            if img.width * img.height > limit:
+                raise ValueError(
+                    f"{img.width}x{img.height} pixels is over the limit of {limit} "
+                    "pixels an image; scale the images down before uploading"
+                )
             return img.convert("RGB")
 
     try:
