@@ -243,6 +243,15 @@ def _tar_bytes(entries: list[tuple[str, bytes, dict]]) -> bytes:
     return buf.getvalue()
 
 
+def _blank_png(width: int, height: int) -> bytes:
+    """A PNG of a blank canvas: ~70 KB for 8200 x 8200, ~200 MB once decoded to RGB."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _deflated(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -388,6 +397,11 @@ HOSTILE = {
     ),
     "zip-damaged-data": lambda tmp: Hostile(
         "damaged.zip", _damaged_zip(), "damaged.zip: corrupt or truncated archive"
+    ),
+    "zip-pixel-bomb": lambda tmp: Hostile(
+        "canvas.zip",
+        _deflated({"cats/canvas.png": _blank_png(8200, 8200)}),
+        "cannot decode cats/canvas.png (8200x8200 pixels is over the limit of 67108864",
     ),
 }
 
