@@ -211,7 +211,7 @@ def load_imagefolder(
     *,
     max_members: int = MAX_MEMBERS,
     max_total_bytes: int = MAX_TOTAL_BYTES,
-    max_image_pixels: int | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> RawData:
     from PIL import Image
     from torchvision import datasets, transforms
@@ -238,13 +238,11 @@ def load_imagefolder(
         steps.append(transforms.Grayscale(1))
     steps.append(transforms.PILToTensor())
 
-    limit = max_image_pixels or MAX_IMAGE_PIXELS
-
     def loader(p: str) -> Image.Image:
         with Image.open(p) as img:  # reads the header only: the size is known before decoding
-            if img.width * img.height > limit:
+            if img.width * img.height > max_image_pixels:
                 raise ValueError(
-                    f"{img.width}x{img.height} pixels is over the limit of {limit} "
+                    f"{img.width}x{img.height} pixels is over the limit of {max_image_pixels} "
                     "pixels an image; scale the images down before uploading"
                 )
             return img.convert("RGB")

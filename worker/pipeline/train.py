@@ -123,38 +123,39 @@ class _LossLog:
 
     def __init__(self, tag: str, epoch: int) -> None:
         self.tag, self.epoch = tag, epoch
-        self.names: list[str] = []
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.sums: torch.Tensor | None = None
+        self.names: list[str] = []  # "loss" first: column 0 is the one checked
+        self.batches: list[int] = []
+        self.rows: list[torch.Tensor] = []
+        self.sums = torch.zeros(0)
         self.count = 0
 
     def add(self, batch: int, parts: dict[str, torch.Tensor]) -> None:
         if not self.names:
-            self.names = list(parts)
-        self.pending.append((batch, torch.stack([parts[k].detach().float() for k in self.names])))
-        if len(self.pending) >= SYNC_EVERY:
+            self.names = ["loss", *(k for k in parts if k != "loss")]
+        self.batches.append(batch)
+        self.rows.append(torch.stack([parts[k].detach().float() for k in self.names]))
+        if len(self.rows) >= SYNC_EVERY:
             self._read()
 
     def _read(self) -> None:
-        if not self.pending:
+        if not self.rows:
             return
-        block = torch.stack([row for _, row in self.pending]).cpu()  # the one wait per block
-        finite = torch.isfinite(block[:, self.names.index("loss")])
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0])
+        block = torch.stack(self.rows).cpu()  # the one wait per block
+        bad = (~torch.isfinite(block[:, 0])).nonzero()
+        if len(bad):
+            first = int(bad[0])
             raise NanLoss(
-                f"{self.tag}: loss became {block[first, self.names.index('loss')].item()} at "
-                f"epoch {self.epoch + 1}, batch {self.pending[first][0] + 1}; "
-                "lower the learning rate or check the data"
+                f"{self.tag}: loss became {block[first, 0].item()} at epoch {self.epoch + 1}, "
+                f"batch {self.batches[first] + 1}; lower the learning rate or check the data"
             )
-        block_sum = block.sum(0)
-        self.sums = block_sum if self.sums is None else self.sums + block_sum
-        self.count += len(self.pending)
-        self.pending.clear()
+        self.sums = block.sum(0) + (self.sums if self.count else 0)
+        self.count += len(self.rows)
+        self.batches.clear()
+        self.rows.clear()
 
     def means(self) -> dict[str, float]:
         self._read()
-        if self.sums is None:
+        if not self.count:
             return {}
         return {k: float(v) / self.count for k, v in zip(self.names, self.sums, strict=True)}
 
