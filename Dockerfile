@@ -11,7 +11,6 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY app app
 COPY worker worker
-COPY migrations migrations
 COPY examples examples
 
 # torch==2.14.1 from PyPI is the CUDA build (for GPU workers). For CPU-only images:

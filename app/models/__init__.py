@@ -1,4 +1,4 @@
-"""Tables. Schema changes go through Alembic migrations in migrations/."""
+"""Tables. Schema changes go through Alembic migrations in app/migrations/."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import hashlib
 import secrets
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant, utcnow
@@ -19,11 +20,20 @@ def hash_key(key: str) -> str:
 
 
 def ensure_tenant(session: Session, *, name: str) -> Tenant:
+    """The tenant called `name`, created if new. Safe when several processes ensure the same
+    tenant at once (every `api --workers N` process ensures DISTILLERY_API_KEY's tenant at
+    start-up): the loser of the race rolls back its savepoint and reads the winner's row."""
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
-    if tenant is None:
-        tenant = Tenant(name=name)
-        session.add(tenant)
-        session.flush()
+    if tenant is not None:
+        return tenant
+    try:
+        with session.begin_nested():
+            tenant = Tenant(name=name)
+            session.add(tenant)
+    except IntegrityError:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+        if tenant is None:
+            raise
     return tenant
 
 
@@ -34,9 +44,14 @@ def create_key(session: Session, *, tenant_name: str, key: str | None = None) ->
     digest = hash_key(key)
     existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if existing is None:
-        session.add(ApiKey(tenant_id=tenant.id, prefix=key[:10], key_hash=digest))
-        session.flush()
-    elif existing.tenant_id != tenant.id:
+        try:
+            with session.begin_nested():  # the same key registered by a concurrent start-up
+                session.add(ApiKey(tenant_id=tenant.id, prefix=key[:10], key_hash=digest))
+        except IntegrityError:
+            existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+            if existing is None:
+                raise
+    if existing is not None and existing.tenant_id != tenant.id:
         raise ValueError("that key already belongs to another tenant")
     return key
 
