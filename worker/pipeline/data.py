@@ -214,7 +214,7 @@ def load_imagefolder(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> RawData:
     from PIL import Image
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
@@ -233,22 +233,25 @@ def load_imagefolder(
         inner = [p for p in entries[0].iterdir() if p.is_dir()]
         if inner and all(any(q.is_file() for q in d.iterdir()) for d in inner):
             root = entries[0]
-    steps: list[Any] = [transforms.Resize((image_size, image_size))]
-    if grayscale:
-        steps.append(transforms.Grayscale(1))
-    steps.append(transforms.PILToTensor())
 
-    def loader(p: str) -> Image.Image:
+    def loader(p: str) -> np.ndarray:
+        # Exactly what IMAGE_PREPROCESS (and so every model card) tells users to do with their
+        # own images: PIL decodes, converts to RGB, resizes the whole image bilinearly
+        # (antialiased when shrinking), then converts to grayscale when asked.
         with Image.open(p) as img:  # reads the header only: the size is known before decoding
             if img.width * img.height > max_image_pixels:
                 raise ValueError(
                     f"{img.width}x{img.height} pixels is over the limit of {max_image_pixels} "
                     "pixels an image; scale the images down before uploading"
                 )
-            return img.convert("RGB")
+            img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            if grayscale:
+                img = img.convert("L")
+            arr = np.asarray(img, dtype=np.uint8)
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # to C,H,W
 
     try:
-        ds = datasets.ImageFolder(str(root), transform=transforms.Compose(steps), loader=loader)
+        ds = datasets.ImageFolder(str(root), loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         raise DatasetError(f"{path.name}: not an ImageFolder archive ({e})") from None
     xs, ys = [], []
@@ -258,7 +261,7 @@ def load_imagefolder(
         except Exception as e:
             member = Path(ds.samples[i][0]).relative_to(root)
             raise DatasetError(f"{path.name}: cannot decode {member} ({e})") from None
-        xs.append(img.numpy())
+        xs.append(img)
         ys.append(label)
     return np.stack(xs), np.asarray(ys, dtype=np.int64), list(ds.classes), 1.0 / 255.0
 
@@ -324,77 +327,125 @@ def _normalise(x_train: np.ndarray, x_test: np.ndarray, scale: float):
     return x_train, x_test, mean.tolist(), std.tolist()
 
 
-def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundle:
-    """Load any dataset spec into a validated, split, normalised `DataBundle`."""
-    test: RawData | None = None
+def _read(spec: Any, workdir: Path | None) -> tuple[RawData, RawData | None, str]:
+    """The raw arrays of a dataset spec, the source's own test split if it ships one, and
+    where they came from."""
     if isinstance(spec, BuiltinDataset):
-        raw = BUILTIN_DATASETS.get(spec.name)()
-        origin = f"builtin:{spec.name}"
-    elif isinstance(spec, NpzDataset):
-        raw = load_npz(Path(spec.path))
-        origin = "npz"
-    elif isinstance(spec, ImageFolderDataset):
+        return BUILTIN_DATASETS.get(spec.name)(), None, f"builtin:{spec.name}"
+    if isinstance(spec, NpzDataset):
+        return load_npz(Path(spec.path)), None, "npz"
+    if isinstance(spec, ImageFolderDataset):
+        if workdir is not None:  # a fresh job's working folder does not exist yet
+            workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             raw = load_imagefolder(Path(spec.path), spec.image_size, spec.grayscale, Path(tmp))
-        origin = "imagefolder"
-    elif isinstance(spec, TorchvisionDataset):
-        raw, test = _load_torchvision(spec)
-        origin = f"torchvision:{spec.name}"
-    else:  # an upload id: only the service can resolve it to a file
-        raise DatasetError(
-            f"dataset source {getattr(spec, 'source', spec)!r} names a service upload; outside the "
-            "service use source 'npz' or 'imagefolder' with a path"
-        )
+        return raw, None, "imagefolder"
+    if isinstance(spec, TorchvisionDataset):
+        train, test = _load_torchvision(spec)
+        return train, test, f"torchvision:{spec.name}"
+    # An upload id: only the service can resolve it to a file.
+    raise DatasetError(
+        f"dataset source {getattr(spec, 'source', spec)!r} names a service upload; outside the "
+        "service use source 'npz' or 'imagefolder' with a path"
+    )
 
-    x, y, names, scale = raw
-    x, y, num_classes = validate_arrays(x, y, names)
-    if test is not None:  # the source ships its own held-out split
-        xt, yt, _, _ = test
-        xt, yt, _ = validate_arrays(xt, yt, names)
-        x, y = _subsample(x, y, spec.max_samples, seed)
-        n_test = (
-            None if spec.max_samples is None else max(int(spec.max_samples * spec.test_fraction), 1)
-        )
-        xt, yt = _subsample(xt, yt, n_test, seed)
-        x_train, x_test, y_train, y_test = x, xt, y, yt
-    else:
-        x, y = _subsample(x, y, spec.max_samples, seed)
-        x_train, x_test, y_train, y_test = _split(x, y, spec.test_fraction, seed)
-    x_val = y_val = None
-    if spec.val_fraction > 0:
-        try:
-            x_train, x_val, y_train, y_val = _split(x_train, y_train, spec.val_fraction, seed + 1)
-        except DatasetError:  # too few samples to hold some out: models are not compared
-            x_val = y_val = None
-    x_train, x_test, mean, std = _normalise(x_train, x_test, scale)
-    if x_val is not None:
-        shape = (1, -1, 1, 1) if x_val.ndim == 4 else (1, -1)
-        x_val = (x_val * scale - np.asarray(mean).reshape(shape)) / np.asarray(std).reshape(shape)
-    contract = {
+
+# How an ImageFolder image becomes the model's input, step by step: the loader above does
+# exactly this, and the model card repeats it so users can feed raw images.
+IMAGE_PREPROCESS = (
+    "open with PIL, convert('RGB'), resize the whole image (aspect ratio not kept) to "
+    "width x height = size with Image.Resampling.BILINEAR (PIL's, antialiased when shrinking)"
+)
+
+
+def input_contract(
+    spec: Any, x: np.ndarray, scale: float, mean: list, std: list, names: list[str], origin: str
+) -> dict[str, Any]:
+    """What a user needs to feed the exported model: layout, dtype, scaling, mean/std and
+    class names; for image archives also how to decode and resize an image."""
+    per = "channel" if x.ndim == 4 else "feature"
+    contract: dict[str, Any] = {
         "name": "input",
-        "shape": ["batch", *x_train.shape[1:]],
+        "shape": ["batch", *x.shape[1:]],
         "dtype": "float32",
-        "layout": "NCHW" if x_train.ndim == 4 else "ND",
+        "layout": "NCHW" if x.ndim == 4 else "ND",
         "scale": scale,
         "mean": mean,
         "std": std,
-        "preprocess": "x = (raw * scale - mean) / std, with mean/std per "
-        + ("channel" if x_train.ndim == 4 else "feature"),
-        "output": {"name": "logits", "shape": ["batch", num_classes]},
-        "class_names": names or [str(i) for i in range(num_classes)],
+        "preprocess": f"x = (raw * scale - mean) / std, with mean/std per {per}",
+        "output": {"name": "logits", "shape": ["batch", len(names)]},
+        "class_names": names,
         "source": origin,
     }
+    if isinstance(spec, ImageFolderDataset):
+        steps = IMAGE_PREPROCESS + (", then convert('L')" if spec.grayscale else "")
+        contract["image"] = {
+            "size": [spec.image_size, spec.image_size],  # height, width
+            "resize": "bilinear",
+            "antialias": True,
+            "keep_aspect_ratio": False,
+            "channels": "L" if spec.grayscale else "RGB",  # RGB: red first, never BGR
+            "pixel_range": [0, 255],
+        }
+        contract["preprocess"] = (
+            f"{steps}; take the pixels as uint8 in C,H,W order ("
+            + ("one channel" if spec.grayscale else "R, G, B")
+            + f"); then {contract['preprocess']}"
+        )
+    return contract
+
+
+def _split_all(spec: Any, raw: RawData, test: RawData | None, seed: int):
+    """(train, test, val-or-None) array pairs: the source's own test split when it has one,
+    else a seeded stratified split; val is held out of train when `val_fraction` > 0."""
+    x, y, names, _ = raw
+    x, y, num_classes = validate_arrays(x, y, names)
+    if test is not None:
+        xt, yt, _ = validate_arrays(test[0], test[1], names)
+        n_test = (
+            None if spec.max_samples is None else max(int(spec.max_samples * spec.test_fraction), 1)
+        )
+        train = _subsample(x, y, spec.max_samples, seed)
+        held = _subsample(xt, yt, n_test, seed)
+    else:
+        x, y = _subsample(x, y, spec.max_samples, seed)
+        x_train, x_test, y_train, y_test = _split(x, y, spec.test_fraction, seed)
+        train, held = (x_train, y_train), (x_test, y_test)
+    val = None
+    if spec.val_fraction > 0:
+        try:
+            x_train, x_val, y_train, y_val = _split(*train, spec.val_fraction, seed + 1)
+            train, val = (x_train, y_train), (x_val, y_val)
+        except DatasetError:  # too few samples to hold some out: models are not compared
+            val = None
+    return train, held, val, num_classes
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def load_dataset(spec: Any, seed: int, workdir: Path | None = None) -> DataBundle:
+    """Load any dataset spec into a validated, split, normalised `DataBundle`."""
+    raw, test, origin = _read(spec, workdir)
+    scale = raw[3]
+    (x_train, y_train), (x_test, y_test), val, num_classes = _split_all(spec, raw, test, seed)
+    x_train, x_test, mean, std = _normalise(x_train, x_test, scale)
+    x_val = y_val = None
+    if val is not None:
+        x_val, y_val = val
+        shape = (1, -1, 1, 1) if x_val.ndim == 4 else (1, -1)
+        x_val = (x_val * scale - np.asarray(mean).reshape(shape)) / np.asarray(std).reshape(shape)
+    names = raw[2] or [str(i) for i in range(num_classes)]
     return DataBundle(
-        x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+        x_train=_tensor(x_train),
         y_train=torch.from_numpy(y_train),
-        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        x_test=_tensor(x_test),
         y_test=torch.from_numpy(y_test),
         num_classes=num_classes,
-        class_names=names or [str(i) for i in range(num_classes)],
-        input_contract=contract,
-        x_val=None
-        if x_val is None
-        else torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)),
+        class_names=names,
+        input_contract=input_contract(spec, x_train, scale, mean, std, names, origin),
+        x_val=None if x_val is None else _tensor(x_val),
         y_val=None if y_val is None else torch.from_numpy(y_val),
     )
 

@@ -82,7 +82,7 @@ def _check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
 # --- dataset -------------------------------------------------------------------------------
 
 
-class _DatasetCommon(_Spec):
+class DatasetCommon(_Spec):
     test_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="held-out share for evaluation")
     val_fraction: float = Field(
         0.1,
@@ -93,7 +93,7 @@ class _DatasetCommon(_Spec):
     max_samples: int | None = Field(None, ge=20, description="subsample (seeded) to this many")
 
 
-class BuiltinDataset(_DatasetCommon):
+class BuiltinDataset(DatasetCommon):
     source: Literal["builtin"] = "builtin"
     name: str = "digits"
 
@@ -103,7 +103,7 @@ class BuiltinDataset(_DatasetCommon):
         return _known("BUILTIN_DATASETS", "data", v)
 
 
-class TorchvisionDataset(_DatasetCommon):
+class TorchvisionDataset(DatasetCommon):
     source: Literal["torchvision"]
     name: str
     root: str = Field("./data", description="folder holding (or receiving) the files")
@@ -115,19 +115,19 @@ class TorchvisionDataset(_DatasetCommon):
         return _known("TORCHVISION_DATASETS", "data", v)
 
 
-class NpzDataset(_DatasetCommon):
+class NpzDataset(DatasetCommon):
     source: Literal["npz"]
     path: str = Field(description=".npz with x (N,C,H,W or N,D) and y (N,) integer labels")
 
 
-class ImageFolderDataset(_DatasetCommon):
+class ImageFolderDataset(DatasetCommon):
     source: Literal["imagefolder"]
     path: str = Field(description=".zip or .tar.gz of class_name/image files")
     image_size: int = Field(32, ge=8, le=512)
     grayscale: bool = False
 
 
-class UploadedDataset(_DatasetCommon):
+class UploadedDataset(DatasetCommon):
     """A dataset uploaded to the service (POST /v1/datasets); the worker resolves the id."""
 
     source: Literal["upload"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from tests.factories import write_archive
 from worker.pipeline.data import DataBundle, load_dataset, load_imagefolder, validate_arrays
 from worker.pipeline.errors import DatasetError
 from worker.pipeline.spec import (
@@ -407,20 +406,6 @@ def _image_members(prefix: str = "") -> dict[str, bytes]:
     }
 
 
-def _write_archive(path: Path, members: dict[str, bytes]) -> Path:
-    if path.name.endswith(".zip"):
-        with zipfile.ZipFile(path, "w") as zf:
-            for name, data in members.items():
-                zf.writestr(name, data)
-    else:
-        with tarfile.open(path, "w:gz") as tf:
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
-
-
 def _folder_spec(path: Path, **kw) -> ImageFolderDataset:
     return ImageFolderDataset(
         val_fraction=0, source="imagefolder", path=str(path), image_size=16, **kw
@@ -429,7 +414,7 @@ def _folder_spec(path: Path, **kw) -> ImageFolderDataset:
 
 @pytest.mark.parametrize("name", ["pets.zip", "pets.tar.gz"])
 def test_imagefolder_archive_loads_resized_rgb_images_labelled_by_sorted_folder(tmp_path, name):
-    archive = _write_archive(tmp_path / name, _image_members())
+    archive = write_archive(tmp_path / name, _image_members())
 
     b = load_dataset(_folder_spec(archive), seed=0, workdir=tmp_path)
 
@@ -447,7 +432,7 @@ def test_imagefolder_archive_loads_resized_rgb_images_labelled_by_sorted_folder(
 
 
 def test_imagefolder_grayscale_gives_one_channel(tmp_path):
-    archive = _write_archive(tmp_path / "pets.zip", _image_members())
+    archive = write_archive(tmp_path / "pets.zip", _image_members())
 
     b = load_dataset(_folder_spec(archive, grayscale=True), seed=0, workdir=tmp_path)
 
@@ -457,7 +442,7 @@ def test_imagefolder_grayscale_gives_one_channel(tmp_path):
 
 @pytest.mark.parametrize("name", ["pets.zip", "pets.tar.gz"])
 def test_imagefolder_archive_wrapping_class_folders_in_one_top_folder_loads(tmp_path, name):
-    archive = _write_archive(tmp_path / name, _image_members(prefix="my-dataset/"))
+    archive = write_archive(tmp_path / name, _image_members(prefix="my-dataset/"))
 
     b = load_dataset(_folder_spec(archive), seed=0, workdir=tmp_path)
 
@@ -468,7 +453,7 @@ def test_imagefolder_archive_wrapping_class_folders_in_one_top_folder_loads(tmp_
 def test_imagefolder_with_an_undecodable_image_names_the_file(tmp_path):
     members = _image_members()
     members["apple/broken.png"] = b"not a png at all"
-    archive = _write_archive(tmp_path / "pets.zip", members)
+    archive = write_archive(tmp_path / "pets.zip", members)
 
     with pytest.raises(DatasetError, match=r"cannot decode .*broken\.png"):
         load_dataset(_folder_spec(archive), seed=0, workdir=tmp_path)
@@ -482,7 +467,7 @@ def test_imagefolder_refuses_an_image_too_large_to_decode_and_names_it(tmp_path)
     # 64 x 64, so the test does not have to decode a 200 MB canvas to prove it is refused.
     members = _image_members()
     members["zebra/big.png"] = _png((0, 0, 0), size=65)
-    archive = _write_archive(tmp_path / "pets.zip", members)
+    archive = write_archive(tmp_path / "pets.zip", members)
 
     with pytest.raises(DatasetError, match=r"cannot decode zebra/big\.png \(65x65 pixels is over"):
         load_imagefolder(archive, 16, False, tmp_path / "small", max_image_pixels=64 * 64)
@@ -496,7 +481,7 @@ def test_imagefolder_refuses_an_image_too_large_to_decode_and_names_it(tmp_path)
 def test_imagefolder_archive_with_traversal_is_refused(tmp_path):
     members = _image_members()
     members["../escaped.png"] = _png((0, 255, 0))
-    archive = _write_archive(tmp_path / "pets.zip", members)
+    archive = write_archive(tmp_path / "pets.zip", members)
     workdir = tmp_path / "work"
     workdir.mkdir()
 
@@ -515,7 +500,7 @@ def test_imagefolder_zip_made_on_macos_ignores_the_macosx_folder(tmp_path):
             for n in list(members)
         }
     )
-    archive = _write_archive(tmp_path / "Archive.zip", members)
+    archive = write_archive(tmp_path / "Archive.zip", members)
 
     b = load_dataset(_folder_spec(archive), seed=0, workdir=tmp_path)
 

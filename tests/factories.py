@@ -1,0 +1,144 @@
+"""Small inputs a user would bring, made in the test: datasets in each advertised format and
+teachers exported the way a user exports them (torch.jit, torch.onnx, safetensors), never
+with Distillery's own exporter."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+# Three classes told apart by colour alone: a model fed BGR instead of RGB confuses red and blue.
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 30)}
+
+
+def digits(n: int = 600) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's offline digits: x (n,1,8,8) float32 in 0..16, y (n,) int64."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images[:n, None].astype(np.float32), d.target[:n].astype(np.int64)
+
+
+def digits_npz(path: Path, n: int = 600) -> Path:
+    x, y = digits(n)
+    np.savez_compressed(path, x=x, y=y, classes=np.array([str(i) for i in range(10)]))
+    return path
+
+
+def colour_images(per_class: int = 30, seed: int = 0) -> dict[str, bytes]:
+    """`class/i.png` members: noisy solid-colour pictures of varied, non-square sizes, so the
+    resize and the channel order both matter to a model trained on them."""
+    rng = np.random.default_rng(seed)
+    members = {}
+    for cls, rgb in COLOURS.items():
+        for i in range(per_class):
+            h, w = int(rng.integers(12, 48)), int(rng.integers(12, 48))
+            pixels = np.asarray(rgb, np.float32) + rng.normal(0, 25, (h, w, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+            members[f"{cls}/{i}.png"] = buf.getvalue()
+    return members
+
+
+def write_archive(path: Path, members: dict[str, bytes]) -> Path:
+    """A .zip or .tar.gz (by the name's suffix) holding `members`."""
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        return path
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def archive_images(path: Path) -> list[tuple[str, Image.Image]]:
+    """(class, image) for every image in a .zip/.tar.gz written by write_archive."""
+    out = []
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                out.append((name.split("/")[0], Image.open(io.BytesIO(zf.read(name)))))
+    else:
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                data = tf.extractfile(m).read()
+                out.append((m.name.split("/")[0], Image.open(io.BytesIO(data))))
+    return out
+
+
+def fake_mnist_root(root: Path, name: str = "FashionMNIST", n_train: int = 1200) -> Path:
+    """A pre-filled torchvision data root for MNIST-format `name` (MNIST, FashionMNIST): the
+    digits upscaled to 28x28 in the idx files torchvision reads, so no download happens."""
+    x, y = digits(1797)
+    images = np.zeros((len(x), 28, 28), np.uint8)
+    images[:, 2:26, 2:26] = np.kron(x[:, 0], np.ones((3, 3))) * 15
+    raw = root / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, sl in (("train", slice(0, n_train)), ("t10k", slice(n_train, None))):
+        imgs, labels = images[sl], y[sl].astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, len(imgs), 28, 28) + imgs.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, len(labels)) + labels.tobytes()
+        )
+    return root
+
+
+class SmallCNN(nn.Module):
+    """A user's own teacher: a plain module, not one of Distillery's archs."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2)
+        )
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def user_teacher(in_shape: tuple[int, ...], classes: int, path: Path, fmt: str) -> Path:
+    """A teacher exported the way its owner would: TorchScript with torch.jit.trace + save,
+    ONNX with torch.onnx.export (dynamic batch), safetensors of a registered arch's weights
+    (`cnn_tiny`, which Distillery rebuilds from the name)."""
+    torch.manual_seed(0)
+    example = torch.zeros(1, *in_shape)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        from worker.pipeline.archs import build_model
+
+        model = build_model("cnn_tiny", in_shape, classes)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        return path
+    model = SmallCNN(in_shape[0], classes).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, example), str(path))
+        else:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["pixels"],
+                output_names=["scores"],
+                dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}},
+            )
+    return path
