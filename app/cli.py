@@ -11,11 +11,41 @@ from typing import Any
 
 import click
 
-# Exit codes, the same for `run`, `submit --wait` and `wait` (documented in docs/cli.md):
-EXIT_OK, EXIT_GATE_FAILED, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+# Exit codes, the same for every command (documented in docs/cli.md). 1 means "a gate failed"
+# and nothing else, so CI can tell a model that missed its budget from a broken invocation.
+EXIT_OK, EXIT_GATE_FAILED, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_INPUT = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class InputError(click.ClickException):
+    """Input the command could not use: an unreadable file, bad JSON, an unknown artifact."""
+
+    exit_code = EXIT_INPUT
+
+
+class _Commands(click.Group):
+    """Click exits 2 on a usage error and 1 on its own errors; here both are bad input (5):
+    2 means a job failed and 1 a gate failed."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(EXIT_INPUT if isinstance(e, click.UsageError) else e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Distillery: distill, prune, quantize and measure PyTorch models."""
     # OpenMP threads that spin while waiting stall badly when a vCPU is descheduled or another
@@ -29,15 +59,36 @@ def load_spec(path: str):
 
     from worker.pipeline.spec import JobSpec, format_validation_error
 
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    except OSError as e:
-        raise click.ClickException(f"cannot read spec {path}: {e.strerror}") from None
+    text = read_text(path, "spec")
     try:
         return JobSpec.model_validate_json(text)
     except ValidationError as e:
         click.echo(f"error [invalid_spec]: {format_validation_error(e)}", err=True)
         sys.exit(EXIT_JOB_FAILED)
+
+
+def read_text(path: str, what: str) -> str:
+    """A file's text, or stdin's for `-`; an unreadable one is bad input (exit 5)."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(
+            f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}"
+        ) from None
+
+
+def read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def print_gates(results: list[dict[str, Any]], echo=click.echo) -> None:
+    """One line per gate with its measured value: `gate final.size_ratio>=20: 222.9 pass`."""
+    for r in results:
+        value = "not measured" if r["value"] is None else f"{r['value']:.6g}"
+        echo(f"gate {r['gate']}: {value} {'pass' if r['passed'] else 'FAIL'}")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -92,10 +143,12 @@ def final_summary(final: dict[str, Any]) -> str:
 )
 @click.option("--fresh", is_flag=True, help="ignore checkpoints in OUT from an earlier run")
 @click.option("--json", "as_json", is_flag=True, help="print report.json instead of tables")
-def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool) -> None:
+@click.option("--debug", is_flag=True, help="on a crash, show the Python traceback")
+def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -> None:
     """Run a whole job in this process, without the service.
 
-    Exit codes: 0 done and all gates passed, 1 a gate failed, 2 the job failed.
+    Exit codes: 0 done and all gates passed, 1 a gate failed, 2 the job failed (or the spec
+    was refused), 5 the spec could not be read.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -141,15 +194,21 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool) -> None:
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to resume")
         sys.exit(130)
+    except Exception as e:  # a bug: one line, like any failure; --debug shows where
+        if debug:
+            raise
+        click.echo(
+            f"error [internal_error]: {type(e).__name__}: {e} (--debug shows the traceback)",
+            err=True,
+        )
+        sys.exit(EXIT_JOB_FAILED)
 
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         console.print(metrics_table(report["metrics"]))
         console.print(final_summary(report["metrics"]["final"]))
-        for g in report["gates"]:
-            mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
-            console.print(f"gate {g['expr']}: {g['value']:.4f} {mark}")
+        print_gates(report["gates"], echo=lambda line: click.echo(line, err=True))
         console.print(f"artifacts and report.json in {out_dir} ({report['wall_seconds']:.1f}s)")
     sys.exit(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED)
 
@@ -331,11 +390,11 @@ def _embedded_key(s) -> str:
 @click.option("-Q", "--queues", default=None, help="queues the embedded worker consumes")
 def serve(host: str, port: int, queues: str | None) -> None:
     """Run the API and one worker together, with no other service (SQLite, SQLite broker,
-    artifacts under DISTILLERY_HOME)."""
-    import os
-    import subprocess
-
+    artifacts under DISTILLERY_HOME). The worker is supervised: restarted if it dies, its job
+    resumed from its last checkpoint."""
     from app.core.migrate import upgrade
+    from app.supervisor import WorkerSupervisor, serve_log
+    from worker.celery_app import make_celery, make_enqueue
 
     s = _settings()
     s.home.mkdir(parents=True, exist_ok=True)
@@ -343,18 +402,16 @@ def serve(host: str, port: int, queues: str | None) -> None:
     key = _embedded_key(s)
     env = {**os.environ, "DISTILLERY_HOME": str(s.home)}
     cmd = [sys.executable, "-m", "app.cli", "worker"] + (["-Q", queues] if queues else [])
-    worker_proc = subprocess.Popen(cmd, env=env)
+
+    supervisor = WorkerSupervisor(cmd, env, s, make_enqueue(make_celery(s)), serve_log)
+    supervisor.start()
     click.echo(f"Distillery on http://{host}:{port}  (home: {s.home})", err=True)
     click.echo(f"API key: {key}", err=True)
     click.echo(f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True)
     try:
         run_uvicorn(host, port)
     finally:
-        worker_proc.terminate()
-        try:
-            worker_proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker_proc.kill()
+        supervisor.stop()
 
 
 # --- the client commands -------------------------------------------------------------------
@@ -380,9 +437,7 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except ApiError as e:
             click.echo(f"error [{e.code}]: {e.message}", err=True)
-            sys.exit(
-                EXIT_UNREACHABLE if e.status in (401, 403) or e.status >= 500 else EXIT_JOB_FAILED
-            )
+            sys.exit(_api_error_exit(e.status))
         except DownloadError as e:
             click.echo(f"error [download_failed]: {e}", err=True)
             sys.exit(EXIT_JOB_FAILED)
@@ -396,11 +451,19 @@ def _guard(fn):
     return wrapper
 
 
+def _api_error_exit(status: int) -> int:
+    if status in (401, 403) or status >= 500:
+        return EXIT_UNREACHABLE  # the service, or the key, is the problem
+    if status == 404:
+        return EXIT_INPUT  # a job, artifact or upload id that does not exist
+    return EXIT_JOB_FAILED  # refused: an invalid spec (422), a conflict (409)
+
+
 def _gates_option(fn):
     def parse(_ctx, _param, values):
-        from app.gates import parse_gate
+        from worker.pipeline.gates import parse_gate
 
-        try:
+        try:  # a typo'd metric is refused here, before a job is submitted (exit 5)
             return [parse_gate(v) for v in values]
         except ValueError as e:
             raise click.BadParameter(str(e)) from None
@@ -434,21 +497,36 @@ def _job_table(job) -> None:
         console.print(final_summary(job.metrics["final"]))
 
 
-def _finish(job, gates, as_json: bool) -> None:
-    """Print the outcome and gates of a finished job, then exit with the documented code."""
-    from app.gates import check
+def verdict(job, gates) -> list[dict[str, Any]]:
+    """The spec's gates (checked by the job) and the `--gate` flags as one list: the job's
+    verdict, each with its measured value. Empty unless the job succeeded."""
+    from worker.pipeline.gates import check
 
-    results = [check(g, job.metrics) for g in gates] if job.status == "succeeded" else []
+    if job.status != "succeeded":
+        return []
+    results = [g.model_dump(exclude_none=True) for g in job.gates]
+    seen = {r["gate"] for r in results}
+    results += [check(g, job.metrics).as_dict() for g in gates if g.expr not in seen]
+    return results
+
+
+def _finish(job, gates, as_json: bool) -> None:
+    """Print the outcome and every gate of a finished job, then exit with the documented code."""
+    results = verdict(job, gates)
     if as_json:
-        _emit_json({"job": job.model_dump(mode="json"), "gates": [r.as_dict() for r in results]})
+        _emit_json(
+            {
+                "job": job.model_dump(mode="json"),
+                "gates": results,
+                "gates_passed": all(r["passed"] for r in results),
+            }
+        )
     else:
         _job_table(job)
-        for r in results:
-            value = "not measured" if r.value is None else f"{r.value:.6g}"
-            click.echo(f"gate {r.gate.expr}: {value} {'pass' if r.passed else 'FAIL'}")
+        print_gates(results)
     if job.status != "succeeded":
         sys.exit(EXIT_JOB_FAILED)
-    sys.exit(EXIT_OK if all(r.passed for r in results) else EXIT_GATE_FAILED)
+    sys.exit(EXIT_OK if all(r["passed"] for r in results) else EXIT_GATE_FAILED)
 
 
 def _wait(client, job_id: str, timeout: float | None, as_json: bool):
@@ -510,15 +588,12 @@ def submit(
 ) -> None:
     """Submit SPEC (a JSON file, or - for stdin) to the service.
 
-    Exit codes: 0 done and every gate passed (or submitted, without --wait); 1 a gate failed;
-    2 the job failed, was cancelled or was refused; 3 --timeout passed; 4 the service could not
-    be reached or refused the key.
+    With --wait, the spec's own gates and every --gate make one verdict. Exit codes: 0 done
+    and every gate passed (or submitted, without --wait); 1 a gate failed; 2 the job failed,
+    was cancelled or was refused; 3 --timeout passed; 4 the service could not be reached or
+    refused the key; 5 bad input (an unreadable or invalid JSON file, a bad flag).
     """
-    try:
-        text = sys.stdin.read() if spec_path == "-" else Path(spec_path).read_text()
-        spec = json.loads(text)
-    except (OSError, json.JSONDecodeError) as e:
-        raise click.ClickException(f"cannot read spec {spec_path}: {e}") from None
+    spec = read_json(spec_path, "spec")
     with _client() as client:
         job = client.submit(spec, idempotency_key=idempotency_key)
         if not wait_:
@@ -588,6 +663,9 @@ def logs(job_id: str, as_json: bool) -> None:
                 click.echo(
                     f"[{e.data.get('at', '')[:19]}] {e.data['model']}: accuracy {m['accuracy']:.4f}, {_fmt_bytes(m['size_bytes'])}, {m['latency_ms']:.3f} ms"
                 )
+        job = client.get(job_id)
+    if job.error is not None and not as_json:  # the last line says why it ended
+        click.echo(f"error [{job.error.code}]: {job.error.message}")
 
 
 @main.command()
@@ -647,7 +725,7 @@ def download(job_id: str, names: tuple[str, ...], out_dir: str, as_json: bool) -
         artifacts = {a.name: a for a in client.artifacts(job_id)}
         for name in names or tuple(artifacts):
             if name not in artifacts:
-                raise click.ClickException(
+                raise InputError(
                     f"job {job_id} has no artifact {name!r}; it has: {', '.join(artifacts)}"
                 )
             part = out / (name + ".part")
@@ -708,8 +786,16 @@ def models() -> None:
 @_guard
 def models_upload(path, fmt, arch, arch_kwargs, input_shape, num_classes, as_json) -> None:
     """Upload a teacher (TorchScript, ONNX, or safetensors + --arch); prints its id."""
-    shape = [int(v) for v in input_shape.split(",")] if input_shape else None
-    kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+    try:
+        shape = [int(v) for v in input_shape.split(",")] if input_shape else None
+    except ValueError:
+        raise InputError(
+            f"--input-shape: expected integers like 3,32,32, got {input_shape!r}"
+        ) from None
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--arch-kwargs: not valid JSON ({e})") from None
     with _client() as client:
         m = client.upload_model(
             path,

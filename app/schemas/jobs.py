@@ -31,6 +31,13 @@ class StagePublic(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class GatePublic(BaseModel):
+    gate: str = Field(description="the expression, e.g. final.accuracy_drop<=0.02")
+    name: str | None = Field(None, description="the spec's gates field it came from")
+    value: float | None = Field(description="the measured value; null if it was not measured")
+    passed: bool
+
+
 class JobPublic(BaseModel):
     id: str
     name: str
@@ -39,6 +46,12 @@ class JobPublic(BaseModel):
     progress: float = Field(ge=0.0, le=1.0)
     stages: list[StagePublic]
     metrics: dict[str, Any] = Field(description="the metrics contract, filled in as stages finish")
+    gates: list[GatePublic] = Field(
+        default_factory=list, description="the spec's gates, checked once the job succeeded"
+    )
+    gates_passed: bool | None = Field(
+        description="all of the spec's gates passed; null until the job succeeded"
+    )
     error: ErrorPublic | None
     spec: dict[str, Any]
     queue: str

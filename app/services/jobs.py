@@ -314,6 +314,8 @@ def to_public(job: Job, stages: list[JobStage]) -> JobPublic:
         progress=job.progress,
         stages=[StagePublic.model_validate(s) for s in stages],
         metrics=job.metrics or {},
+        gates=job.gates or [],
+        gates_passed=None if job.gates is None else all(g["passed"] for g in job.gates),
         error=error,
         spec=job.spec,
         queue=job.queue,

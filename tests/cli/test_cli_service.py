@@ -10,16 +10,28 @@ import pytest
 from tests.service_support import REPO, TINY_SPEC, cli, client, free_port, wait_until
 
 
-def run_cli(served, *args, timeout=300, url=None, key=None):
+def run_cli(served, *args, timeout=300, url=None, key=None, stdin=None):
     base, default_key, _ = served
     env = {
         "DISTILLERY_URL": url or base,
         "DISTILLERY_API_KEY": key or default_key,
         "DISTILLERY_HOME": "/nonexistent",
     }
-    p = cli(*args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = p.communicate(timeout=timeout)
+    p = cli(
+        *args,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = p.communicate(stdin or "", timeout=timeout)
     return p.returncode, out, err
+
+
+def job_ids(served) -> set[str]:
+    with client(served[0], served[1]) as c:
+        return {j["id"] for j in c.get("/v1/jobs", params={"limit": 200}).json()["data"]}
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +77,42 @@ def test_human_output_shows_the_metrics_table_and_each_gate(served, finished_job
     assert "gate teacher.params>0:" in out and "pass" in out
 
 
-def test_a_failed_job_exits_2_with_its_error(served, spec_file, tmp_path):
+def test_a_failed_job_exits_2_with_its_error_and_logs_end_with_it(served, spec_file, tmp_path):
     # MNIST is not in the service's data root and downloads are off: the job fails at run time.
     bad = {**TINY_SPEC, "dataset": {"source": "torchvision", "name": "MNIST", "max_samples": 100}}
     path = tmp_path / "mnist.json"
     path.write_text(json.dumps(bad))
-    code, out, err = run_cli(served, "submit", str(path), "--wait")
+    code, out, err = run_cli(served, "submit", str(path), "--wait", "--json")
     assert code == 2
-    assert "error [invalid_dataset]" in out and "MNIST not found" in out
+    job = json.loads(out)["job"]
+    assert (
+        job["error"]["code"] == "invalid_dataset" and "MNIST not found" in job["error"]["message"]
+    )
+    code, out, _ = run_cli(served, "logs", job["id"])
+    assert code == 0
+    assert out.strip().splitlines()[-1].startswith("error [invalid_dataset]: MNIST not found")
+
+
+def test_the_specs_gates_and_the_flags_are_one_verdict(served, tmp_path):
+    """A spec whose own gate fails makes `submit --wait` exit 1 (it once exited 0 while
+    report.json said gates_passed: false); each gate is printed with its value."""
+    spec = {**TINY_SPEC, "gates": {"min_size_ratio": 1e9, "max_accuracy_drop": 0.9}}
+    path = tmp_path / "gated.json"
+    path.write_text(json.dumps(spec))
+    code, out, err = run_cli(served, "submit", str(path), "--wait", "--gate", "final.params>0")
+    assert code == 1, err
+    assert "gate final.size_ratio>=1e+09:" in out and "FAIL" in out
+    assert "gate final.accuracy_drop<=0.9:" in out and "gate final.params>0:" in out
+    assert out.count("FAIL") == 1 and out.count(" pass") == 2
+    job_id = next(line.split()[0] for line in out.splitlines() if line.startswith("job_"))
+    code, out, _ = run_cli(served, "wait", job_id, "--json")
+    result = json.loads(out)
+    assert code == 1 and result["gates_passed"] is False
+    assert result["job"]["gates_passed"] is False
+    assert [g["gate"] for g in result["gates"]] == [
+        "final.accuracy_drop<=0.9",
+        "final.size_ratio>=1e+09",
+    ]
 
 
 def test_a_refused_spec_exits_2_naming_the_field(served, tmp_path):
@@ -104,11 +144,34 @@ def test_unreachable_service_or_bad_key_exits_4(served, spec_file):
     assert code == 4 and "error [unauthorized]" in err
 
 
-def test_gate_syntax_is_checked_before_anything_is_sent(served, spec_file):
-    code, _, err = run_cli(
-        served, "submit", str(spec_file), "--wait", "--gate", "final.accuracy=>0.9"
-    )
-    assert code == 2 and "expected MODEL.METRIC OP NUMBER" in err
+@pytest.mark.parametrize(
+    "gate,message",
+    [
+        ("final.accuracy=>0.9", "expected MODEL.METRIC OP NUMBER"),
+        ("final.acuracy>=0.9", "final has no metric 'acuracy'"),  # a typo, not a failed gate
+    ],
+)
+def test_a_bad_gate_is_refused_before_anything_is_sent(served, spec_file, gate, message):
+    before = job_ids(served)
+    code, _, err = run_cli(served, "submit", str(spec_file), "--wait", "--gate", gate)
+    assert code == 5 and message in err, err
+    assert job_ids(served) == before  # nothing was submitted
+
+
+def test_input_the_cli_cannot_use_exits_5_never_1(served, tmp_path, finished_job):
+    job_id = finished_job["job"]["id"]
+    cases = [
+        (("submit", "-"), "{not json", "spec - is not valid JSON"),
+        (("submit", str(tmp_path / "missing.json")), None, "cannot read spec"),
+        (("download", job_id, "model.nothing"), None, "has no artifact 'model.nothing'"),
+        (("status", "job_doesnotexist"), None, "error [job_not_found]"),
+        (("models", "upload", __file__, "--arch-kwargs", "{"), None, "--arch-kwargs: not valid"),
+        (("submit",), None, "Missing argument"),
+    ]
+    for args, stdin, message in cases:
+        code, out, err = run_cli(served, *args, stdin=stdin)
+        assert code == 5 and message in err, (args, code, out, err)
+        assert "Traceback" not in err
 
 
 def test_download_verifies_and_resumes(served, finished_job, tmp_path):

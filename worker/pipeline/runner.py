@@ -37,6 +37,7 @@ from worker.pipeline.export import (
     export_torchscript,
     sha256_file,
 )
+from worker.pipeline.gates import check_all, spec_gates
 from worker.pipeline.spec import JobSpec, TrainedTeacher
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -266,24 +267,6 @@ def _final(metrics: dict[str, dict[str, float]], kept: str = "distilled") -> dic
     return final
 
 
-def evaluate_gates(spec: JobSpec, final: dict[str, float]) -> list[dict[str, Any]]:
-    g = spec.gates
-    checks = [
-        ("max_accuracy_drop", "final.accuracy_drop", "<=", g.max_accuracy_drop),
-        ("min_size_ratio", "final.size_ratio", ">=", g.min_size_ratio),
-        ("min_speedup", "final.speedup", ">=", g.min_speedup),
-        ("min_accuracy", "final.accuracy", ">=", g.min_accuracy),
-    ]
-    out = []
-    for name, metric, op, limit in checks:
-        if limit is None:
-            continue
-        value = final[metric.split(".")[1]]
-        passed = value <= limit if op == "<=" else value >= limit
-        out.append({"gate": name, "expr": f"{metric}{op}{limit}", "value": value, "passed": passed})
-    return out
-
-
 ARTIFACT_FORMATS = {
     "model.onnx": "onnx",
     "model.int8.onnx": "onnx-int8",
@@ -415,7 +398,7 @@ def run_job(
 
     final = _final(run.metrics, run.kept)
     run.metrics["final"] = final
-    gates = evaluate_gates(spec, final)
+    gates = check_all(spec_gates(spec.gates), run.metrics)
     resolved = public_spec if public_spec is not None else spec.model_dump(mode="json")
     model_info = {
         "arch": spec.student.arch,

@@ -67,8 +67,8 @@ def test_report_holds_the_metrics_contract(finished):
     assert all(s["seconds"] > 0 and s["status"] == "succeeded" for s in report["stages"])
     assert report["gates"] == [
         {
-            "gate": "max_accuracy_drop",
-            "expr": "final.accuracy_drop<=1.0",
+            "gate": "final.accuracy_drop<=1",
+            "name": "max_accuracy_drop",
             "value": final["accuracy_drop"],
             "passed": True,
         }
@@ -198,6 +198,21 @@ def test_cli_runs_a_job_and_uses_exit_codes(tmp_path):
         and "error [invalid_dataset]" in r.stderr
         and "nothere.npz: no such file" in r.stderr
     )
+
+
+def test_a_crash_in_distillery_run_is_one_error_line_and_exit_2(tmp_path):
+    """Not a PipelineError (here: the output folder cannot be made, a file is in the way):
+    still `error [code]: message` and exit 2, never a traceback unless --debug asks."""
+    repo = Path(__file__).parents[3]
+    (tmp_path / "spec.json").write_text(json.dumps(TINY))
+    (tmp_path / "file").write_text("in the way")
+    args = ("run", str(tmp_path / "spec.json"), "--out", str(tmp_path / "file" / "out"))
+    r = _cli(*args, cwd=repo)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error [internal_error]: ")
+    assert "Traceback" not in r.stderr
+    r = _cli(*args, "--debug", cwd=repo)
+    assert r.returncode != 0 and "Traceback" in r.stderr
 
 
 @pytest.mark.parametrize("keep", ["better", "distilled"])

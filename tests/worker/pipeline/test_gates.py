@@ -1,6 +1,6 @@
 import pytest
 
-from app.gates import check, parse_gate
+from worker.pipeline.gates import check, parse_gate, spec_gates
 
 METRICS = {
     "final": {"accuracy": 0.97, "accuracy_drop": 0.012, "size_ratio": 25.0},
@@ -39,3 +39,30 @@ def test_malformed_gates_are_refused(expr):
         parse_gate(expr)
     with pytest.raises(ValueError, match="unknown model 'model'"):
         parse_gate("model.accuracy>=1")
+
+
+@pytest.mark.parametrize(
+    "expr,known",
+    [("final.acuracy>=0.9", "accuracy_drop"), ("teacher.size_ratio>=2", "latency_ms")],
+)
+def test_a_metric_the_contract_lacks_is_refused_with_the_known_names(expr, known):
+    # size_ratio exists only on `final` (it is a ratio to the teacher).
+    with pytest.raises(ValueError, match="has no metric") as e:
+        parse_gate(expr)
+    assert known in str(e.value)
+
+
+def test_a_specs_gates_block_is_the_same_kind_of_gate():
+    gates = spec_gates({"max_accuracy_drop": 0.01, "min_size_ratio": 30, "min_speedup": None})
+    assert [(g.expr, g.name) for g in gates] == [
+        ("final.accuracy_drop<=0.01", "max_accuracy_drop"),
+        ("final.size_ratio>=30", "min_size_ratio"),
+    ]
+    results = [check(g, METRICS) for g in gates]
+    assert [r.passed for r in results] == [False, False]  # 0.012 > 0.01 and 25 < 30
+    assert results[0].as_dict() == {
+        "gate": "final.accuracy_drop<=0.01",
+        "value": 0.012,
+        "passed": False,
+        "name": "max_accuracy_drop",
+    }
