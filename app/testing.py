@@ -47,6 +47,18 @@ def postgres_database(admin: str = PG_ADMIN, prefix: str = "distillery_test") ->
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def api_up(url: str) -> bool:
+    """The API answers and its own dependencies (database, broker, storage) are fine; unlike
+    a 200 from /readyz, this does not need a worker, so an API started alone passes."""
+    import httpx
+
+    try:
+        checks = httpx.get(f"{url}/readyz", timeout=2).json()["checks"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return all(checks.get(k) == "ok" for k in ("database", "broker", "storage"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -64,6 +64,7 @@ from app.testing import (
     PG_ADMIN,
     REDIS_URL,
     TINY_SPEC,
+    api_up,
     free_port,
     postgres_database,
     spawn_cli,
@@ -420,10 +421,7 @@ def api_server(env: dict[str, str], workers: int, log_path: Path) -> Iterator[Se
 
 
 def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return api_up(url)  # no worker here: /readyz itself stays 503
 
 
 # --- wrk -------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from app.testing import (
     PG_ADMIN,
     REDIS_URL,
     TINY_SPEC,
+    api_up,
     free_port,
     postgres_database,
     spawn_cli,
@@ -154,10 +155,7 @@ def wait_for(
 
 
 def api_ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return api_up(url)  # /readyz turns 200 only once a worker is up: started next
 
 
 def worker_ready(log: Path) -> bool:

@@ -20,6 +20,7 @@ from app.testing import (  # noqa: F401  (re-exported for the tests)
     PG_ADMIN,
     REDIS_URL,
     TINY_SPEC,
+    api_up,
     free_port,
     postgres_database,
 )
@@ -110,13 +111,7 @@ class Stack:
         args = ("api", "--port", str(self.port), "--workers", str(workers))
         self.procs.append(cli(*args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
-        def ready():
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 60, what="the API to be ready")
+        wait_until(lambda: api_up(self.url), 60, what="the API to answer")
 
     def start_worker(self, queue: str | None = None) -> subprocess.Popen:
         name = f"worker-{len(self.procs)}.log"

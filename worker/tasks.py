@@ -24,6 +24,7 @@ from worker.celery_app import RUN_JOB, celery_app, enqueue, queue_size
 from worker.pipeline.errors import Cancelled, PipelineError
 from worker.pipeline.export import sha256_file
 from worker.pipeline.spec import (
+    DatasetCommon,
     ImageFolderDataset,
     JobSpec,
     NpzDataset,
@@ -165,9 +166,9 @@ def resolve_uploads(spec: JobSpec, tenant_id: str) -> JobSpec:
             row = s.get(Dataset, ds.id)
             if row is None or row.tenant_id != tenant_id:
                 raise PipelineError(f"dataset {ds.id} no longer exists")
+            # Every split setting carries over (val_fraction was once dropped here).
             common = {
-                "test_fraction": ds.test_fraction,
-                "max_samples": ds.max_samples,
+                **{k: getattr(ds, k) for k in DatasetCommon.model_fields},
                 "path": str(store.resolve(row.path)),
             }
             updates["dataset"] = (
@@ -194,8 +195,16 @@ def resolve_uploads(spec: JobSpec, tenant_id: str) -> JobSpec:
     return spec.model_copy(update=updates) if updates else spec
 
 
+def worker_process() -> str:
+    """This worker process's name in the `workers` table: what its supervisor (`serve`) knows
+    it by, from the outside, to release its jobs when it dies."""
+    return runs.worker_name(socket.gethostname(), os.getpid())
+
+
 def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """Who runs one attempt of a job: the process, then a fresh token (every write of the
+    attempt is fenced on it, so a stale attempt can change nothing)."""
+    return f"{worker_process()}/{uuid.uuid4().hex[:8]}"
 
 
 def execute(job_id: str) -> str:
@@ -277,6 +286,7 @@ def execute(job_id: str) -> str:
                 worker_id=worker_id,
                 status=status,
                 metrics=report["metrics"] if report else None,
+                gates=report["gates"] if report else None,
                 artifacts=artifacts,
                 error=error,
                 stages=report["stages"] if report else None,
@@ -307,20 +317,72 @@ def run_job_task(job_id: str) -> str:
     return execute(job_id)
 
 
-# --- reaper ----------------------------------------------------------------------------------
+# --- presence and reaper ---------------------------------------------------------------------
+
+
+class Presence(threading.Thread):
+    """Keeps this process in the `workers` table while it runs (readiness counts live workers
+    per queue); re-registers if someone removed the row while the database was unreachable."""
+
+    def __init__(self, queues: list[str]) -> None:
+        super().__init__(daemon=True, name="presence")
+        self.queues = queues
+        self._stop = threading.Event()
+
+    def register(self) -> None:
+        with db().session() as s:
+            runs.register_worker(
+                s,
+                worker=worker_process(),
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                queues=self.queues,
+            )
+
+    def run(self) -> None:
+        while not self._stop.wait(settings.HEARTBEAT_SECONDS):
+            try:
+                with db().session() as s:
+                    known = runs.worker_heartbeat(s, worker=worker_process())
+                if not known:
+                    self.register()
+            except Exception:  # the DB blinked: the next beat tries again
+                log.warning("worker heartbeat failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            with db().session() as s:
+                runs.forget_worker(s, worker=worker_process())
+        except Exception:
+            log.warning("could not deregister this worker", exc_info=True)
+
 
 _reaper: Reaper | None = None
+_presence: Presence | None = None
+
+
+def _consumed_queues(consumer: Any) -> list[str]:
+    try:
+        return sorted(q.name for q in consumer.task_consumer.queues)
+    except AttributeError:  # no consumer object: the configured default
+        return [settings.DEFAULT_QUEUE]
 
 
 @worker_ready.connect
-def _start_reaper(**_: Any) -> None:
-    global _reaper
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    global _reaper, _presence
     storage().ensure()
+    _presence = Presence(_consumed_queues(sender))
+    _presence.register()
+    _presence.start()
     _reaper = Reaper(db(), settings, enqueue, queue_size)
     _reaper.start()
 
 
 @worker_shutting_down.connect
-def _stop_reaper(**_: Any) -> None:
+def _on_shutdown(**_: Any) -> None:
     if _reaper is not None:
         _reaper.stop()
+    if _presence is not None:
+        _presence.stop()

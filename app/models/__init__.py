@@ -83,6 +83,8 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The spec's gates checked against the final metrics; NULL until the job succeeded.
+    gates: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     queue: Mapped[str] = mapped_column(String(64))
@@ -179,3 +181,16 @@ class Model(Base):
     input_shape: Mapped[list[int] | None] = mapped_column(JSON)
     num_classes: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    """A live worker process: registered when it is ready, heartbeating while it runs, removed
+    when it stops (or by whoever sees it die). Readiness asks whether a queue has one."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # hostname:pid
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Artifact, Job, JobEvent, JobStage, utcnow
+from app.models import Artifact, Job, JobEvent, JobStage, Worker, utcnow
 
 log = logging.getLogger("distillery.runs")
 
@@ -147,6 +147,7 @@ def finish(
     worker_id: str,
     status: str,
     metrics: dict[str, Any] | None = None,
+    gates: list[dict[str, Any]] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
     error: tuple[str, str] | None = None,
     stages: list[dict[str, Any]] | None = None,
@@ -162,6 +163,8 @@ def finish(
     job.heartbeat_at = now
     if metrics is not None:
         job.metrics = metrics
+    if gates is not None:
+        job.gates = gates
     if status == "succeeded":
         job.progress = 1.0
     if error is not None:
@@ -210,6 +213,89 @@ def mark_cancelled_if_requested(session: Session, *, job_id: str) -> None:
     )
 
 
+def _release(session: Session, job: Job, *, now: datetime, max_attempts: int, reason: str) -> str:
+    """Take a running job away from a worker that is gone: re-queued while attempts remain
+    (its checkpoints let the next worker resume), else failed `worker_lost`; a cancelling one
+    just ends cancelled. Returns what happened: requeued, lost or cancelled."""
+    job.updated_at = now
+    if job.status == "cancelling":
+        job.status, job.finished_at = "cancelled", now
+        job.error_code, job.error_message = "cancelled", "cancelled (its worker stopped responding)"
+        add_event(session, job_id=job.id, type="status", data={"status": "cancelled"})
+        return "cancelled"
+    if job.attempts < max_attempts:
+        job.status, job.worker_id, job.enqueued_at = "queued", None, None
+        message = f"{reason}; re-queued, attempt {job.attempts + 1} of {max_attempts}"
+        add_event(session, job_id=job.id, type="log", data={"stage": job.stage, "message": message})
+        add_event(session, job_id=job.id, type="status", data={"status": "queued"})
+        return "requeued"
+    job.status, job.finished_at = "failed", now
+    job.error_code = "worker_lost"
+    job.error_message = f"the worker stopped heartbeating {job.attempts} time(s); giving up"
+    error = {"code": "worker_lost", "message": job.error_message}
+    add_event(session, job_id=job.id, type="status", data={"status": "failed", "error": error})
+    return "lost"
+
+
+# --- worker processes --------------------------------------------------------------------------
+
+
+def worker_name(hostname: str, pid: int) -> str:
+    """A worker process's name in the `workers` table (what its supervisor can name from the
+    outside); each job attempt's `worker_id` starts with it, then `/` and a fresh token."""
+    return f"{hostname}:{pid}"
+
+
+def register_worker(
+    session: Session, *, worker: str, hostname: str, pid: int, queues: list[str]
+) -> None:
+    """Record a live worker process (or refresh it): readiness asks for one per queue."""
+    row = session.get(Worker, worker)
+    if row is None:
+        session.add(Worker(id=worker, hostname=hostname, pid=pid, queues=queues))
+    else:
+        row.queues, row.heartbeat_at = queues, utcnow()
+    session.flush()
+
+
+def worker_heartbeat(session: Session, *, worker: str) -> bool:
+    """False when the row is gone (someone saw this worker as dead): re-register then."""
+    return bool(
+        session.execute(
+            update(Worker).where(Worker.id == worker).values(heartbeat_at=utcnow())
+        ).rowcount
+    )
+
+
+def forget_worker(session: Session, *, worker: str) -> None:
+    session.execute(delete(Worker).where(Worker.id == worker))
+
+
+def live_workers(session: Session, *, queue: str, heartbeat_timeout: float) -> list[Worker]:
+    fresh = utcnow() - timedelta(seconds=heartbeat_timeout)
+    rows = session.scalars(select(Worker).where(Worker.heartbeat_at >= fresh)).all()
+    return [w for w in rows if queue in (w.queues or [])]
+
+
+def release_worker(session: Session, *, worker: str, max_attempts: int) -> list[tuple[str, str]]:
+    """A worker process is known to be dead (its supervisor reaped it): forget it, and
+    release its jobs at once instead of after the heartbeat timeout. Returns (job id, queue)
+    of the re-queued jobs, for the caller to send once this commits."""
+    forget_worker(session, worker=worker)
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.status.in_(ACTIVE), Job.worker_id.startswith(f"{worker}/", autoescape=True))
+        .with_for_update()
+    ).all()
+    now = utcnow()
+    reason = f"worker {worker} died"
+    released = [
+        (j, _release(session, j, now=now, max_attempts=max_attempts, reason=reason)) for j in jobs
+    ]
+    session.flush()
+    return [(j.id, j.queue) for j, what in released if what == "requeued"]
+
+
 def reap(
     session: Session,
     *,
@@ -230,7 +316,7 @@ def reap(
     """
     now = utcnow()
     stale = now - timedelta(seconds=heartbeat_timeout)
-    counts = {"requeued": 0, "lost": 0, "sent": 0}
+    counts = {"requeued": 0, "lost": 0, "cancelled": 0, "sent": 0}
     rows = session.scalars(
         select(Job)
         .where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale)
@@ -238,42 +324,11 @@ def reap(
         .limit(100)
     ).all()
     to_send: list[tuple[str, str]] = []
+    reason = f"worker lost (no heartbeat for {heartbeat_timeout:.0f}s)"
     for job in rows:
-        if job.status == "cancelling":
-            job.status, job.finished_at = "cancelled", now
-            job.error_code, job.error_message = (
-                "cancelled",
-                "cancelled (its worker stopped responding)",
-            )
-            add_event(session, job_id=job.id, type="status", data={"status": "cancelled"})
-        elif job.attempts < max_attempts:
-            job.status, job.worker_id, job.enqueued_at = "queued", None, None
-            add_event(
-                session,
-                job_id=job.id,
-                type="log",
-                data={
-                    "stage": job.stage,
-                    "message": f"worker lost (no heartbeat for {heartbeat_timeout:.0f}s); re-queued, attempt {job.attempts + 1} of {max_attempts}",
-                },
-            )
-            add_event(session, job_id=job.id, type="status", data={"status": "queued"})
-            counts["requeued"] += 1
-        else:
-            job.status, job.finished_at = "failed", now
-            job.error_code = "worker_lost"
-            job.error_message = f"the worker stopped heartbeating {job.attempts} time(s); giving up"
-            add_event(
-                session,
-                job_id=job.id,
-                type="status",
-                data={
-                    "status": "failed",
-                    "error": {"code": "worker_lost", "message": job.error_message},
-                },
-            )
-            counts["lost"] += 1
-        job.updated_at = now
+        counts[_release(session, job, now=now, max_attempts=max_attempts, reason=reason)] += 1
+    # Worker processes silent as long are gone too (killed without a supervisor to tell).
+    session.execute(delete(Worker).where(Worker.heartbeat_at < stale))
     unsent = session.scalars(
         select(Job)
         .where(Job.status == "queued", Job.enqueued_at.is_(None))

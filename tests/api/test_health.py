@@ -3,12 +3,47 @@ from app.main import create_app
 from tests.service_support import TINY_SPEC, ThreadServer, client
 
 
-def test_liveness_and_readiness(api):
+def _set_worker(api, queues, heartbeat_at=None):
+    from app.models import Worker
+    from app.services import runs
+
+    with api.db.session() as s:
+        runs.register_worker(s, worker="testhost:1", hostname="testhost", pid=1, queues=queues)
+        if heartbeat_at is not None:
+            s.get(Worker, "testhost:1").heartbeat_at = heartbeat_at
+
+
+def test_liveness_and_readiness_which_needs_a_live_worker(api):
+    from datetime import timedelta
+
+    from app.models import utcnow
+    from app.services import runs
+
+    queue = api.settings.DEFAULT_QUEUE
     with api.client(None) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
-        r = c.get("/readyz")
-        assert r.status_code == 200, r.text
-        assert r.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+        r = c.get("/readyz")  # no worker at all: jobs would wait forever
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert r.json()["checks"] == {
+            "database": "ok",
+            "broker": "ok",
+            "storage": "ok",
+            "workers": f"error: no live worker consumes queue {queue!r}; start one "
+            "(distillery worker)",
+        }
+        try:
+            _set_worker(api, ["gpu"])  # a worker, but not on the default queue
+            assert c.get("/readyz").status_code == 503
+            _set_worker(api, ["gpu", queue])
+            r = c.get("/readyz")
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"]["workers"] == "ok"
+            stale = utcnow() - timedelta(seconds=api.settings.HEARTBEAT_TIMEOUT_SECONDS + 1)
+            _set_worker(api, [queue], heartbeat_at=stale)  # silent too long: dead
+            assert c.get("/readyz").status_code == 503
+        finally:
+            with api.db.session() as s:
+                runs.forget_worker(s, worker="testhost:1")
 
 
 def test_readiness_fails_when_the_broker_is_down(tmp_path):

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import httpx
-
 from app.cli import listen_socket
-from tests.service_support import running_stack, wait_until
+from tests.service_support import api_up, running_stack, wait_until
 
 
 def _nodelay_of_accepted(sock: socket.socket) -> int:
@@ -73,4 +71,4 @@ def test_api_with_two_processes_serves_jobs(tmp_path):
             30,
             what="both API processes",
         )
-        assert httpx.get(f"{stack.url}/readyz", timeout=5).status_code == 200
+        assert api_up(stack.url)

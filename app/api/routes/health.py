@@ -36,6 +36,25 @@ def _check_broker(request: Request) -> str:
     return "ok"
 
 
+def _check_workers(request: Request) -> str:
+    from app.services import runs
+
+    settings = request.app.state.settings
+    queue = settings.DEFAULT_QUEUE
+    with request.app.state.db.session() as s:
+        live = runs.live_workers(
+            s, queue=queue, heartbeat_timeout=settings.HEARTBEAT_TIMEOUT_SECONDS
+        )
+    if not live:
+        # Jobs would be accepted and then wait forever: not ready, and say why.
+        raise NotReady(f"no live worker consumes queue {queue!r}; start one (distillery worker)")
+    return "ok"
+
+
+class NotReady(Exception):
+    pass
+
+
 def _check_storage(request: Request) -> str:
     if not request.app.state.storage.writable():
         raise OSError(f"{request.app.state.storage.root} is not writable")
@@ -48,15 +67,19 @@ def _check_storage(request: Request) -> str:
     responses={503: {"model": Readiness, "description": "a dependency is down"}},
 )
 async def readyz(request: Request) -> Response:
-    """Ready when the database, the broker and the artifact storage all answer."""
+    """Ready when the database, the broker and the artifact storage all answer, and a live
+    worker (heartbeat within HEARTBEAT_TIMEOUT_SECONDS) consumes the default queue."""
     checks: dict[str, str] = {}
     for name, check in (
         ("database", _check_db),
         ("broker", _check_broker),
         ("storage", _check_storage),
+        ("workers", _check_workers),
     ):
         try:
             checks[name] = await run_in_threadpool(check, request)
+        except NotReady as e:
+            checks[name] = f"error: {e}"
         except Exception as e:
             checks[name] = f"error: {type(e).__name__}: {str(e)[:200]}"
     ok = all(v == "ok" for v in checks.values())

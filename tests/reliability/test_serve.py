@@ -1,0 +1,120 @@
+"""`distillery serve` supervises the worker it starts: a worker killed with SIGKILL mid-job
+is noticed at once, reaped, restarted with a logged backoff, and its job resumes from its
+last checkpoint without waiting for the heartbeat timeout (an hour here, so only the
+supervisor can have done it). Stopping serve stops the worker too."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.testing import spawn_cli, stop_group
+from tests.service_support import (
+    TINY_SPEC,
+    client,
+    free_port,
+    sse_events,
+    wait_for_status,
+    wait_until,
+)
+
+pytestmark = pytest.mark.reliability
+
+KEY = "dk_serve_supervision"
+
+
+def _readyz(url: str) -> int:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _worker_pid(home: Path) -> int | None:
+    with sqlite3.connect(home / "distillery.db") as db:
+        row = db.execute("SELECT pid FROM workers").fetchone()
+    return row[0] if row else None
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (an unreaped child)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def test_a_killed_embedded_worker_is_restarted_and_its_job_resumes(tmp_path):
+    home, port = tmp_path / "home", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DISTILLERY_HOME": str(home),
+        "DATABASE_URL": "",
+        "BROKER_URL": "",
+        "STORAGE_DIR": "",
+        "DISTILLERY_API_KEY": KEY,
+        "OMP_NUM_THREADS": "1",
+        "HEARTBEAT_SECONDS": "0.5",
+        "HEARTBEAT_TIMEOUT_SECONDS": "3600",  # the reaper cannot be what rescues the job
+        "PROGRESS_THROTTLE_SECONDS": "0.2",
+    }
+    log_path = tmp_path / "serve.log"
+    serve = spawn_cli(["serve", "--port", str(port)], env, open(log_path, "wb"))
+    try:
+        wait_until(lambda: _readyz(url) == 200, 120, what="serve and its worker")
+        spec = {**TINY_SPEC, "distill": {"epochs": 300, "baseline": False}}
+        with client(url, KEY) as c:
+            job = c.post("/v1/jobs", json=spec).json()
+            ckpt = home / "storage" / "jobs" / job["id"] / ".work/checkpoints/distill/distill.pt"
+            wait_until(ckpt.exists, 180, what="a distill epoch checkpointed")
+            first = _worker_pid(home)
+            os.kill(first, signal.SIGKILL)
+            # Noticed at once: not ready while no worker runs (the row went with the worker).
+            wait_until(lambda: _readyz(url) == 503, 10, interval=0.05, what="not ready")
+            second_job = c.post("/v1/jobs", json=TINY_SPEC).json()
+            wait_until(lambda: not _exists(first), 10, what="the dead worker to be reaped")
+            done = wait_for_status(c, job["id"], {"succeeded", "failed"}, timeout=300)
+            assert done["status"] == "succeeded", done["error"]
+            assert done["attempts"] == 2
+            events = sse_events(c, job["id"])
+            assert any(
+                k == "log" and "died; re-queued, attempt 2 of" in d["message"] for k, d in events
+            )
+            assert [d["stage"] for k, d in events if k == "stage" and d.get("resumed")] == [
+                "teacher"
+            ]
+            assert any(
+                k == "log" and "resumed distill after epoch" in d["message"] for k, d in events
+            )
+            artifacts = c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+            names = [a["name"] for a in artifacts]
+            assert len(names) == len(set(names)) == 6  # complete, and one set only
+            for a in artifacts:
+                body = c.get(a["url"]).content
+                assert hashlib.sha256(body).hexdigest() == a["sha256"], a["name"]
+            after = wait_for_status(c, second_job["id"], {"succeeded", "failed"}, timeout=300)
+            assert after["status"] == "succeeded", after["error"]
+        assert _readyz(url) == 200
+        second = _worker_pid(home)
+        assert second not in (None, first) and _alive(second)
+        log = log_path.read_text()
+        assert f"worker (pid {first}) was killed by SIGKILL; re-queued {job['id']}" in log
+        assert "restarting it in 1 s (restart 1)" in log
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+        stop_group(serve)
+    # Stopping serve stopped the worker it started.
+    assert not _alive(second)
