@@ -56,6 +56,10 @@ class NotFound(AppError):
     status_code, code = 404, "not_found"
 
 
+class MetricsDisabled(NotFound):
+    code = "metrics_disabled"
+
+
 class JobNotFound(NotFound):
     code = "job_not_found"
 
