@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -138,7 +139,7 @@ def create_app(
             reaper.stop()
         db.dispose()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="Distillery",
         version="1.0.0",
         summary="Knowledge distillation, pruning and quantization as a service.",
