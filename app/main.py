@@ -7,17 +7,19 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.deps import metrics_scraper
 from app.api.routes import health, jobs, uploads
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.errors import AppError
+from app.core.errors import AppError, MetricsDisabled, Unauthorized, error_responses
 from app.core.metrics import Metrics, MetricsMiddleware
 from app.core.storage import Storage
 
@@ -137,7 +139,7 @@ def create_app(
             reaper.stop()
         db.dispose()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="Distillery",
         version="1.0.0",
         summary="Knowledge distillation, pruning and quantization as a service.",
@@ -161,10 +163,16 @@ def create_app(
         "/metrics",
         tags=["health"],
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {}}},
+            **error_responses(Unauthorized, MetricsDisabled),
+        },
+        dependencies=[Depends(metrics_scraper)],
     )
     def prometheus() -> Response:
-        """Prometheus text format: requests, jobs by status, stage durations."""
+        """Prometheus text format: requests, jobs by status, stage durations. The job counts
+        span every tenant: it needs `Authorization: Bearer <METRICS_TOKEN>`, and answers 404
+        `metrics_disabled` while the API runs without METRICS_TOKEN."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)

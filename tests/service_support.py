@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,3 +185,11 @@ def sse_events(c: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
         if "event" in lines:
             out.append((lines["event"], json.loads(lines["data"])))
     return out
+
+
+def assert_no_server_path(message: str, settings) -> None:
+    """Neither the service's folders nor any other absolute path appear in `message` (a member
+    name climbing out with ../ stays: it is the uploader's own text)."""
+    for root in (settings.home, settings.storage_dir):
+        assert str(root) not in message, message
+    assert not re.search(r"(^|[\s'\"(=])/[\w.-]+/", message), message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -10,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import Unauthorized
+from app.core.errors import MetricsDisabled, Unauthorized
 from app.core.storage import Storage
 from app.models import Tenant
 from app.services import tenants
@@ -56,6 +57,33 @@ def current_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+_metrics_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="MetricsToken",
+    description="the operator's METRICS_TOKEN: `Authorization: Bearer <token>` (not an API key)",
+)
+
+
+def metrics_scraper(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_metrics_bearer)],
+) -> None:
+    """Let through the operator's scraper only: the job counts span every tenant, so neither
+    an anonymous caller nor a tenant's API key may read them."""
+    token = settings.METRICS_TOKEN
+    if not token:
+        raise MetricsDisabled(
+            "/metrics is off: it counts every tenant's jobs. Set METRICS_TOKEN on the API and "
+            "scrape with Authorization: Bearer <METRICS_TOKEN>"
+        )
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized(
+            "missing or wrong metrics token: send Authorization: Bearer <METRICS_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def get_enqueue(request: Request):

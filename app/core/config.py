@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     ALLOW_DATASET_DOWNLOAD: bool = False  # may jobs ask torchvision to download?
 
     DISTILLERY_API_KEY: str | None = None  # ensured at start as a key of tenant "default"
+    # /metrics counts every tenant's jobs: it answers only `Authorization: Bearer <this>`,
+    # and is off (404) while unset.
+    METRICS_TOKEN: str | None = None
 
     MAX_UPLOAD_BYTES: int = 512 * 1024**2
     MAX_ARCHIVE_MEMBERS: int = 100_000

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
+
+# An absolute POSIX path: a "/" that starts a word (not inside "a/b", "../x" or a URL's "//"),
+# then one or more components. Quotes, brackets, commas and colons end it, as they end the
+# paths that OS and library errors quote.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])(?:/[^\s'\"`,;:()\[\]{}<>/]+)+/?")
+
+
+def public_message(message: str) -> str:
+    """`message` with every absolute path cut to its last component, for a client to read.
+
+    Errors quote OS and library messages, and those name files on the server (`[Errno 17]
+    File exists: '/srv/storage/jobs/…'`): the storage layout and home folder are not the
+    client's business, and the last component is the part a user can recognise."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
 class ErrorDetail(BaseModel):
@@ -41,6 +56,10 @@ class NotFound(AppError):
     status_code, code = 404, "not_found"
 
 
+class MetricsDisabled(NotFound):
+    code = "metrics_disabled"
+
+
 class JobNotFound(NotFound):
     code = "job_not_found"
 
@@ -75,6 +94,10 @@ class SpecInvalid(AppError):
 
 class UploadInvalid(AppError):
     status_code, code = 422, "invalid_upload"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        # Refusals quote parser and OS errors about the upload's temporary file on the server.
+        super().__init__(public_message(message), **kwargs)
 
 
 class ServiceUnavailable(AppError):

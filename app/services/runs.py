@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.core.errors import public_message
 from app.models import Artifact, Job, JobEvent, JobStage, Worker, utcnow
 
 log = logging.getLogger("distillery.runs")
@@ -168,6 +169,9 @@ def finish(
     if status == "succeeded":
         job.progress = 1.0
     if error is not None:
+        # The one exit of a job's error to its owner: messages quote OS and library errors,
+        # which name files in the worker's storage and home.
+        error = (error[0], public_message(error[1]))
         job.error_code, job.error_message = error
     for record in stages or []:
         row = session.scalar(

@@ -57,11 +57,14 @@ def test_readiness_fails_when_the_broker_is_down(tmp_path):
     assert checks["database"] == "ok" and checks["broker"].startswith("error:")
 
 
-def test_prometheus_metrics_count_requests_and_jobs(api):
+def test_prometheus_metrics_count_requests_and_jobs(api, monkeypatch):
+    monkeypatch.setattr(api.settings, "METRICS_TOKEN", "scrape-me")
     with api.client("metrics") as c:
         job = c.post("/v1/jobs", json=TINY_SPEC).json()
         c.get(f"/v1/jobs/{job['id']}")
-        text = c.get("/metrics").text
+        r = c.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert r.status_code == 200, r.text
+    text = r.text
     assert (
         'distillery_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"}'
         in text
@@ -71,6 +74,31 @@ def test_prometheus_metrics_count_requests_and_jobs(api):
     )
     assert float(queued.split()[-1]) >= 1
     assert "# TYPE distillery_stage_duration_seconds histogram" in text
+
+
+def test_metrics_answer_only_the_metrics_token(api, monkeypatch):
+    """The job counts span every tenant: no anonymous caller and no tenant's key reads them."""
+    monkeypatch.setattr(api.settings, "METRICS_TOKEN", "scrape-me")
+    for headers in (
+        {},
+        {"Authorization": "Bearer scrape-mE"},
+        {"Authorization": f"Bearer {api.key('metrics')}"},
+    ):
+        with api.client(None) as c:
+            r = c.get("/metrics", headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert "METRICS_TOKEN" in r.json()["error"]["message"]
+
+
+def test_metrics_are_off_without_a_metrics_token(api):
+    assert api.settings.METRICS_TOKEN is None
+    with api.client("metrics") as c:
+        r = c.get("/metrics", headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "metrics_disabled" and "Set METRICS_TOKEN" in error["message"]
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_shape(api):

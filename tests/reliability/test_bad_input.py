@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 
 from app.core.storage import safe_filename
 from app.models import Dataset, Model, Tenant
-from tests.service_support import TINY_SPEC
+from tests.service_support import TINY_SPEC, assert_no_server_path
 from worker.pipeline.spec import JobSpec
 
 pytestmark = pytest.mark.reliability
@@ -400,6 +400,17 @@ HOSTILE = {
     "zip-damaged-data": lambda tmp: Hostile(
         "damaged.zip", _damaged_zip(), "damaged.zip: corrupt or truncated archive"
     ),
+    # The OS refuses to write these members; its error names the target on the server.
+    "zip-name-too-long": lambda tmp: Hostile(
+        "long.zip",
+        _deflated({f"cats/{'a' * 300}.png": PNG}),
+        f"long.zip: cannot extract member 'cats/{'a' * 300}.png' (File name too long)",
+    ),
+    "zip-file-and-folder": lambda tmp: Hostile(
+        "clash.zip",
+        _deflated({"cats": b"a file", "cats/0.png": PNG}),
+        "clash.zip: cannot extract member 'cats' (File exists)",
+    ),
     "zip-pixel-bomb": lambda tmp: Hostile(
         "canvas.zip",
         _deflated({"cats/canvas.png": _blank_png(8200, 8200)}),
@@ -424,7 +435,9 @@ def test_hostile_archives_are_refused_and_write_nothing(api, tmp_path, monkeypat
     before = _storage_entries(api)
     with api.client("archivist") as c:
         r = c.post("/v1/datasets", files={"file": (name, hostile.body)})
-    assert hostile.message in _refused(r, "invalid_upload")
+    message = _refused(r, "invalid_upload")
+    assert hostile.message in message
+    assert_no_server_path(message, api.settings)
     if hostile.absent is not None:
         assert not os.path.lexists(hostile.absent)
     assert not list((tmp_path / "outside").iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lzma
+import os
 import shutil
 import stat
 import tarfile
@@ -64,11 +65,13 @@ def safe_extract(
     except DatasetError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+    except OSError as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DatasetError(_os_error_message(archive, dest, e)) from None
     except (
         zipfile.BadZipFile,
         tarfile.TarError,
         EOFError,
-        OSError,
         RuntimeError,
         NotImplementedError,
         zlib.error,
@@ -79,6 +82,19 @@ def safe_extract(
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(f"{archive.name}: corrupt or truncated archive ({e})") from None
     return dest
+
+
+def _os_error_message(archive: Path, dest: Path, e: OSError) -> str:
+    """What failed, in the archive's terms. The OS names the file it failed on, a path on this
+    machine (a member name too long, a file where the archive also has a folder, a full disk):
+    name the member instead."""
+    if e.filename is None:  # gzip's BadGzipFile and the like: the archive's bytes are wrong
+        return f"{archive.name}: corrupt or truncated archive ({e})"
+    target = Path(os.fsdecode(e.filename))
+    if target.is_relative_to(dest):
+        member = target.relative_to(dest).as_posix()
+        return f"{archive.name}: cannot extract member {member!r} ({e.strerror})"
+    return f"{archive.name}: cannot read the archive ({e.strerror})"
 
 
 def _copy_capped(src, dst_path: Path, budget: int, name: str) -> int:

@@ -57,7 +57,7 @@ class NotReady(Exception):
 
 def _check_storage(request: Request) -> str:
     if not request.app.state.storage.writable():
-        raise OSError(f"{request.app.state.storage.root} is not writable")
+        raise OSError("the storage folder is not writable")  # its path is the operator's
     return "ok"
 
 
