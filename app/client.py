@@ -25,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from app.schemas.jobs import TERMINAL, ArtifactPublic, ArtifactsPublic, JobPublic, JobsPublic
+from app.jobs.states import TERMINAL
+from app.schemas.jobs import ArtifactPublic, ArtifactsPublic, JobPublic, JobsPublic
 from app.schemas.uploads import DatasetPublic, ModelPublic
 from worker.pipeline.files import sha256_file
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -16,16 +15,15 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import metrics_scraper
+from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.routes import health, jobs, uploads
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.errors import AppError, MetricsDisabled, Unauthorized, error_responses
-from app.core.metrics import Metrics, MetricsMiddleware
 from app.core.storage import Storage
+from app.jobs.lifecycle import Enqueue
 
 log = logging.getLogger("distillery.api")
-
-Enqueue = Callable[[str, str], None]
 
 
 def _error(
@@ -113,7 +111,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from app.core.migrate import upgrade
-        from app.core.reaper import Reaper
+        from app.jobs.reaper import Reaper
         from app.services import tenants
 
         settings.home.mkdir(parents=True, exist_ok=True)

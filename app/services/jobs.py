@@ -1,15 +1,16 @@
-"""Jobs as the API sees them: create (idempotent), read, list, cancel, events, artifacts."""
+"""Jobs as the API sees them: create (idempotent), read, list, cancel, events, artifacts.
+State changes go through app.jobs.lifecycle."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -20,8 +21,11 @@ from app.core.errors import (
     JobStateConflict,
     SpecInvalid,
 )
-from app.models import Artifact, Dataset, Job, JobEvent, JobStage, Model, utcnow
-from app.schemas.jobs import TERMINAL, ErrorPublic, JobPublic, StagePublic
+from app.jobs import lifecycle
+from app.jobs.lifecycle import Enqueue
+from app.jobs.states import StageStatus
+from app.models import Artifact, Dataset, Job, JobEvent, JobStage, UploadedModel
+from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
 from worker.pipeline.spec import (
     ImageFolderDataset,
     JobSpec,
@@ -35,8 +39,7 @@ from worker.pipeline.spec import (
     UploadedTeacher,
 )
 
-Enqueue = Callable[[str, str], None]  # (job_id, queue)
-
+log = logging.getLogger("distillery.jobs")
 
 # --- enqueue after commit --------------------------------------------------------------------
 
@@ -74,17 +77,15 @@ def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> 
     engine = session.get_bind()
 
     def send() -> None:
-        from app.services import runs  # avoid an import cycle
-
         try:
             enqueue(job_id, queue)
         except Exception:  # broker unreachable: the reaper retries
-            runs.log.warning("enqueue of %s failed; the reaper will retry", job_id, exc_info=True)
+            log.warning("enqueue of %s failed; the reaper will retry", job_id, exc_info=True)
             return
         try:
-            runs.mark_enqueued(engine, job_id=job_id)
+            lifecycle.mark_enqueued(engine, job_id=job_id)
         except Exception:  # the job is stored and its message sent: the request succeeded
-            runs.log.warning("recording that %s was sent failed", job_id, exc_info=True)
+            log.warning("recording that %s was sent failed", job_id, exc_info=True)
 
     after_commit(session, send)
 
@@ -166,7 +167,9 @@ def validate_for_service(
     teacher = spec.teacher
     if isinstance(teacher, UploadedTeacher):
         model = session.scalar(
-            select(Model).where(Model.id == teacher.id, Model.tenant_id == tenant_id)
+            select(UploadedModel).where(
+                UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id
+            )
         )
         if model is None:
             raise SpecInvalid(
@@ -231,36 +234,21 @@ def create_job(
         if existing is not None:
             return existing, False
     resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
-    job = Job(
+    job = lifecycle.create(
+        session,
         tenant_id=tenant_id,
         name=resolved.name,
-        status="queued",
-        progress=0.0,
         spec=resolved.model_dump(mode="json"),
-        metrics={},
         queue=resolved.queue or settings.DEFAULT_QUEUE,
+        stages=[name for name, _ in stage_plan(resolved)],
         idempotency_key=idempotency_key,
         request_hash=digest,
-        attempts=0,
-        cancel_requested=False,
     )
-    try:
-        with session.begin_nested():  # a savepoint: a lost race rolls back only this insert
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
+    if job is None:  # a concurrent request with the same key made it first
+        assert idempotency_key is not None
         existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
-        if existing is None:
-            raise
+        assert existing is not None
         return existing, False
-    for position, (name, _) in enumerate(stage_plan(resolved)):
-        session.add(
-            JobStage(job_id=job.id, name=name, status="pending", position=position, metrics={})
-        )
-    session.add(JobEvent(job_id=job.id, type="status", data={"status": "queued"}))
-    session.flush()
     send_job(session, job_id=job.id, queue=job.queue, enqueue=enqueue)
     return job, True
 
@@ -328,25 +316,14 @@ def to_public(job: Job, stages: list[JobStage]) -> JobPublic:
 
 
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
-    """Queued jobs are cancelled at once (a worker that later gets the message skips them);
-    running ones are flagged and stop at the next batch boundary."""
+    """Queued jobs are cancelled at once; running ones stop at the next batch boundary."""
     job = session.scalar(
         select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
     )
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
-    if job.status in TERMINAL:
+    if not lifecycle.cancel(session, job=job):
         raise JobStateConflict(f"job {job_id} already {job.status}")
-    job.cancel_requested = True
-    if job.status == "queued":
-        job.status = "cancelled"
-        job.finished_at = utcnow()
-        job.error_code, job.error_message = "cancelled", "cancelled before it started"
-        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelled"}))
-    elif job.status == "running":
-        job.status = "cancelling"
-        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelling"}))
-    session.flush()
     return job
 
 
@@ -397,7 +374,7 @@ def stage_durations(session: Session, *, buckets: list[float]) -> dict[str, dict
     cols = [func.sum(case((JobStage.seconds <= b, 1), else_=0)) for b in buckets]
     rows = session.execute(
         select(JobStage.name, func.count(), func.sum(JobStage.seconds), *cols)
-        .where(JobStage.status == "succeeded", JobStage.seconds.is_not(None))
+        .where(JobStage.status == StageStatus.SUCCEEDED, JobStage.seconds.is_not(None))
         .group_by(JobStage.name)
     ).all()
     return {

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import DatasetNotFound, ModelNotFound, UploadInvalid
 from app.core.storage import Storage, safe_filename
-from app.models import Dataset, Model
+from app.models import Dataset, UploadedModel
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.files import sha256_file
 
@@ -259,7 +259,7 @@ def create_model(
     filename: str,
     fields: dict[str, str],
     storage: Storage,
-) -> Model:
+) -> UploadedModel:
     fmt = fields.get("format") or _suffix(filename, MODEL_FORMATS)
     if fmt not in ("torchscript", "onnx", "safetensors"):
         raise UploadInvalid(
@@ -316,7 +316,7 @@ def create_model(
             raise UploadInvalid("arch_kwargs: nested too deeply") from None
         except ValueError as e:
             raise UploadInvalid(f"arch_kwargs: {e}") from None
-    row = Model(
+    row = UploadedModel(
         tenant_id=tenant_id,
         filename=safe_filename(filename),
         format=fmt,
@@ -346,8 +346,12 @@ def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset
     return row
 
 
-def get_model(session: Session, *, tenant_id: str, model_id: str) -> Model:
-    row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+def get_model(session: Session, *, tenant_id: str, model_id: str) -> UploadedModel:
+    row = session.scalar(
+        select(UploadedModel).where(
+            UploadedModel.id == model_id, UploadedModel.tenant_id == tenant_id
+        )
+    )
     if row is None:
         raise ModelNotFound(f"no model {model_id!r}")
     return row

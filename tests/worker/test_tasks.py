@@ -7,11 +7,11 @@ from app.core.storage import Storage
 from tests.service_support import TINY_SPEC, assert_no_server_path, sse_events
 
 
-def test_a_crashed_job_says_what_failed_without_naming_server_paths(api, monkeypatch):
-    from worker import tasks
+def test_a_crashed_job_says_what_failed_without_naming_server_paths(api):
+    from worker.runtime import Runtime
+    from worker.tasks import execute_job
 
-    monkeypatch.setattr(tasks, "settings", api.settings)
-    monkeypatch.setattr(tasks, "_db", api.db)
+    runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
     with api.client("crasher") as c:
         job = c.post("/v1/jobs", json=TINY_SPEC).json()
         # A file where the job's folder goes: the pipeline's first write fails with an OSError
@@ -19,7 +19,7 @@ def test_a_crashed_job_says_what_failed_without_naming_server_paths(api, monkeyp
         job_dir = Storage(api.settings.storage_dir).job_dir(job["id"])
         job_dir.parent.mkdir(parents=True, exist_ok=True)
         job_dir.write_bytes(b"")
-        assert tasks.execute(job["id"]) == "failed"
+        assert execute_job(runtime, job["id"]) == "failed"
         error = c.get(f"/v1/jobs/{job['id']}").json()["error"]
         events = sse_events(c, job["id"])
     assert error == {

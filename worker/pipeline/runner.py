@@ -301,7 +301,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run_job(
+def run_pipeline(
     spec: JobSpec,
     out_dir: Path | str,
     *,

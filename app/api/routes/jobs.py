@@ -18,14 +18,13 @@ from app.core.errors import (
     Unauthorized,
     error_responses,
 )
+from app.jobs.states import TERMINAL, JobStatus
 from app.schemas.jobs import (
-    TERMINAL,
     ArtifactPublic,
     ArtifactsPublic,
     JobCreate,
     JobPublic,
     JobsPublic,
-    JobStatus,
 )
 from app.services import jobs as jobs_service
 

@@ -13,7 +13,7 @@ from worker.pipeline.data import load_dataset
 from worker.pipeline.errors import Cancelled
 from worker.pipeline.evaluate import onnx_logits
 from worker.pipeline.export import read_safetensors_meta, sha256_file
-from worker.pipeline.runner import run_job
+from worker.pipeline.runner import run_pipeline
 from worker.pipeline.spec import BuiltinDataset, JobSpec
 from worker.pipeline.teacher import load_safetensors, load_torchscript
 
@@ -35,7 +35,7 @@ MODELS = ("teacher", "baseline", "student", "pruned", "quantized")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
     events = []
-    report = run_job(JobSpec.model_validate(TINY), out, on_event=events.append)
+    report = run_pipeline(JobSpec.model_validate(TINY), out, on_event=events.append)
     return out, report, events
 
 
@@ -143,11 +143,11 @@ def test_an_interrupted_job_resumes_after_its_last_finished_stage(tmp_path):
             done.append(e["stage"])
 
     with pytest.raises(Cancelled):
-        run_job(spec, tmp_path, on_event=on_event, should_cancel=lambda: "distill" in done)
+        run_pipeline(spec, tmp_path, on_event=on_event, should_cancel=lambda: "distill" in done)
     first = json.loads((tmp_path / ".work/state/distill.json").read_text())
 
     events = []
-    report = run_job(spec, tmp_path, on_event=events.append)
+    report = run_pipeline(spec, tmp_path, on_event=events.append)
     resumed = [e["stage"] for e in events if e["type"] == "stage" and e.get("resumed")]
     ran = [e["stage"] for e in events if e["type"] == "stage" and e["status"] == "running"]
     assert resumed == ["teacher", "baseline", "distill"] and ran == ["quantize", "export"]
@@ -237,7 +237,7 @@ def test_a_teacher_that_hurts_is_caught_by_the_baseline(tmp_path, keep):
             "prune": None,
         }
     )
-    report = run_job(spec, tmp_path / keep)
+    report = run_pipeline(spec, tmp_path / keep)
     distill = next(s for s in report["stages"] if s["name"] == "distill")["metrics"]
     final = report["metrics"]["final"]
     assert distill["kept"] == final["student_kept"]
