@@ -232,7 +232,12 @@ def execute(job_id: str) -> str:
         public = JobSpec.model_validate(spec_json)
         spec = resolve_uploads(public, tenant_id)
         report = run_job(
-            spec, out_dir, on_event=recorder, should_cancel=should_cancel, public_spec=spec_json
+            spec,
+            out_dir,
+            on_event=recorder,
+            should_cancel=should_cancel,
+            public_spec=spec_json,
+            limits=settings.spec_limits(),
         )
         status = "succeeded"
     except Cancelled as e:
