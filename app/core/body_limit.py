@@ -30,6 +30,9 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class BodyLimitMiddleware:
+    """413 for a body over `limit_for(scope)` bytes; a request whose limit is None passes
+    through untouched."""
+
     def __init__(self, app: ASGIApp, limit_for: LimitFor) -> None:
         self.app, self.limit_for = app, limit_for
 
@@ -48,11 +51,12 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] != "http.request":  # the client went away mid-body
                 return
-            size += len(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
             if size > limit:
                 await _refuse(scope, receive, send, "is", limit)
                 return
-            chunks.append(message.get("body", b""))
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)

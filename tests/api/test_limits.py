@@ -113,7 +113,7 @@ def test_a_spec_past_a_bound_is_refused_naming_the_field(api, parts, message):
 
 
 def test_the_bounds_are_settings(api, monkeypatch):
-    # TINY_SPEC's teacher, cnn_tiny: 2 conv + 2 batch norm + 1 linear layer with weights.
+    # TINY_SPEC's student and teacher, both cnn_tiny: 2 conv + 2 batch norm + 1 linear layer.
     with api.client() as c:
         monkeypatch.setattr(api.settings, "MAX_SPEC_LAYERS", 4)
         r = c.post("/v1/jobs", json=TINY_SPEC)
