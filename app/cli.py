@@ -192,7 +192,13 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
 
     try:
         with progress:
-            report = run_pipeline(spec, Path(out_dir), on_event=on_event, resume=not fresh)
+            report = run_pipeline(
+                spec,
+                Path(out_dir),
+                on_event=on_event,
+                resume=not fresh,
+                limits=_settings().spec_limits(),  # MAX_SPEC_* from the environment
+            )
     except PipelineError as e:
         # Plain, unwrapped, one line: scripts grep for the code.
         click.echo(f"error [{e.code}]: {e.message}", err=True)

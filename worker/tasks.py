@@ -105,6 +105,7 @@ def _run(runtime: Runtime, job_id: str, claimed: Claimed, hb: JobHeartbeat) -> O
             on_event=Recorder(runtime, job_id, claimed.worker_id, hb),
             should_cancel=should_cancel,
             public_spec=claimed.spec,
+            limits=runtime.settings.spec_limits(),
         )
         return Outcome(JobStatus.SUCCEEDED, report=report)
     except Cancelled as e:

@@ -3,7 +3,6 @@ State changes go through app.jobs.lifecycle."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -26,6 +25,8 @@ from app.jobs.lifecycle import Enqueue
 from app.jobs.states import StageStatus
 from app.models import Artifact, Dataset, Job, JobEvent, JobStage, UploadedModel
 from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
+from worker.pipeline import preflight
+from worker.pipeline.errors import SpecError
 from worker.pipeline.spec import (
     ImageFolderDataset,
     JobSpec,
@@ -34,7 +35,6 @@ from worker.pipeline.spec import (
     SafetensorsTeacher,
     TorchScriptTeacher,
     TorchvisionDataset,
-    TrainedTeacher,
     UploadedDataset,
     UploadedTeacher,
 )
@@ -114,28 +114,6 @@ def _shape_of_dataset(
     return known_shape(ds)
 
 
-@functools.lru_cache(maxsize=1024)
-def _arch_misfit(arch: str, kwargs_json: str, shape: tuple[int, ...], classes: int) -> str | None:
-    """Why `arch` cannot take this input, or None. Building a model, even on the meta device,
-    is most of a POST's cost; specs repeat the same few (arch, kwargs, shape), so the verdict
-    is cached per process (the arch registry is fixed at import)."""
-    from worker.pipeline.archs import check_arch
-
-    try:
-        check_arch(arch, json.loads(kwargs_json), shape, classes)
-    except Exception as e:  # DatasetIncompatible, or the builder refusing its arguments
-        return str(e)
-    return None
-
-
-def _check_arch(field: str, arch: str, kwargs: dict, shape: tuple[int, ...], classes: int) -> None:
-    misfit = _arch_misfit(arch, json.dumps(kwargs, sort_keys=True), tuple(shape), classes)
-    if misfit is not None:
-        raise SpecInvalid(
-            f"{field}: {arch!r} does not fit input {list(shape)} with {classes} classes: {misfit}"
-        )
-
-
 def validate_for_service(
     session: Session, *, tenant_id: str, spec: JobSpec, settings: Settings
 ) -> JobSpec:
@@ -163,38 +141,53 @@ def validate_for_service(
             update={"dataset": ds.model_copy(update={"root": str(settings.data_root)})}
         )
 
-    shape = _shape_of_dataset(session, tenant_id, spec)
-    teacher = spec.teacher
-    if isinstance(teacher, UploadedTeacher):
-        model = session.scalar(
-            select(UploadedModel).where(
-                UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id
-            )
-        )
-        if model is None:
-            raise SpecInvalid(
-                f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models"
-            )
+    limits = settings.spec_limits()
+    teacher = preflight.teacher_of(spec)
+    try:
+        # First, before anything is built or looked up: what the spec asks for is bounded.
+        preflight.check_bounds([preflight.student_of(spec), teacher], limits)
+        shape = _shape_of_dataset(session, tenant_id, spec)
+        if isinstance(spec.teacher, UploadedTeacher):
+            teacher = _uploaded_teacher(session, tenant_id, spec, shape)
         if shape is not None:
-            in_shape, classes = shape
-            if model.input_shape is not None and tuple(model.input_shape) != in_shape:
-                raise SpecInvalid(
-                    f"teacher.id: model {model.id} takes input {model.input_shape}; the dataset gives {list(in_shape)}"
-                )
-            if model.num_classes is not None and model.num_classes != classes:
-                raise SpecInvalid(
-                    f"teacher.id: model {model.id} predicts {model.num_classes} classes; the dataset has {classes}"
-                )
-            if model.format == "safetensors" and model.arch:
-                _check_arch("teacher.id", model.arch, model.arch_kwargs, in_shape, classes)
-        if spec.distill.feature is not None and model.format == "onnx":
-            raise SpecInvalid("distill.feature: an ONNX teacher does not expose inner layers")
+            preflight.preflight(
+                spec, input_shape=shape[0], num_classes=shape[1], limits=limits, teacher=teacher
+            )
+    except SpecError as e:  # the pipeline's refusal, already naming the field
+        raise SpecInvalid(e.message) from None
+    return spec
+
+
+def _uploaded_teacher(
+    session: Session, tenant_id: str, spec: JobSpec, shape: tuple[tuple[int, ...], int] | None
+) -> preflight.ArchRef | None:
+    """Check an uploaded teacher against the dataset; return its arch when it has one (a
+    safetensors upload), for the preflight to build."""
+    teacher = spec.teacher
+    assert isinstance(teacher, UploadedTeacher)
+    model = session.scalar(
+        select(UploadedModel).where(
+            UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id
+        )
+    )
+    if model is None:
+        raise SpecInvalid(f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models")
+    if spec.distill.feature is not None and model.format == "onnx":
+        raise SpecInvalid("distill.feature: an ONNX teacher does not expose inner layers")
     if shape is not None:
         in_shape, classes = shape
-        _check_arch("student.arch", spec.student.arch, spec.student.arch_kwargs, in_shape, classes)
-        if isinstance(teacher, TrainedTeacher):
-            _check_arch("teacher.arch", teacher.arch, teacher.arch_kwargs, in_shape, classes)
-    return spec
+        if model.input_shape is not None and tuple(model.input_shape) != in_shape:
+            raise SpecInvalid(
+                f"teacher.id: model {model.id} takes input {model.input_shape}; the dataset gives {list(in_shape)}"
+            )
+        if model.num_classes is not None and model.num_classes != classes:
+            raise SpecInvalid(
+                f"teacher.id: model {model.id} predicts {model.num_classes} classes; the dataset has {classes}"
+            )
+    if model.format == "safetensors" and model.arch:
+        kwargs_field = f"teacher.id: model {model.id}'s arch_kwargs"
+        return preflight.ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
+    return None
 
 
 # --- create / read / list / cancel -----------------------------------------------------------
@@ -226,7 +219,7 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Store a job and enqueue it after commit; returns (job, created). With an idempotency
     key, the same key and body return the first job, even when the requests race."""
-    from worker.pipeline.runner import stage_plan
+    from worker.pipeline.plan import stage_plan
 
     digest = request_hash(spec)
     if idempotency_key is not None:

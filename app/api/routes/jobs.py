@@ -14,6 +14,7 @@ from app.core.errors import (
     IdempotencyConflict,
     JobNotFound,
     JobStateConflict,
+    PayloadTooLarge,
     SpecInvalid,
     Unauthorized,
     error_responses,
@@ -41,7 +42,7 @@ AUTH = (Unauthorized,)
             "model": JobPublic,
             "description": "replayed: the job an earlier request with the same Idempotency-Key created",
         },
-        **error_responses(*AUTH, IdempotencyConflict, SpecInvalid),
+        **error_responses(*AUTH, IdempotencyConflict, PayloadTooLarge, SpecInvalid),
     },
 )
 def create_job(
@@ -53,7 +54,12 @@ def create_job(
     enqueue=Depends(get_enqueue),
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    """Validate and store a job, then enqueue it (after the commit)."""
+    """Validate and store a job, then enqueue it (after the commit).
+
+    A body over `MAX_REQUEST_BYTES` (1 MiB) is refused with 413 before it is parsed; a spec
+    asking for more than the `MAX_SPEC_*` limits (list lengths and nesting in `arch_kwargs`,
+    layers and parameters of a model) or failing any check possible before compute (archs
+    that do not fit the data, feature-loss layer names) is refused with 422 naming the field."""
     job, created = jobs_service.create_job(
         session,
         tenant_id=tenant.id,

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from worker.pipeline.data import load_dataset
-from worker.pipeline.errors import Cancelled
+from worker.pipeline.errors import Cancelled, SpecError
 from worker.pipeline.evaluate import onnx_logits
 from worker.pipeline.export import read_safetensors_meta, sha256_file
+from worker.pipeline.limits import SpecLimits
 from worker.pipeline.runner import run_pipeline
 from worker.pipeline.spec import BuiltinDataset, JobSpec
 from worker.pipeline.teacher import load_safetensors, load_torchscript
@@ -256,3 +257,44 @@ def test_a_teacher_that_hurts_is_caught_by_the_baseline(tmp_path, keep):
         )
         < 0.05
     )
+
+
+# --- the preflight: what can fail before compute fails before the teacher trains -----------
+
+TYPO = {"student_layer": "features.9", "teacher_layer": "features.1"}
+LAYER_TYPO = {**TINY, "distill": {"epochs": 1, "feature": TYPO}}
+TOO_DEEP = {**TINY, "student": {"arch": "mlp", "arch_kwargs": {"hidden": [1] * 20_000}}}
+
+
+def test_a_feature_layer_typo_fails_before_the_teacher_trains(tmp_path):
+    events = []
+    with pytest.raises(SpecError) as e:
+        run_pipeline(JobSpec.model_validate(LAYER_TYPO), tmp_path, on_event=events.append)
+    assert e.value.code == "invalid_spec"
+    assert e.value.message.startswith(
+        "distill.feature.student_layer: no layer 'features.9'; layers: features, features.0"
+    )
+    assert [ev for ev in events if ev["type"] == "stage"] == []  # no stage started
+    assert not (tmp_path / ".work/state/teacher.json").exists()
+
+
+def test_a_spec_past_the_limits_fails_before_the_data_is_loaded(tmp_path):
+    events = []
+    with pytest.raises(SpecError, match=r"^student\.arch_kwargs\.hidden: a list of 20000 items"):
+        run_pipeline(JobSpec.model_validate(TOO_DEEP), tmp_path, on_event=events.append)
+    assert events == []
+    with pytest.raises(SpecError, match=r"^student\.arch: 'cnn_tiny' builds \d+ layers"):
+        run_pipeline(JobSpec.model_validate(TINY), tmp_path, limits=SpecLimits(max_layers=2))
+
+
+def test_cli_refuses_what_the_preflight_refuses_with_exit_2(tmp_path):
+    repo = Path(__file__).parents[3]
+    for name, spec, message in (
+        ("typo", LAYER_TYPO, "distill.feature.student_layer: no layer 'features.9'; layers: "),
+        ("deep", TOO_DEEP, "student.arch_kwargs.hidden: a list of 20000 items; at most 64"),
+    ):
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+        out = tmp_path / name
+        r = _cli("run", str(tmp_path / f"{name}.json"), "--out", str(out), cwd=repo)
+        assert r.returncode == 2 and f"error [invalid_spec]: {message}" in r.stderr, r.stderr
+        assert "✓ teacher" not in r.stderr and not (out / ".work/state/teacher.json").exists()
