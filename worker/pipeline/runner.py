@@ -38,6 +38,7 @@ from worker.pipeline.export import (
     sha256_file,
 )
 from worker.pipeline.gates import check_all, spec_gates
+from worker.pipeline.history import HistoryLog
 from worker.pipeline.spec import JobSpec, TrainedTeacher
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -275,6 +276,7 @@ ARTIFACT_FORMATS = {
     "model.torchscript.pt": "torchscript",
     "model.safetensors": "safetensors",
     "model_card.json": "json",
+    "history.csv": "csv",
 }
 
 
@@ -313,7 +315,8 @@ def run_job(
     """Run `spec`, write artifacts and `report.json` into `out_dir`, return the report.
 
     Events go to `on_event` as dicts: `stage` (status changes), `progress` (overall 0..1),
-    `log` and `metrics`. Raises a PipelineError subclass (with a `.code`) on failure.
+    `log`, `metrics` and `history` (`row`: one epoch of a training run, every one of them).
+    Raises a PipelineError subclass (with a `.code`) on failure.
     `public_spec` is what the report and model card show (the service passes the user's spec,
     without the server paths its uploads were resolved to).
     """
@@ -345,7 +348,16 @@ def run_job(
             }
         )
 
-    root = StageContext(device, out / ".work" / "checkpoints", on_progress, should_cancel)
+    (out / ".work").mkdir(exist_ok=True)
+    history = HistoryLog(out / ".work" / "history.jsonl")  # a resumed job keeps its rows
+
+    def on_history(row: dict[str, Any]) -> None:
+        history.add(row)
+        emit({"type": "history", "row": row})
+
+    root = StageContext(
+        device, out / ".work" / "checkpoints", on_progress, should_cancel, on_history=on_history
+    )
     data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
     emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
     run = _Run(spec, out, root, emit, data, public_spec=public_spec or spec.model_dump(mode="json"))
@@ -396,6 +408,7 @@ def run_job(
             }
         )
 
+    history.write_csv(out / "history.csv")
     final = _final(run.metrics, run.kept)
     run.metrics["final"] = final
     gates = check_all(spec_gates(spec.gates), run.metrics)
