@@ -82,16 +82,21 @@ class Heartbeat(threading.Thread):
 
 
 class Recorder:
-    """Turns pipeline events into job rows and job events; progress is throttled."""
+    """Turns pipeline events into job rows and job events; progress is throttled, the
+    training history never is."""
 
     def __init__(self, job_id: str, worker_id: str, heartbeat: Heartbeat) -> None:
         self.job_id, self.worker_id, self.hb = job_id, worker_id, heartbeat
         self._last_progress = 0.0
         self._last_stage = ""
+        self._history: list[dict[str, Any]] = []  # rows not stored yet
 
     def __call__(self, e: dict[str, Any]) -> None:
         kind = e["type"]
-        if kind == "done":
+        if kind in ("history", "done"):
+            if kind == "history":
+                self._history.append(e["row"])
+            self._store_history()
             return
         now = time.monotonic()
         if kind == "progress":
@@ -108,6 +113,20 @@ class Recorder:
                 self._write(s, kind, e)
         except Exception:  # a lost progress line is not worth failing a job for
             log.warning("could not record %s event for %s", kind, self.job_id, exc_info=True)
+
+    def _store_history(self) -> None:
+        """Store the pending rows; rows a database blip held back go with the next row (or at
+        the end of the job) instead of being lost."""
+        if not self._history:
+            return
+        try:
+            with db().session() as s:
+                rows, job_id, worker_id = self._history, self.job_id, self.worker_id
+                if not runs.record_history(s, job_id=job_id, worker_id=worker_id, rows=rows):
+                    self.hb.lost.set()
+            self._history = []
+        except Exception:
+            log.warning("could not record history for %s; retrying", self.job_id, exc_info=True)
 
     def _write(self, s, kind: str, e: dict[str, Any]) -> None:
         job_id, worker_id = self.job_id, self.worker_id
