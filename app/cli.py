@@ -673,6 +673,53 @@ def logs(job_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help='{"data": [rows]}, as the API gives it')
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header, the columns of history.csv")
+@_guard
+def history(job_id: str, as_json: bool, as_csv: bool) -> None:
+    """Print a job's training history: one row per epoch of every training run (stage, run,
+    epoch, step, lr, loss parts, validation accuracy, seconds)."""
+    if as_json and as_csv:
+        raise InputError("--json and --csv: choose one")
+    with _client() as client:
+        if as_csv:
+            click.echo(client.history_csv(job_id), nl=False)
+            return
+        rows = client.history(job_id)
+    if as_json:
+        _emit_json({"data": [r.model_dump(mode="json") for r in rows]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.pipeline.history import HISTORY_COLUMNS
+
+    table = Table()
+    for col in HISTORY_COLUMNS:
+        table.add_column(col, justify="left" if col in ("stage", "run") else "right")
+    for r in rows:
+        table.add_row(
+            r.stage,
+            r.run,
+            str(r.epoch),
+            str(r.step),
+            _fmt_num(r.lr, "{:.3g}"),
+            *(_fmt_num(v, "{:.4f}") for v in (r.loss, r.task_loss, r.kd_loss, r.feature_loss)),
+            _fmt_num(r.val_accuracy, "{:.4f}"),
+            f"{r.seconds:.1f}",
+        )
+    # Eleven columns: piped output (80 columns by default) would fold every cell.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if not rows:
+        click.echo("no epochs recorded yet", err=True)
+
+
+def _fmt_num(value: float | None, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
+
+
+@main.command()
+@click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
 @_guard
 def cancel(job_id: str, as_json: bool) -> None:

@@ -26,7 +26,14 @@ from typing import Any
 import httpx
 
 from app.jobs.states import TERMINAL
-from app.schemas.jobs import ArtifactPublic, ArtifactsPublic, JobPublic, JobsPublic
+from app.schemas.jobs import (
+    ArtifactPublic,
+    ArtifactsPublic,
+    HistoryPublic,
+    HistoryRowPublic,
+    JobPublic,
+    JobsPublic,
+)
 from app.schemas.uploads import DatasetPublic, ModelPublic
 from worker.pipeline.files import sha256_file
 
@@ -245,6 +252,17 @@ class Client:
                 if failures > self.retries:
                     raise
                 self.sleep(self.backoff * (2 ** (failures - 1)))
+
+    def history(self, job_id: str) -> list[HistoryRowPublic]:
+        """Every epoch of every training run of the job, in the order they ran."""
+        r = self.request("GET", f"/v1/jobs/{job_id}/history")
+        return HistoryPublic.model_validate(r.json()).data
+
+    def history_csv(self, job_id: str) -> str:
+        """The same rows as CSV (the columns of history.csv)."""
+        return self.request(
+            "GET", f"/v1/jobs/{job_id}/history", headers={"Accept": "text/csv"}
+        ).text
 
     # -- artifacts --------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Pipeline events -> job rows and job events (what `GET /v1/jobs/{id}` and the SSE stream
-show). Progress is throttled; stage changes, metrics and log lines are not."""
+show). Progress is throttled; stage changes, metrics, log lines and the training history are
+not."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Recorder:
         self.runtime, self.job_id, self.worker_id, self.hb = runtime, job_id, worker_id, hb
         self._last_progress = 0.0
         self._last_stage = ""
+        self._history: list[dict[str, Any]] = []  # rows not stored yet
         self._writers = {
             "progress": self._progress,
             "stage": self._stage,
@@ -30,6 +32,11 @@ class Recorder:
         }
 
     def __call__(self, e: dict[str, Any]) -> None:
+        if e["type"] in ("history", "done"):
+            if e["type"] == "history":
+                self._history.append(e["row"])
+            self._store_history()
+            return
         write = self._writers.get(e["type"])
         if write is None or self._throttled(e):
             return
@@ -38,6 +45,21 @@ class Recorder:
                 write(s, e)
         except Exception:  # a lost progress line is not worth failing a job for
             log.warning("could not record %s event for %s", e["type"], self.job_id, exc_info=True)
+
+    def _store_history(self) -> None:
+        """Store the pending rows; rows a database blip held back go with the next row (or at
+        the end of the job) instead of being lost."""
+        if not self._history:
+            return
+        try:
+            with self.runtime.db.session() as s:
+                if not lifecycle.record_history(
+                    s, job_id=self.job_id, worker_id=self.worker_id, rows=self._history
+                ):
+                    self.hb.lost.set()
+            self._history = []
+        except Exception:
+            log.warning("could not record history for %s; retrying", self.job_id, exc_info=True)
 
     def _throttled(self, e: dict[str, Any]) -> bool:
         """At most one progress write per PROGRESS_THROTTLE_SECONDS within a stage; the end

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from app.core.db import insert_if_absent
 from app.core.errors import public_message
 from app.jobs.states import ACTIVE, TERMINAL, JobStatus, StageStatus, check_transition, sources
-from app.models import Artifact, Job, JobEvent, JobStage, Worker, new_id, utcnow
+from app.models import Artifact, Job, JobEvent, JobHistory, JobStage, Worker, new_id, utcnow
+from worker.pipeline.history import HISTORY_COLUMNS
 
 log = logging.getLogger("distillery.lifecycle")
 
@@ -216,6 +217,27 @@ def set_model_metrics(
     job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
     if job is not None:
         job.metrics = {**(job.metrics or {}), model: metrics}
+
+
+def record_history(
+    session: Session, *, job_id: str, worker_id: str, rows: list[dict[str, Any]]
+) -> bool:
+    """Store epochs of training runs (HISTORY_COLUMNS rows) and announce each as a `history`
+    event. A row replaces its run's rows from its epoch on, as the pipeline's own log does: a
+    resumed job writes the epochs it runs again once more. False when the job is not ours."""
+    if session.scalar(select(Job.id).where(_owned(job_id, worker_id))) is None:
+        return False
+    for row in rows:
+        session.execute(
+            delete(JobHistory).where(
+                JobHistory.job_id == job_id,
+                JobHistory.run == row["run"],
+                JobHistory.epoch >= row["epoch"],
+            )
+        )
+        session.add(JobHistory(job_id=job_id, **{k: row.get(k) for k in HISTORY_COLUMNS}))
+        add_event(session, job_id=job_id, type="history", data=row)
+    return True
 
 
 def finish(

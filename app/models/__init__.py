@@ -137,6 +137,28 @@ class JobEvent(Base):
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
 
+class JobHistory(Base):
+    """One epoch of one training run of a job (worker.pipeline.history.HISTORY_COLUMNS)."""
+
+    __tablename__ = "job_history"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    run: Mapped[str] = mapped_column(String(32))
+    epoch: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    lr: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    task_loss: Mapped[float | None] = mapped_column(Float)
+    kd_loss: Mapped[float | None] = mapped_column(Float)
+    feature_loss: Mapped[float | None] = mapped_column(Float)
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+
+    # A resumed job writes an epoch it runs again once more: (job, run, epoch) stays unique.
+    __table_args__ = (UniqueConstraint("job_id", "run", "epoch", name="uq_job_history_run_epoch"),)
+
+
 class Artifact(Base):
     __tablename__ = "artifacts"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

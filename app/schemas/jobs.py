@@ -76,3 +76,29 @@ class ArtifactPublic(BaseModel):
 
 class ArtifactsPublic(BaseModel):
     data: list[ArtifactPublic]
+
+
+class HistoryRowPublic(BaseModel):
+    """One epoch of one training run. Columns in this order in the CSV too."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    stage: str = Field(description="teacher, baseline, distill or prune")
+    run: str = Field(
+        description="the training run inside the stage: teacher, baseline, distill, finetune1, …"
+    )
+    epoch: int = Field(description="1-based")
+    step: int = Field(description="optimizer steps so far in this run")
+    lr: float | None = Field(description="the learning rate at the end of the epoch")
+    loss: float | None = Field(description="the epoch's mean of what was minimised")
+    task_loss: float | None = Field(description="cross-entropy on the labels")
+    kd_loss: float | None = Field(description="the distillation term; null without a teacher")
+    feature_loss: float | None = Field(description="the feature term; null without one")
+    val_accuracy: float | None = Field(
+        description="accuracy on the validation split after the epoch; null without one"
+    )
+    seconds: float = Field(description="wall time since the run started")
+
+
+class HistoryPublic(BaseModel):
+    data: list[HistoryRowPublic]

@@ -23,7 +23,7 @@ from app.core.errors import (
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
 from app.jobs.states import StageStatus
-from app.models import Artifact, Dataset, Job, JobEvent, JobStage, UploadedModel
+from app.models import Artifact, Dataset, Job, JobEvent, JobHistory, JobStage, UploadedModel
 from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
 from worker.pipeline import preflight
 from worker.pipeline.errors import SpecError
@@ -352,6 +352,16 @@ def get_artifact(session: Session, *, tenant_id: str, job_id: str, name: str) ->
     if artifact is None:
         raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
     return artifact
+
+
+def history_of(session: Session, *, tenant_id: str, job_id: str) -> list[JobHistory]:
+    """Every recorded epoch of the job's training runs, in the order they ran."""
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return list(
+        session.scalars(
+            select(JobHistory).where(JobHistory.job_id == job_id).order_by(JobHistory.id)
+        )
+    )
 
 
 def counts_by_status(session: Session) -> dict[str, int]:

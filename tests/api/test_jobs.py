@@ -172,6 +172,7 @@ def test_openapi_documents_every_route_and_its_errors(api):
         "/v1/jobs/{job_id}",
         "/v1/jobs/{job_id}/cancel",
         "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/history",
         "/v1/jobs/{job_id}/artifacts",
         "/v1/jobs/{job_id}/artifacts/{name}",
         "/v1/datasets",
@@ -186,3 +187,7 @@ def test_openapi_documents_every_route_and_its_errors(api):
     assert {"401", "409", "413", "422"} <= set(paths["/v1/jobs"]["post"]["responses"])
     assert {"404", "409"} <= set(paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"])
     assert "413" in paths["/v1/datasets"]["post"]["responses"]
+    history = paths["/v1/jobs/{job_id}/history"]["get"]["responses"]
+    assert {"401", "404"} <= set(history) and {"application/json", "text/csv"} <= set(
+        history["200"]["content"]
+    )

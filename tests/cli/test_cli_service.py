@@ -224,6 +224,32 @@ def test_status_list_and_logs(served, finished_job):
         assert line in out, line
 
 
+def test_history_prints_every_epoch_as_a_table_json_or_csv(served, finished_job):
+    job_id = finished_job["job"]["id"]
+    code, out, err = run_cli(served, "history", job_id, "--json")
+    assert code == 0, err
+    rows = json.loads(out)["data"]
+    assert [(r["run"], r["epoch"]) for r in rows] == [
+        ("teacher", 1),
+        ("teacher", 2),
+        ("baseline", 1),
+        ("baseline", 2),
+        ("distill", 1),
+        ("distill", 2),
+        ("finetune1", 1),
+    ]
+    code, out, _ = run_cli(served, "history", job_id, "--csv")
+    assert code == 0 and out.splitlines()[0].startswith("stage,run,epoch,step,lr,loss,")
+    assert len(out.splitlines()) == 1 + len(rows)
+    code, out, _ = run_cli(served, "history", job_id)
+    assert code == 0
+    table = [line for line in out.splitlines() if "finetune1" in line]
+    # The last fine-tune epoch's loss, as the table prints it.
+    assert len(table) == 1 and f"{rows[-1]['loss']:.4f}" in table[0]
+    code, _, err = run_cli(served, "history", "job_nope")
+    assert code == 5 and "error [job_not_found]" in err
+
+
 def test_uploads_from_the_cli_feed_a_job(served, tmp_path):
     import torch
 

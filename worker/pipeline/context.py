@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,6 +15,7 @@ from worker.pipeline.errors import Cancelled
 log = logging.getLogger("distillery.pipeline")
 
 ProgressFn = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
+HistoryFn = Callable[[dict[str, Any]], None]  # one row of worker.pipeline.history.HISTORY_COLUMNS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,6 +34,7 @@ class StageContext:
     on_progress: ProgressFn | None = None
     should_cancel: Callable[[], bool] | None = None
     stage: str = ""
+    on_history: HistoryFn | None = None
 
     def progress(self, fraction: float, message: str = "") -> None:
         if self.on_progress is not None:
@@ -42,6 +45,16 @@ class StageContext:
         if self.on_progress is not None:
             self.on_progress(self.stage, -1.0, message)  # -1: a log line, no progress change
 
+    @property
+    def wants_history(self) -> bool:
+        """Someone keeps the training curves: worth measuring validation accuracy per epoch."""
+        return self.on_history is not None
+
+    def history(self, row: dict[str, Any]) -> None:
+        """Record one finished epoch of a training run (`row` without `stage`: this stage's)."""
+        if self.on_history is not None:
+            self.on_history({"stage": self.stage, **row})
+
     def check_cancel(self) -> None:
         """Called at batch boundaries: raises Cancelled when the job was asked to stop."""
         if self.should_cancel is not None and self.should_cancel():
@@ -51,4 +64,6 @@ class StageContext:
         ckpt = self.checkpoint_dir / stage if self.checkpoint_dir is not None else None
         if ckpt is not None:
             ckpt.mkdir(parents=True, exist_ok=True)
-        return StageContext(self.device, ckpt, self.on_progress, self.should_cancel, stage)
+        return StageContext(
+            self.device, ckpt, self.on_progress, self.should_cancel, stage, self.on_history
+        )

@@ -60,6 +60,13 @@ class DataBundle:
         return tuple(self.x_train.shape[1:])
 
     @property
+    def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The validation split as (x, y), or None when the spec holds none out."""
+        if self.x_val is None or self.y_val is None:
+            return None
+        return self.x_val, self.y_val
+
+    @property
     def is_image(self) -> bool:
         return self.x_train.ndim == 4
 

@@ -108,6 +108,7 @@ def train_student(
             features=features,
             progress_span=progress_span,
             tag=tag,
+            val=data.val,
         )
     finally:
         if features is not None:

@@ -143,6 +143,7 @@ def run(
                 teacher_logits=signal.logits,
                 progress_span=((k + 0.1) / spec.steps, (k + 1) / spec.steps),
                 tag=f"finetune{k + 1}",
+                val=data.val,
             )
             metrics.update({f"finetune_{n}": v for n, v in parts.items()})
     _finalize(model)

@@ -39,6 +39,7 @@ from worker.pipeline.export import (
     sha256_file,
 )
 from worker.pipeline.gates import check_all, spec_gates
+from worker.pipeline.history import HistoryLog
 from worker.pipeline.limits import SpecLimits
 from worker.pipeline.plan import stage_plan
 from worker.pipeline.spec import JobSpec, TrainedTeacher
@@ -263,6 +264,7 @@ ARTIFACT_FORMATS = {
     "model.torchscript.pt": "torchscript",
     "model.safetensors": "safetensors",
     "model_card.json": "json",
+    "history.csv": "csv",
 }
 
 
@@ -302,7 +304,8 @@ def run_pipeline(
     """Run `spec`, write artifacts and `report.json` into `out_dir`, return the report.
 
     Events go to `on_event` as dicts: `stage` (status changes), `progress` (overall 0..1),
-    `log` and `metrics`. Raises a PipelineError subclass (with a `.code`) on failure.
+    `log`, `metrics` and `history` (`row`: one epoch of a training run, every one of them).
+    Raises a PipelineError subclass (with a `.code`) on failure.
     `public_spec` is what the report and model card show (the service passes the user's spec,
     without the server paths its uploads were resolved to). `limits` bound the models the
     spec describes (default: `SpecLimits()`); a spec past them fails before any is built.
@@ -338,7 +341,16 @@ def run_pipeline(
             }
         )
 
-    root = StageContext(device, out / ".work" / "checkpoints", on_progress, should_cancel)
+    (out / ".work").mkdir(exist_ok=True)
+    history = HistoryLog(out / ".work" / "history.jsonl")  # a resumed job keeps its rows
+
+    def on_history(row: dict[str, Any]) -> None:
+        history.add(row)
+        emit({"type": "history", "row": row})
+
+    root = StageContext(
+        device, out / ".work" / "checkpoints", on_progress, should_cancel, on_history=on_history
+    )
     data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
     emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
     # Before the teacher stage: a spec that cannot work (a layer-name typo, an arch that does
@@ -398,6 +410,7 @@ def run_pipeline(
             }
         )
 
+    history.write_csv(out / "history.csv")
     final = _final(run.metrics, run.kept)
     run.metrics["final"] = final
     gates = check_all(spec_gates(spec.gates), run.metrics)

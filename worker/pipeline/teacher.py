@@ -200,6 +200,7 @@ def run(spec, data: DataBundle, ctx: StageContext, seed: int) -> TeacherResult:
             loss_fn=CrossEntropyOnly(),
             ctx=ctx,
             tag="teacher",
+            val=data.val,
         )
         metrics = {
             "train_loss": parts.get("loss", float("nan")),

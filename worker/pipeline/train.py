@@ -160,6 +160,30 @@ class _LossLog:
         return {k: float(v) / self.count for k, v in zip(self.names, self.sums, strict=True)}
 
 
+def _epoch_row(
+    tag: str,
+    epoch: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    parts: dict[str, float],
+    model: nn.Module,
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    seconds: float,
+) -> dict[str, float | int | str | None]:
+    """One row of the training history (worker.pipeline.history.HISTORY_COLUMNS, less stage)."""
+    return {
+        "run": tag,
+        "epoch": epoch + 1,
+        "step": scheduler.last_epoch,  # the scheduler steps once per optimizer step
+        "lr": scheduler.get_last_lr()[0],
+        "loss": parts.get("loss"),
+        "task_loss": parts.get("task_loss"),
+        "kd_loss": parts.get("kd_loss"),
+        "feature_loss": parts.get("feature_loss"),
+        "val_accuracy": None if val is None else accuracy(model, val[0], val[1], val[0].device),
+        "seconds": seconds,
+    }
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -173,12 +197,14 @@ def fit(
     features: FeatureTerm | None = None,
     progress_span: tuple[float, float] = (0.0, 1.0),
     tag: str = "train",
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place; return the last epoch's mean loss parts and the wall time.
 
     The teacher signal is either `teacher_logits` (precomputed, indexed by sample; only valid
-    without augmentation) or `teacher` (called on every batch). Raises NanLoss on a
-    non-finite loss and Cancelled (via ctx) between batches.
+    without augmentation) or `teacher` (called on every batch). Each epoch goes to
+    `ctx.history` as a row named `tag`, with the accuracy on `val` (x, y) when given. Raises
+    NanLoss on a non-finite loss and Cancelled (via ctx) between batches.
     """
     device = ctx.device
     model.to(device).train()
@@ -204,7 +230,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     g = torch.Generator().manual_seed(cfg.seed)
     aug_g = torch.Generator().manual_seed(cfg.seed + 1)
-    start_epoch = 0
+    start_epoch, seconds_before = 0, 0.0
     ckpt = ctx.checkpoint_dir / f"{tag}.pt" if ctx.checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -221,13 +247,17 @@ def fit(
             g.set_state(state["rng"])
             aug_g.set_state(state["aug_rng"])
             start_epoch = int(state["epoch"]) + 1
+            seconds_before = float(state.get("seconds", 0.0))  # the history's clock goes on
             ctx.log(f"resumed {tag} after epoch {start_epoch}")
         except Exception as e:  # unreadable: start the stage over rather than fail the job
             ctx.log(f"ignored an unreadable {tag} checkpoint ({type(e).__name__}); starting over")
-            start_epoch = 0
+            start_epoch, seconds_before = 0, 0.0
     y_dev = y.to(device)
     x_dev = x.to(device)
     logits_dev = teacher_logits.to(device) if teacher_logits is not None else None
+    # One forward pass over the validation split per epoch (a tenth of the data by default, no
+    # backward): cheap beside the epoch, and only paid when someone keeps the history.
+    val_dev = (val[0].to(device), val[1].to(device)) if val and ctx.wants_history else None
     lo, hi = progress_span
     parts_mean: dict[str, float] = {}
     started = time.perf_counter()
@@ -265,6 +295,9 @@ def fit(
             scheduler.step()
             losses.add(b, parts)
         parts_mean = losses.means()  # raises NanLoss before a diverged epoch is checkpointed
+        seconds = seconds_before + time.perf_counter() - started
+        # Recorded before the checkpoint: an epoch that a crash makes run again replaces its row.
+        ctx.history(_epoch_row(tag, epoch, scheduler, parts_mean, model, val_dev, seconds))
         if ckpt is not None:
             _save_atomic(
                 {
@@ -276,6 +309,7 @@ def fit(
                     "rng": g.get_state(),
                     "aug_rng": aug_g.get_state(),
                     "epoch": epoch,
+                    "seconds": seconds,
                 },
                 ckpt,
             )

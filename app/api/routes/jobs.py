@@ -5,7 +5,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_enqueue
@@ -23,11 +23,14 @@ from app.jobs.states import TERMINAL, JobStatus
 from app.schemas.jobs import (
     ArtifactPublic,
     ArtifactsPublic,
+    HistoryPublic,
+    HistoryRowPublic,
     JobCreate,
     JobPublic,
     JobsPublic,
 )
 from app.services import jobs as jobs_service
+from worker.pipeline.history import to_csv
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 AUTH = (Unauthorized,)
@@ -135,8 +138,9 @@ def job_events(
     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[int, Query(ge=0, description="resume after this event id")] = 0,
 ) -> StreamingResponse:
-    """Stage changes, progress, log lines and metrics as server-sent events, from the job's
-    first event (or after `Last-Event-ID`), ending once the job has ended."""
+    """Stage changes, progress, log lines, metrics and the training history (`history`: one
+    event per epoch, the row /history returns) as server-sent events, from the job's first
+    event (or after `Last-Event-ID`), ending once the job has ended."""
     jobs_service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 for other tenants
     db = request.app.state.db
     poll = request.app.state.settings.PROGRESS_THROTTLE_SECONDS / 2
@@ -173,6 +177,43 @@ def job_events(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/{job_id}/history",
+    response_model=HistoryPublic,
+    responses={
+        200: {
+            "content": {"text/csv": {}},
+            "description": "every epoch of every training run; CSV (same columns, same order) "
+            "with `Accept: text/csv`",
+        },
+        **error_responses(*AUTH, JobNotFound),
+    },
+)
+def job_history(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The training curves: one row per epoch of every training run (teacher, baseline,
+    distill, each prune fine-tune) with its loss parts, learning rate, validation accuracy and
+    wall time, in the order they ran; recorded as they happen, so a running job has the rows
+    of its finished epochs."""
+    rows = [
+        HistoryRowPublic.model_validate(r)
+        for r in jobs_service.history_of(session, tenant_id=tenant.id, job_id=job_id)
+    ]
+    if accept is not None and "text/csv" in accept:
+        return Response(
+            to_csv(r.model_dump() for r in rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'inline; filename="history.csv"', "Vary": "Accept"},
+        )
+    return JSONResponse(
+        HistoryPublic(data=rows).model_dump(mode="json"), headers={"Vary": "Accept"}
     )
 
 

@@ -85,6 +85,7 @@ def test_artifacts_are_listed_with_their_sha256(finished):
         "model.torchscript.pt",
         "model.safetensors",
         "model_card.json",
+        "history.csv",
     ]
     for a in report["artifacts"]:
         assert (
@@ -133,6 +134,116 @@ def test_progress_is_monotonic_and_ends_at_one(finished):
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
     stages = [(e["stage"], e["status"]) for e in events if e["type"] == "stage"]
     assert stages[0] == ("teacher", "running") and stages[-1] == ("export", "succeeded")
+
+
+COLUMNS = "stage,run,epoch,step,lr,loss,task_loss,kd_loss,feature_loss,val_accuracy,seconds"
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_epoch_of_every_training_run_is_a_history_row(finished):
+    out, report, events = finished
+    rows = [e["row"] for e in events if e["type"] == "history"]
+    assert [(r["stage"], r["run"], r["epoch"]) for r in rows] == [
+        *(("teacher", "teacher", k) for k in (1, 2, 3, 4)),
+        *(("baseline", "baseline", k) for k in (1, 2, 3, 4)),
+        *(("distill", "distill", k) for k in (1, 2, 3, 4)),
+        *(("prune", "finetune1", k) for k in (1, 2)),
+    ]
+    # Optimizer steps: ceil(train samples / batch size 64) per epoch.
+    per_epoch = -(-report["dataset"]["num_train"] // 64)
+    assert [r["step"] for r in rows] == [per_epoch * r["epoch"] for r in rows]
+    # The loss parts are the epoch means the progress lines print (to their 4 decimals).
+    printed = [e["message"] for e in events if e["type"] == "progress" and "loss=" in e["message"]]
+    assert [m.split("loss=")[1].split()[0] for m in printed] == [f"{r['loss']:.4f}" for r in rows]
+    with_teacher = {"distill", "finetune1"}
+    assert all((r["kd_loss"] is not None) == (r["run"] in with_teacher) for r in rows)
+    assert all(r["task_loss"] > 0 and r["lr"] > 0 and r["feature_loss"] is None for r in rows)
+    for run in ("teacher", "distill"):
+        seconds = [r["seconds"] for r in rows if r["run"] == run]
+        assert seconds == sorted(seconds) and seconds[0] > 0
+    # Validation accuracy after the last epoch is what the student selection measured.
+    distill = next(s for s in report["stages"] if s["name"] == "distill")["metrics"]
+    last = {r["run"]: r for r in rows}
+    assert last["distill"]["val_accuracy"] == pytest.approx(distill["val_accuracy_distilled"])
+    assert last["baseline"]["val_accuracy"] == pytest.approx(distill["val_accuracy_baseline"])
+    # history.csv holds the same rows, in this column order.
+    assert (out / "history.csv").read_text().splitlines()[0] == COLUMNS
+    on_file = _csv_rows(out / "history.csv")
+    assert [(r["run"], int(r["epoch"]), float(r["loss"])) for r in on_file] == [
+        (r["run"], r["epoch"], pytest.approx(r["loss"])) for r in rows
+    ]
+    assert on_file[0]["kd_loss"] == "" and float(on_file[-1]["kd_loss"]) > 0
+
+
+def test_a_stage_run_again_after_a_crash_has_one_row_per_epoch(tmp_path, monkeypatch):
+    """The baseline trains, then its measurement crashes: the job runs again, trains the
+    baseline again from its first epoch, and its rows replace the first attempt's."""
+    from worker.pipeline import runner
+
+    spec = JobSpec.model_validate(
+        {**TINY, "teacher": {"arch": "cnn_tiny", "epochs": 2}, "distill": {"epochs": 3}}
+        | {"prune": None, "quantize": None}
+    )
+    measure = runner._Run.measure_module
+
+    def crash_on_baseline(self, key, model):
+        if key == "baseline":
+            raise RuntimeError("lost the disk")
+        return measure(self, key, model)
+
+    monkeypatch.setattr(runner._Run, "measure_module", crash_on_baseline)
+    first: list[dict] = []
+    with pytest.raises(RuntimeError, match="lost the disk"):
+        run_pipeline(spec, tmp_path, on_event=first.append)
+    monkeypatch.setattr(runner._Run, "measure_module", measure)
+    second: list[dict] = []
+    run_pipeline(spec, tmp_path, on_event=second.append)
+
+    assert [e["row"]["run"] for e in first if e["type"] == "history"] == ["teacher"] * 2 + [
+        "baseline"
+    ] * 3
+    again = [e["row"] for e in second if e["type"] == "history"]
+    assert [(r["run"], r["epoch"]) for r in again] == [("baseline", k) for k in (1, 2, 3)] + [
+        ("distill", k) for k in (1, 2, 3)
+    ]
+    on_file = [
+        (r["run"], int(r["epoch"]), r["seconds"]) for r in _csv_rows(tmp_path / "history.csv")
+    ]
+    assert [(run, epoch) for run, epoch, _ in on_file] == [("teacher", 1), ("teacher", 2)] + [
+        (run, k) for run in ("baseline", "distill") for k in (1, 2, 3)
+    ]
+    # The baseline's rows on file are the second attempt's.
+    assert [float(s) for run, _, s in on_file if run == "baseline"] == [
+        pytest.approx(r["seconds"]) for r in again if r["run"] == "baseline"
+    ]
+
+
+def test_a_run_resumed_mid_way_adds_only_the_epochs_it_runs(tmp_path):
+    spec = JobSpec.model_validate({**TINY, "distill": {"epochs": 3}, "prune": None})
+    seen: list[tuple[str, int]] = []
+
+    def on_event(e):
+        if e["type"] == "history":
+            seen.append((e["row"]["run"], e["row"]["epoch"]))
+
+    with pytest.raises(Cancelled):
+        run_pipeline(spec, tmp_path, on_event=on_event, should_cancel=lambda: ("distill", 1) in seen)
+    assert seen[-1] == ("distill", 1)
+    seen.clear()
+    run_pipeline(spec, tmp_path, on_event=on_event)
+    assert seen == [("distill", 2), ("distill", 3)]  # epoch 1 came from its checkpoint
+    rows = _csv_rows(tmp_path / "history.csv")
+    distill = [r for r in rows if r["run"] == "distill"]
+    assert [int(r["epoch"]) for r in distill] == [1, 2, 3]
+    # The run's clock goes on across the resume.
+    assert float(distill[0]["seconds"]) < float(distill[1]["seconds"])
+    assert len(rows) == 4 + 3 + 3  # teacher, baseline, distill
 
 
 def test_an_interrupted_job_resumes_after_its_last_finished_stage(tmp_path):
