@@ -233,7 +233,9 @@ def test_a_run_resumed_mid_way_adds_only_the_epochs_it_runs(tmp_path):
             seen.append((e["row"]["run"], e["row"]["epoch"]))
 
     with pytest.raises(Cancelled):
-        run_pipeline(spec, tmp_path, on_event=on_event, should_cancel=lambda: ("distill", 1) in seen)
+        run_pipeline(
+            spec, tmp_path, on_event=on_event, should_cancel=lambda: ("distill", 1) in seen
+        )
     assert seen[-1] == ("distill", 1)
     seen.clear()
     run_pipeline(spec, tmp_path, on_event=on_event)
