@@ -133,10 +133,21 @@ def metrics_table(metrics: dict[str, dict[str, Any]]):
     return table
 
 
+def _pt(value: float) -> str:
+    return f"{value * 100:+.2f}"
+
+
+def _drop(m: dict[str, Any]) -> str:
+    """The accuracy drop in points, with its paired 95% interval when there is one."""
+    ci = m.get("accuracy_drop_ci")
+    text = f"{_pt(m['accuracy_drop'])} pt"
+    return text + (f" [{_pt(ci[0])}, {_pt(ci[1])}]" if ci else "")
+
+
 def final_summary(final: dict[str, Any]) -> str:
     parts = [
         f"final = {final['model']}",
-        f"accuracy drop {final['accuracy_drop'] * 100:+.2f} pt",
+        f"accuracy drop {_drop(final)}",
         f"{final['size_ratio']:.1f}x smaller",
         f"{final['speedup']:.1f}x faster",
     ]
@@ -144,7 +155,44 @@ def final_summary(final: dict[str, Any]) -> str:
         parts.append(f"distillation vs no teacher {final['distill_gain'] * 100:+.2f} pt")
     if final.get("student_kept") == "baseline":
         parts.append("kept the student trained without a teacher (it scored higher on validation)")
-    return ", ".join(parts)
+    summary = ", ".join(parts)
+    return summary + (f"\nwhy: {final['reason']}" if final.get("reason") else "")
+
+
+def _axes_label(axes: dict[str, Any]) -> tuple[str, str, str, str]:
+    student = axes["student"]
+    kwargs = student.get("arch_kwargs") or {}
+    arch = student["arch"] + ("" if not kwargs else " " + json.dumps(kwargs, separators=(",", ":")))
+    prune = "-" if not axes["prune.amount"] else f"{axes['prune.method']} {axes['prune.amount']:g}"
+    recipe = f"T={axes['distill.temperature']:g} a={axes['distill.alpha']:g}"
+    return arch, recipe, prune, axes["quantize.method"] or "float"
+
+
+def candidate_table(candidates: list[dict[str, Any]], *, title: str = "candidates"):
+    """A search's candidates: axes, accuracy with its interval, size, latency, the Pareto
+    front (*), the final model (>>) and each one's gates."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("", "key", "student", "recipe", "prune", "quant", "accuracy [95% CI]",
+                "drop pt [95% CI]", "size", "ms b1", "gates"):  # fmt: skip
+        table.add_column(col, justify="right" if col in ("size", "ms b1") else "left")
+    for c in candidates:
+        m = c["metrics"]
+        lo, hi = m.get("accuracy_ci") or (m["accuracy"], m["accuracy"])
+        mark = ">>" if c["final"] else ("*" if c["on_front"] else "")
+        gates = "-" if not c.get("gates") else ("pass" if c["gates_passed"] else "FAIL")
+        table.add_row(
+            mark,
+            c["key"],
+            *_axes_label(c["axes"]),
+            f"{m['accuracy']:.4f} [{lo:.3f}, {hi:.3f}]",
+            _drop(m).removesuffix(" pt").replace(" pt", ""),
+            _fmt_bytes(m["size_bytes"]),
+            f"{m['latency_ms']:.3f}",
+            gates,
+        )
+    return table
 
 
 @main.command()
@@ -204,10 +252,20 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
         click.echo(json.dumps(report, indent=2))
     else:
         console.print(metrics_table(report["metrics"]))
+        if "candidates" in report:
+            console.print(candidate_table(report["candidates"], title=_search_title(report)))
         console.print(final_summary(report["metrics"]["final"]))
         print_gates(report["gates"], echo=lambda line: click.echo(line, err=True))
         console.print(f"artifacts and report.json in {out_dir} ({report['wall_seconds']:.1f}s)")
     sys.exit(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED)
+
+
+def _search_title(report: dict[str, Any]) -> str:
+    s = report["search"]
+    return (
+        f"{s['measured']} candidates, objective {s['objective']}: * on the Pareto front, "
+        ">> the final model"
+    )
 
 
 def _run_display(progress, as_json: bool):

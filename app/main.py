@@ -22,6 +22,7 @@ from app.core.errors import AppError
 from app.core.storage import Storage
 from app.jobs.lifecycle import Enqueue
 from app.jobs.reaper import Reaper
+from worker.pipeline.spec import field_path
 
 log = logging.getLogger("distillery.api")
 
@@ -35,8 +36,8 @@ def _error(
 
 
 def _loc(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or "body"
+    parts = tuple(p for p in loc if p != "body")
+    return field_path(parts) if parts else "body"
 
 
 def _is_submit(request: Request) -> bool:

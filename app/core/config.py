@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     MAX_SPEC_NESTING: int = SpecLimits.max_nesting
     MAX_SPEC_LAYERS: int = SpecLimits.max_layers
     MAX_SPEC_PARAMS: int = SpecLimits.max_params
+    MAX_SEARCH_CANDIDATES: int = SpecLimits.max_candidates
 
     DEFAULT_QUEUE: str = "default"
     HEARTBEAT_SECONDS: float = 5.0
@@ -86,6 +87,7 @@ class Settings(BaseSettings):
             max_nesting=self.MAX_SPEC_NESTING,
             max_layers=self.MAX_SPEC_LAYERS,
             max_params=self.MAX_SPEC_PARAMS,
+            max_candidates=self.MAX_SEARCH_CANDIDATES,
         )
 
 

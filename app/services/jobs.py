@@ -145,7 +145,8 @@ def validate_for_service(
     teacher = preflight.teacher_of(spec)
     try:
         # First, before anything is built or looked up: what the spec asks for is bounded.
-        preflight.check_bounds([preflight.student_of(spec), teacher], limits)
+        preflight.check_bounds([*preflight.students_of(spec), teacher], limits)
+        preflight.check_candidates(spec, limits)
         shape = _shape_of_dataset(session, tenant_id, spec)
         if isinstance(spec.teacher, UploadedTeacher):
             teacher = _uploaded_teacher(session, tenant_id, spec, shape)
@@ -219,7 +220,7 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Store a job and enqueue it after commit; returns (job, created). With an idempotency
     key, the same key and body return the first job, even when the requests race."""
-    from worker.pipeline.stages import STAGES
+    from worker.pipeline.stages import stage_names
 
     digest = request_hash(spec)
     if idempotency_key is not None:
@@ -233,7 +234,7 @@ def create_job(
         name=resolved.name,
         spec=resolved.model_dump(mode="json"),
         queue=resolved.queue or settings.DEFAULT_QUEUE,
-        stages=[stage.name for stage in STAGES.plan(resolved)],
+        stages=stage_names(resolved),
         idempotency_key=idempotency_key,
         request_hash=digest,
     )

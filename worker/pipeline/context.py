@@ -60,6 +60,16 @@ class StageContext:
         if self.should_cancel is not None and self.should_cancel():
             raise Cancelled(f"cancelled during {self.stage or 'the job'}")
 
+    def for_step(self, stage: str, step: str) -> StageContext:
+        """A context for one step of `stage` with checkpoints of its own (a search trains many
+        students in one stage: each keeps its own epochs)."""
+        ckpt = self.checkpoint_dir / step if self.checkpoint_dir is not None else None
+        if ckpt is not None:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        return StageContext(
+            self.device, ckpt, self.on_progress, self.should_cancel, stage, self.on_history
+        )
+
     def for_stage(self, stage: str) -> StageContext:
         ckpt = self.checkpoint_dir / stage if self.checkpoint_dir is not None else None
         if ckpt is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -64,20 +65,41 @@ def latency_ms(
     }
 
 
+def measured(
+    path: Path,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    spec: EvaluateSpec,
+    params: int | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The metrics contract for one model (accuracy with its 95% Wilson interval, params,
+    size_bytes, latency at batch 1 and 32), and which test samples it got right (for paired
+    comparisons with the teacher)."""
+    from worker.pipeline.stats import wilson
+
+    logits = onnx_logits(path, x_test)
+    correct = logits.argmax(1) == y_test.numpy()
+    metrics: dict[str, Any] = {
+        "accuracy": float(correct.mean()),
+        "accuracy_ci": list(wilson(int(correct.sum()), len(correct))),
+        "params": int(params if params is not None else onnx_params(path)),
+        "size_bytes": path.stat().st_size,
+        **latency_ms(path, x_test[:1].numpy(), spec),
+    }
+    if spec.latency_b32_runs > 0:
+        b32 = spec.model_copy(update={"latency_runs": spec.latency_b32_runs})
+        metrics["latency_b32_ms"] = latency_ms(path, x_test[:1].numpy(), b32, batch=32)[
+            "latency_ms"
+        ]
+    return metrics, correct
+
+
 def measure(
     path: Path,
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     spec: EvaluateSpec,
     params: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The metrics contract for one model: accuracy, params, size_bytes, latency_ms."""
-    logits = onnx_logits(path, x_test)
-    acc = float((logits.argmax(1) == y_test.numpy()).mean())
-    lat = latency_ms(path, x_test[:1].numpy(), spec)
-    return {
-        "accuracy": acc,
-        "params": int(params if params is not None else onnx_params(path)),
-        "size_bytes": path.stat().st_size,
-        **lat,
-    }
+    return measured(path, x_test, y_test, spec, params)[0]

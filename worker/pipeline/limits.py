@@ -29,6 +29,8 @@ class SpecLimits:
     # Modules holding parameters of their own (conv, linear, norm), counted on a meta build.
     max_layers: int = 500
     max_params: int = 100_000_000  # 400 MB of float32 weights
+    # A search's candidates (the product of its axes): each is trained or measured.
+    max_candidates: int = 64
 
 
 def _describe(value: Any) -> str:

@@ -42,6 +42,33 @@ def student_of(spec: JobSpec) -> ArchRef:
     return ArchRef("student.arch", s.arch, s.arch_kwargs, "student.arch_kwargs")
 
 
+def students_of(spec: JobSpec) -> list[ArchRef]:
+    """Every student the spec trains: a search's `search.student` list, else `student`."""
+    if spec.search is None or spec.search.student is None:
+        return [student_of(spec)]
+    return [
+        ArchRef(
+            f"search.student[{i}].arch", s.arch, s.arch_kwargs, f"search.student[{i}].arch_kwargs"
+        )
+        for i, s in enumerate(spec.search.student)
+    ]
+
+
+def check_candidates(spec: JobSpec, limits: SpecLimits) -> None:
+    """A search may not ask for more candidates than the operator allows."""
+    if spec.search is None:
+        return
+    from worker.pipeline.search import plan
+
+    p = plan(spec)
+    if p.size > limits.max_candidates:
+        raise SpecError(
+            f"search: {p.size} candidates ({len(p.students)} students x {len(p.recipes)} "
+            f"recipes x {len(p.prunes)} pruning choices x {len(p.quants)} quantizers); at "
+            f"most {limits.max_candidates} are allowed"
+        )
+
+
 def teacher_of(spec: JobSpec) -> ArchRef | None:
     """The teacher when the spec itself names its arch (trained, or safetensors by path)."""
     t = spec.teacher
@@ -172,11 +199,14 @@ def preflight(
 ) -> None:
     """Raise SpecError (code `invalid_spec`, the message naming the field) for anything in
     `spec` that would fail before producing a result, given the data's shape. `teacher` is
-    the teacher when its arch is known (`teacher_of(spec)`, or an upload's recorded arch)."""
-    student = student_of(spec)
-    check_bounds([student, teacher], limits)
-    for ref in (student, teacher):
+    the teacher when its arch is known (`teacher_of(spec)`, or an upload's recorded arch).
+    A search's every student is checked, and its number of candidates."""
+    students = students_of(spec)
+    check_bounds([*students, teacher], limits)
+    check_candidates(spec, limits)
+    for ref in (*students, teacher):
         if ref is not None:
             check_model(ref, input_shape, num_classes, limits)
     if spec.distill.feature is not None:
-        check_feature(spec.distill.feature, student, teacher, input_shape, num_classes)
+        for student in students:
+            check_feature(spec.distill.feature, student, teacher, input_shape, num_classes)

@@ -92,6 +92,19 @@ def _nonzero(model: nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
+def step_amount(method: str, done: float, target: float) -> float:
+    """The amount to ask of `method` for a model already pruned by `done` to reach `target`
+    overall: channel pruners take a share of the channels left; global magnitude pruning
+    ranks every weight, the zeros first, so it takes the overall share."""
+    if method == "magnitude":
+        return target
+    return 1.0 - (1.0 - target) / (1.0 - done)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    return _flops(model, example)
+
+
 def _flops(model: nn.Module, example: torch.Tensor) -> int:
     macs, _ = tp.utils.count_ops_and_params(model, example)
     return int(macs)
@@ -105,7 +118,10 @@ def run(
     signal: TeacherSignal,
     ctx: StageContext,
     seed: int,
+    tag: str = "finetune",
 ) -> tuple[nn.Module, dict[str, float]]:
+    """Prune `model` in place by `spec` and fine-tune it against the teacher after each step
+    (runs named `<tag>1`, `<tag>2`, …); returns it and the before/after numbers."""
     device = ctx.device
     model = model.to(device).eval()
     example = data.x_train[:1].to(device)
@@ -142,7 +158,7 @@ def run(
                 teacher=signal.online,
                 teacher_logits=signal.logits,
                 progress_span=((k + 0.1) / spec.steps, (k + 1) / spec.steps),
-                tag=f"finetune{k + 1}",
+                tag=f"{tag}{k + 1}",
                 val=data.val,
             )
             metrics.update({f"finetune_{n}": v for n, v in parts.items()})

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.files import sha256_file
-from worker.pipeline.gates import check_all, spec_gates
+from worker.pipeline.gates import spec_gates
 from worker.pipeline.stages import STAGES
 from worker.pipeline.state import JobState
 
-MODEL_METRICS = ("accuracy", "params", "size_bytes", "latency_ms")
 # Files the runner itself writes beside the stages' artifacts.
 RUN_FILES = {"history.csv": "csv", "model_card.json": "json"}
 
@@ -23,21 +23,45 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def final_metrics(metrics: dict[str, dict[str, Any]], kept: str = "distilled") -> dict[str, Any]:
-    """The last model made (quantized, else pruned, else the kept student) against the teacher."""
-    student = "baseline" if kept == "baseline" else "student"
-    last = next(k for k in ("quantized", "pruned", student) if k in metrics)
-    final: dict[str, Any] = {k: metrics[last][k] for k in MODEL_METRICS}
-    final["model"] = last
-    teacher = metrics["teacher"]
-    final["accuracy_drop"] = teacher["accuracy"] - final["accuracy"]
-    final["size_ratio"] = teacher["size_bytes"] / max(final["size_bytes"], 1)
-    final["speedup"] = teacher["latency_ms"] / max(final["latency_ms"], 1e-9)
-    if "baseline" in metrics:
+def stage_models(state: JobState) -> dict[str, str | None]:
+    """The models a plain job made, each with the one it was derived from: the kept student
+    (reported as `student`, or `baseline` when training alone won), then `pruned` from it,
+    then `quantized` from the last float model."""
+    kept = "baseline" if state.kept == "baseline" else "student"
+    made: dict[str, str | None] = {kept: None}
+    float_parent = kept
+    if "pruned" in state.metrics:
+        made["pruned"] = kept
+        float_parent = "pruned"
+    if "quantized" in state.metrics:
+        made["quantized"] = float_parent
+    return made
+
+
+def choose_final(state: JobState) -> tuple[Choice, dict[str, Any]]:
+    """Which model the job hands over, by the spec's objective among the models passing the
+    gates (a compression no smaller, or no faster, than its parent is never it); and its
+    metrics against the teacher, with the accuracy drop's paired interval."""
+    import numpy as np
+
+    parents = stage_models(state)
+    teacher_correct = np.load(state.correct_path("teacher"))
+
+    def correct(key: str):
+        path = state.correct_path(key)
+        return np.load(path) if path.exists() else None
+
+    metrics = {
+        k: relative(state.metrics[k], state.metrics["teacher"], teacher_correct, correct(k))
+        for k in parents
+    }
+    choice = choose(metrics, parents, objective=state.spec.goal, gates=spec_gates(state.spec.gates))
+    final = {**metrics[choice.final], "model": choice.final, "reason": choice.reason}
+    if "baseline" in state.metrics:
         # What the teacher bought: positive when distillation beat training alone.
-        final["distill_gain"] = metrics["student"]["accuracy"] - metrics["baseline"]["accuracy"]
-        final["student_kept"] = kept
-    return final
+        gain = state.metrics["student"]["accuracy"] - state.metrics["baseline"]["accuracy"]
+        final["distill_gain"], final["student_kept"] = gain, state.kept
+    return choice, final
 
 
 def describe(out: Path, files: dict[str, str]) -> list[dict[str, Any]]:
@@ -63,8 +87,9 @@ def versions() -> dict[str, str]:
 def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any]:
     """model_card.json and report.json for a finished run; returns the report."""
     spec, out = state.spec, state.out
-    final = state.metrics["final"] = final_metrics(state.metrics, state.kept)
-    gates = check_all(spec_gates(spec.gates), state.metrics)
+    choice, final = choose_final(state)
+    state.metrics["final"] = final
+    gates = choice.gates[choice.final]
     made = describe(out, {**STAGES.artifacts(spec), "history.csv": "csv"})
     card = {
         "name": spec.name,
@@ -89,7 +114,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "dataset": state.data.summary(),
         "metrics": state.metrics,
         "gates": gates,
-        "gates_passed": all(g["passed"] for g in gates),
+        "gates_passed": choice.gates_passed,
         "stages": state.records,
         "artifacts": made + describe(out, {"model_card.json": "json"}),
         "wall_seconds": wall_seconds,

@@ -48,6 +48,15 @@ def run_pipeline(
     without the server paths its uploads were resolved to). `limits` bound the models the
     spec describes (default: `SpecLimits()`); a spec past them fails before any is built.
     """
+    if spec.search is not None:
+        from worker.pipeline.search import run_search
+
+        limits = limits or SpecLimits()
+        preflight.check_bounds([*preflight.students_of(spec), preflight.teacher_of(spec)], limits)
+        preflight.check_candidates(spec, limits)
+        kw = {"on_event": on_event, "should_cancel": should_cancel, "limits": limits}
+        out = _output_folder(Path(out_dir), resume)
+        return run_search(spec, out, public_spec=public_spec, **kw)
     started = time.perf_counter()
     limits = limits or SpecLimits()
     preflight.check_bounds([preflight.student_of(spec), preflight.teacher_of(spec)], limits)
@@ -56,9 +65,18 @@ def run_pipeline(
     plan = STAGES.plan(spec)
     progress = _Progress(spec, plan, emit)
     history = HistoryLog(out / ".work" / "history.jsonl")  # a resumed job keeps its rows
-    state = _start(spec, out, emit, should_cancel, progress, history, public_spec, limits)
+    state = start_state(
+        spec,
+        out,
+        emit=emit,
+        should_cancel=should_cancel,
+        on_progress=progress.report,
+        history=history,
+        public_spec=public_spec,
+        limits=limits,
+    )
     for stage in plan:
-        _run_stage(state, stage)
+        run_stage(state, stage)
         progress.done(stage)
     history.write_csv(out / "history.csv")
     result = report.write(
@@ -76,9 +94,20 @@ def _output_folder(out: Path, resume: bool) -> Path:
     return out
 
 
-def _start(spec, out, emit, should_cancel, progress, history, public_spec, limits) -> JobState:
+def start_state(
+    spec: JobSpec,
+    out: Path,
+    *,
+    emit: EventFn,
+    should_cancel: Callable[[], bool] | None,
+    on_progress: Callable[[str, float, str], None],
+    history: HistoryLog,
+    public_spec: dict[str, Any] | None,
+    limits: SpecLimits,
+) -> JobState:
     """Seeds, device, the data, and the preflight: a spec that cannot work (a layer-name
-    typo, an arch that does not fit the data) fails now, not after the teacher has trained."""
+    typo, an arch that does not fit the data) fails now, not after the teacher has trained.
+    Search jobs start each phase (teacher, branch) from here too."""
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
 
@@ -89,7 +118,7 @@ def _start(spec, out, emit, should_cancel, progress, history, public_spec, limit
     ctx = StageContext(
         resolve_device(spec.device),
         out / ".work" / "checkpoints",
-        progress.report,
+        on_progress,
         should_cancel,
         on_history=on_history,
     )
@@ -106,7 +135,7 @@ def _start(spec, out, emit, should_cancel, progress, history, public_spec, limit
     return JobState(spec, out, ctx, emit, data, public)
 
 
-def _run_stage(state: JobState, stage: Stage) -> None:
+def run_stage(state: JobState, stage: Stage) -> None:
     """Run one stage, or reload it when an earlier attempt finished it; its record (status,
     times, metrics, the metrics of the models it made) is written atomically at the end."""
     path = state.state_dir / f"{stage.name}.json"

@@ -11,6 +11,7 @@ import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -247,10 +248,31 @@ class FeatureLossSpec(_Spec):
         return _known(FEATURE_LOSSES, v)
 
 
+# Bounds shared by a plain spec's field and a search's axis over it.
+Temperature = Annotated[float, Field(gt=0.0, le=100.0)]
+Alpha = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _known_pruner(v: str) -> str:
+    from worker.pipeline.prune import PRUNERS
+
+    return _known(PRUNERS, v)
+
+
+def _known_quantizer(v: str) -> str:
+    from worker.pipeline.quantize import QUANTIZERS
+
+    return _known(QUANTIZERS, v)
+
+
+PrunerName = Annotated[str, AfterValidator(_known_pruner)]
+QuantizerName = Annotated[str, AfterValidator(_known_quantizer)]
+
+
 class DistillSpec(OptimSpec):
     loss: str = "kd"
-    temperature: float = Field(4.0, gt=0.0, le=100.0)
-    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    temperature: Temperature = 4.0
+    alpha: Alpha = 0.9
     feature: FeatureLossSpec | None = None
     augment: bool = Field(False, description="random shifts/flips on image data")
     cache_teacher_logits: bool = Field(
@@ -273,7 +295,7 @@ class DistillSpec(OptimSpec):
 
 
 class PruneSpec(_Spec):
-    method: str = "channel_l2"
+    method: PrunerName = "channel_l2"
     amount: float = Field(0.5, gt=0.0, lt=1.0, description="share of channels/weights removed")
     steps: int = Field(1, ge=1, le=20, description="iterative pruning steps")
     finetune_epochs: int = Field(10, ge=0, le=1000, description="KD fine-tune epochs after pruning")
@@ -281,30 +303,19 @@ class PruneSpec(_Spec):
         3e-3, gt=0.0, le=10.0
     )  # measured: 1e-3 left the pruned digits model 0.7 pt lower
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from worker.pipeline.prune import PRUNERS
-
-        return _known(PRUNERS, v)
-
 
 class QuantizeSpec(_Spec):
-    method: str = "int8_static"
+    method: QuantizerName = "int8_static"
     calibration_samples: int = Field(512, ge=1, le=100_000)
     per_channel: bool = True
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from worker.pipeline.quantize import QUANTIZERS
-
-        return _known(QUANTIZERS, v)
 
 
 class EvaluateSpec(_Spec):
     latency_runs: int = Field(200, ge=5, le=100_000)
     latency_warmup: int = Field(20, ge=0, le=10_000)
+    latency_b32_runs: int = Field(
+        30, ge=0, le=100_000, description="timed runs at batch 32 (0: not measured)"
+    )
     threads: int = Field(1, ge=1, le=256, description="ONNX Runtime intra-op threads")
 
 
@@ -316,6 +327,40 @@ class GatesSpec(_Spec):
 
 
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+
+# What "best" means when choosing the final model: the smallest file, the fastest at batch 1
+# or 32 (ONNX Runtime, CPU), or the most accurate; always among the models passing the gates.
+Objective = Literal["size", "latency", "latency_b32", "accuracy"]
+AXIS_LIMIT = 32  # values on one axis; the product of all axes is capped by SpecLimits
+
+
+class SearchSpec(_Spec):
+    """Axes to try: every combination of their values is a candidate. An axis left out keeps
+    the plain spec's value. Students are distilled once per (temperature, alpha); prune
+    amounts branch from each (0: not pruned); each model is quantized by each method (null:
+    kept as float)."""
+
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True
+    )
+
+    student: list[StudentSpec] | None = Field(None, min_length=1, max_length=AXIS_LIMIT)
+    distill_temperature: list[Temperature] | None = Field(
+        None, alias="distill.temperature", min_length=1, max_length=AXIS_LIMIT
+    )
+    distill_alpha: list[Alpha] | None = Field(
+        None, alias="distill.alpha", min_length=1, max_length=AXIS_LIMIT
+    )
+    prune_amount: list[Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None, alias="prune.amount", min_length=1, max_length=AXIS_LIMIT
+    )
+    prune_method: list[PrunerName] | None = Field(
+        None, alias="prune.method", min_length=1, max_length=AXIS_LIMIT
+    )
+    quantize_method: list[QuantizerName | None] | None = Field(
+        None, alias="quantize.method", min_length=1, max_length=AXIS_LIMIT
+    )
+    objective: Objective | None = Field(None, description="overrides the spec's objective")
 
 
 class JobSpec(_Spec):
@@ -333,6 +378,12 @@ class JobSpec(_Spec):
         default_factory=lambda: ["onnx", "torchscript", "safetensors"]
     )
     gates: GatesSpec = Field(default_factory=GatesSpec)
+    objective: Objective = Field(
+        "size", description="how the final model is chosen among those passing the gates"
+    )
+    search: SearchSpec | None = Field(
+        None, description="try every combination of these axes and keep the best (a search job)"
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     queue: str | None = Field(
@@ -348,6 +399,13 @@ class JobSpec(_Spec):
             )
         return self
 
+    @property
+    def goal(self) -> str:
+        """The objective in force: the search's own, else the spec's."""
+        if self.search is not None and self.search.objective is not None:
+            return self.search.objective
+        return self.objective
+
 
 def format_validation_error(exc: Exception) -> str:
     """One line per problem, each naming the field path: what a CLI or API error shows."""
@@ -355,8 +413,12 @@ def format_validation_error(exc: Exception) -> str:
 
     if not isinstance(exc, ValidationError):
         return str(exc)
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "spec"
-        lines.append(f"{loc}: {err['msg']}")
-    return "; ".join(lines)
+    return "; ".join(f"{field_path(err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+def field_path(loc: tuple) -> str:
+    """A validation error's location as users write it: `search.distill.temperature[2]`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "spec"

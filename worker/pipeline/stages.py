@@ -113,6 +113,16 @@ class StageRegistry:
 
 
 STAGES = StageRegistry()
+# A search job's stages: the teacher once, the candidates (branches, on many workers in the
+# service), then the choice and the export.
+SEARCH_STAGES = ("teacher", "search", "export")
+
+
+def stage_names(spec: JobSpec) -> list[str]:
+    """The stages a job records: the registry's plan, or a search's three."""
+    if spec.search is not None:
+        return list(SEARCH_STAGES)
+    return [s.name for s in STAGES.plan(spec)]
 
 
 # --- the built-in stages --------------------------------------------------------------------
@@ -265,10 +275,13 @@ def _exported_files(spec: JobSpec) -> dict[str, str]:
 
 @STAGES.register("export", artifacts=_exported_files)
 def export(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
-    """The last float model in each format the spec asks for."""
+    """The chosen model's float weights in each format the spec asks for (the quantize
+    stage already wrote the quantized file)."""
     from worker.pipeline.export import EXPORTERS
+    from worker.pipeline.report import choose_final
 
-    _, model = state.final_float()
+    choice, _ = choose_final(state)
+    model = state.float_of(choice.final)
     s = state.spec
     meta = {"arch": s.student.arch, "arch_kwargs": s.student.arch_kwargs, "spec": state.public_spec}
     for fmt in s.export:

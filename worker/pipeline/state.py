@@ -48,13 +48,21 @@ class JobState:
     # -- measuring --------------------------------------------------------------------------
 
     def measure_onnx(self, key: str, path: Path, params: int | None) -> dict[str, Any]:
-        """The metrics contract for the model at `path`, on the deployment runtime."""
-        from worker.pipeline.evaluate import measure
+        """The metrics contract for the model at `path`, on the deployment runtime; which
+        test samples it got right goes to `.work/state/correct/` (paired intervals)."""
+        import numpy as np
 
-        m = measure(path, self.data.x_test, self.data.y_test, self.spec.evaluate, params)
+        from worker.pipeline.evaluate import measured
+
+        m, correct = measured(path, self.data.x_test, self.data.y_test, self.spec.evaluate, params)
+        self.correct_path(key).parent.mkdir(parents=True, exist_ok=True)
+        np.save(self.correct_path(key), correct)
         self.metrics[key] = m
         self.emit({"type": "metrics", "model": key, "metrics": m})
         return m
+
+    def correct_path(self, key: str) -> Path:
+        return self.state_dir / "correct" / f"{key}.npy"
 
     def measure_module(self, key: str, model: nn.Module) -> dict[str, Any]:
         from worker.pipeline.archs import count_params
@@ -118,6 +126,12 @@ class JobState:
             "val_accuracy_distilled": val["distilled"],
             "val_accuracy_baseline": val["baseline"],
         }
+
+    def float_of(self, key: str) -> nn.Module:
+        """The float model behind a reported model: a quantized one's is the last float one."""
+        if key == "quantized":
+            return self.final_float()[1]
+        return self.models["pruned"] if key == "pruned" else self.models["kept"]
 
     def final_float(self) -> tuple[str, nn.Module]:
         """The last float model made: pruned if the job prunes, else the kept student."""

@@ -442,3 +442,25 @@ def test_cli_refuses_what_the_preflight_refuses_with_exit_2(tmp_path):
         r = _cli("run", str(tmp_path / f"{name}.json"), "--out", str(out), cwd=repo)
         assert r.returncode == 2 and f"error [invalid_spec]: {message}" in r.stderr, r.stderr
         assert "✓ teacher" not in r.stderr and not (out / ".work/state/teacher.json").exists()
+
+
+def test_final_is_the_best_model_by_the_objective_not_the_last_stage(tmp_path):
+    """On this tiny student the int8 file comes out bigger than the pruned float one (QDQ
+    nodes outweigh the weights): a plain job must not hand it over as `final` for size."""
+    from app.testing import TINY_SPEC
+
+    report = run_pipeline(JobSpec.model_validate(TINY_SPEC), tmp_path / "size")
+    m = report["metrics"]
+    assert m["quantized"]["size_bytes"] > m["pruned"]["size_bytes"]  # the case in point
+    assert m["final"]["model"] == "pruned"
+    assert "not smaller than the model they came from" in m["final"]["reason"]
+    assert m["final"]["accuracy_drop_ci"][0] <= m["final"]["accuracy_drop"]
+    by_accuracy = run_pipeline(
+        JobSpec.model_validate({**TINY_SPEC, "objective": "accuracy"}), tmp_path / "acc"
+    )["metrics"]
+    kept = "baseline" if by_accuracy["final"]["student_kept"] == "baseline" else "student"
+    best = max(
+        (kept, "pruned", "quantized"),
+        key=lambda k: (by_accuracy[k]["accuracy"], -by_accuracy[k]["size_bytes"]),
+    )
+    assert by_accuracy["final"]["model"] == best

@@ -67,7 +67,7 @@ def test_defaults_and_the_example_are_valid():
         ),
         (
             {"export": ["tflite"]},
-            "export.0: Input should be 'onnx', 'torchscript' or 'safetensors'",
+            "export[0]: Input should be 'onnx', 'torchscript' or 'safetensors'",
         ),
     ],
 )

@@ -1,0 +1,62 @@
+"""The front and the choice on cases small enough to check by hand."""
+
+import pytest
+
+from worker.pipeline.choose import choose, pareto_front
+from worker.pipeline.gates import spec_gates
+
+
+def m(acc, size, lat, **extra):
+    return {"accuracy": acc, "size_bytes": size, "latency_ms": lat, "latency_b32_ms": lat * 8,
+            "accuracy_drop": 0.95 - acc, **extra}  # fmt: skip
+
+
+# a: big and accurate; b: smaller, less accurate; c: dominated by b (less accurate, bigger,
+# slower); d: smallest but slowest; e: equal to b on all three (neither dominates the other).
+CASE = {
+    "a": m(0.95, 1000, 1.0),
+    "b": m(0.90, 400, 0.8),
+    "c": m(0.88, 500, 0.9),
+    "d": m(0.85, 200, 2.0),
+    "e": m(0.90, 400, 0.8),
+}
+
+
+def test_the_front_is_every_candidate_nothing_beats_on_all_three():
+    assert sorted(pareto_front(CASE)) == ["a", "b", "d", "e"]
+    # Judged on batch-32 latency instead, the same here (it is 8x batch 1 for every one).
+    assert sorted(pareto_front(CASE, "latency_b32_ms")) == ["a", "b", "d", "e"]
+
+
+def test_the_final_is_the_best_by_the_objective_among_those_passing():
+    gates = spec_gates({"max_accuracy_drop": 0.06})  # a, b, e pass (drops 0, 0.05, 0.05)
+    parents = {k: None for k in CASE}
+    by = {
+        o: choose(CASE, parents, objective=o, gates=gates).final
+        for o in ("size", "latency", "accuracy")
+    }
+    assert by["size"] in ("b", "e") and by["accuracy"] == "a" and by["latency"] in ("b", "e")
+    choice = choose(CASE, parents, objective="size", gates=gates)
+    assert choice.gates_passed and "3 of 5" in choice.reason
+
+
+def test_a_compression_no_smaller_than_its_parent_is_never_chosen():
+    # q is the int8 of p: more accurate than p and passing, but bigger. Objective size: p wins.
+    metrics = {"p": m(0.90, 300, 1.0), "q": m(0.91, 350, 0.7)}
+    parents = {"p": None, "q": "p"}
+    choice = choose(metrics, parents, objective="size", gates=[])
+    assert choice.final == "p" and choice.excluded == ["q"] and "not smaller" in choice.reason
+    # Objective latency: q is faster than its parent, so it may win.
+    assert choose(metrics, parents, objective="latency", gates=[]).final == "q"
+
+
+def test_when_nothing_passes_the_closest_is_handed_over_with_its_misses():
+    gates = spec_gates({"max_accuracy_drop": 0.01, "min_accuracy": 0.999})
+    parents = {k: None for k in CASE}
+    choice = choose(CASE, parents, objective="size", gates=gates)
+    # a fails one gate (min_accuracy by 0.049); every other fails both.
+    assert not choice.gates_passed and choice.final == "a"
+    missed = {r["gate"]: r for r in choice.gates["a"]}
+    assert missed["final.accuracy>=0.999"]["missed_by"] == pytest.approx(0.049)
+    assert missed["final.accuracy_drop<=0.01"]["passed"] is True
+    assert "best effort" in choice.reason
