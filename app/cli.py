@@ -88,7 +88,8 @@ def print_gates(results: list[dict[str, Any]], echo=click.echo) -> None:
     """One line per gate with its measured value: `gate final.size_ratio>=20: 222.9 pass`."""
     for r in results:
         value = "not measured" if r["value"] is None else f"{r['value']:.6g}"
-        echo(f"gate {r['gate']}: {value} {'pass' if r['passed'] else 'FAIL'}")
+        missed = f" (missed by {r['missed_by']:.4g})" if r.get("missed_by") else ""
+        echo(f"gate {r['gate']}: {value} {'pass' if r['passed'] else 'FAIL'}{missed}")
 
 
 def progress_bar(console, *, disable: bool):
@@ -588,23 +589,35 @@ def verdict(job, gates) -> list[dict[str, Any]]:
     return results
 
 
-def _finish(job, gates, as_json: bool) -> None:
-    """Print the outcome and every gate of a finished job, then exit with the documented code."""
+def _finish(job, gates, as_json: bool, candidates: list | None = None) -> None:
+    """Print the outcome and every gate of a finished job (a search's candidates too), then
+    exit with the documented code."""
     results = verdict(job, gates)
+    table = [c.model_dump(mode="json") for c in candidates or []]
     if as_json:
-        _emit_json(
-            {
-                "job": job.model_dump(mode="json"),
-                "gates": results,
-                "gates_passed": all(r["passed"] for r in results),
-            }
-        )
+        out = {
+            "job": job.model_dump(mode="json"),
+            "gates": results,
+            "gates_passed": all(r["passed"] for r in results),
+        }
+        _emit_json({**out, "candidates": table} if table else out)
     else:
         _job_table(job)
+        if table:
+            from rich.console import Console
+
+            title = f"{len(table)} candidates: * on the Pareto front, >> the final model"
+            Console().print(candidate_table(table, title=title))
         print_gates(results)
     if job.status != "succeeded":
         sys.exit(EXIT_JOB_FAILED)
     sys.exit(EXIT_OK if all(r["passed"] for r in results) else EXIT_GATE_FAILED)
+
+
+def _ended(client, job_id: str, timeout: float | None, gates, as_json: bool) -> None:
+    job = _wait(client, job_id, timeout, as_json)
+    candidates = client.candidates(job.id) if job.spec.get("search") else None
+    _finish(job, gates, as_json, candidates)
 
 
 def _wait(client, job_id: str, timeout: float | None, as_json: bool):
@@ -671,7 +684,9 @@ def submit(
                 click.echo("note: --gate is checked only with --wait", err=True)
             return
         click.echo(f"submitted {job.id}", err=True)
-        _finish(_wait(client, job.id, timeout, as_json), gates, as_json)
+        if job.candidates_total:
+            click.echo(f"search: {job.candidates_total} candidates", err=True)
+        _ended(client, job.id, timeout, gates, as_json)
 
 
 @main.command("wait")
@@ -685,7 +700,7 @@ def submit(
 def wait_cmd(job_id: str, timeout: float | None, gates, as_json: bool) -> None:
     """Wait for JOB_ID to end; check gates. Exit codes as for `submit --wait`."""
     with _client() as client:
-        _finish(_wait(client, job_id, timeout, as_json), gates, as_json)
+        _ended(client, job_id, timeout, gates, as_json)
 
 
 @main.command()

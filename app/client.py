@@ -29,6 +29,8 @@ from app.jobs.states import TERMINAL
 from app.schemas.jobs import (
     ArtifactPublic,
     ArtifactsPublic,
+    CandidatePublic,
+    CandidatesPublic,
     HistoryPublic,
     HistoryRowPublic,
     JobPublic,
@@ -185,6 +187,11 @@ class Client:
             if not page.has_more:
                 return
             after = page.next_after
+
+    def candidates(self, job_id: str) -> list[CandidatePublic]:
+        """A search job's candidates (empty for a plain job)."""
+        r = self.request("GET", f"/v1/jobs/{job_id}/candidates")
+        return CandidatesPublic.model_validate(r.json()).data
 
     def cancel(self, job_id: str) -> JobPublic:
         return JobPublic.model_validate(self.request("POST", f"/v1/jobs/{job_id}/cancel").json())

@@ -167,6 +167,25 @@ class Stack:
     def client(self) -> httpx.Client:
         return client(self.url, self.key)
 
+    def worker_of(self, job_id: str) -> int:
+        """The pid of the worker process that holds `job_id` (its worker_id is host:pid/…)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.env["DATABASE_URL"])
+        try:
+            with engine.connect() as conn:
+                owner = conn.execute(
+                    text("SELECT worker_id FROM jobs WHERE id = :id"), {"id": job_id}
+                ).scalar_one()
+        finally:
+            engine.dispose()
+        return int(owner.split("/")[0].rsplit(":", 1)[1])
+
+    def kill_worker(self, pid: int) -> None:
+        proc = next(p for p in self.procs if p.pid == pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
     def worker_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs.glob("worker-*.log"))
 

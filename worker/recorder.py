@@ -19,8 +19,21 @@ log = logging.getLogger("distillery.worker")
 
 
 class Recorder:
-    def __init__(self, runtime: Runtime, job_id: str, worker_id: str, hb: JobHeartbeat) -> None:
+    """`span`: where the events' progress (0..1) falls in the job's (a search's teacher phase
+    is its first fifth). `candidates_for`: the search a branch lists its candidates on."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        job_id: str,
+        worker_id: str,
+        hb: JobHeartbeat | None,
+        *,
+        span: tuple[float, float] = (0.0, 1.0),
+        candidates_for: str | None = None,
+    ) -> None:
         self.runtime, self.job_id, self.worker_id, self.hb = runtime, job_id, worker_id, hb
+        self.span, self.candidates_for = span, candidates_for
         self._last_progress = 0.0
         self._last_stage = ""
         self._history: list[dict[str, Any]] = []  # rows not stored yet
@@ -29,6 +42,7 @@ class Recorder:
             "stage": self._stage,
             "metrics": self._metrics,
             "log": self._log,
+            "candidate": self._candidate,
         }
 
     def __call__(self, e: dict[str, Any]) -> None:
@@ -80,16 +94,14 @@ class Recorder:
         lifecycle.add_event(s, job_id=self.job_id, type=kind, data=data)
 
     def _progress(self, s: Session, e: dict[str, Any]) -> None:
+        lo, hi = self.span
+        progress = lo + (hi - lo) * e["progress"]
         if not lifecycle.set_progress(
-            s,
-            job_id=self.job_id,
-            worker_id=self.worker_id,
-            stage=e["stage"],
-            progress=e["progress"],
+            s, job_id=self.job_id, worker_id=self.worker_id, stage=e["stage"], progress=progress
         ):
             self.hb.lost.set()  # another attempt owns the job now
             return
-        data = {"stage": e["stage"], "progress": round(e["progress"], 4)}
+        data = {"stage": e["stage"], "progress": round(progress, 4)}
         if e.get("message"):
             data["message"] = e["message"]
         self._event(s, "progress", data)
@@ -113,6 +125,12 @@ class Recorder:
             s, job_id=self.job_id, worker_id=self.worker_id, model=e["model"], metrics=e["metrics"]
         )
         self._event(s, "metrics", {"model": e["model"], "metrics": e["metrics"]})
+
+    def _candidate(self, s: Session, e: dict[str, Any]) -> None:
+        if self.candidates_for is not None:
+            lifecycle.record_candidate(s, job_id=self.candidates_for, record=e["candidate"])
+        key = e["candidate"]["key"]
+        self._event(s, "log", {"stage": "branch", "message": f"candidate {key} measured"})
 
     def _log(self, s: Session, e: dict[str, Any]) -> None:
         self._event(s, "log", {"stage": e.get("stage"), "message": e["message"]})

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from celery import current_app, shared_task
+from celery import Celery, current_app, shared_task
 from celery.signals import worker_ready, worker_shutting_down
 
 from app.jobs import lifecycle
@@ -30,7 +31,7 @@ log = logging.getLogger("distillery.worker")
 
 @shared_task(bind=True, name=JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def job_task(self: Any, job_id: str) -> str:
-    return execute_job(runtime_of(self.app), job_id)
+    return execute_job(runtime_of(self.app), job_id, celery=self.app)
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Claimed:
     spec: dict[str, Any]
     tenant_id: str
     deadline: float  # time.time() past which the job times out
+    parent_id: str | None = None  # a search's branch: the search
+    branch: int | None = None
+    status: str = "running"  # cancelling: a search ended while its branches were stopped
 
 
 @dataclass
@@ -48,18 +52,53 @@ class Outcome:
     report: dict[str, Any] | None = None
 
 
-def execute_job(runtime: Runtime, job_id: str) -> str:
+Work = Callable[[Callable[[], bool], Recorder], dict[str, Any]]
+
+
+def execute_job(runtime: Runtime, job_id: str, *, celery: Celery | None = None) -> str:
     """Run one job to a terminal state (or leave it to its current owner). Returns what
-    happened: the job's status, `skipped` (nothing to claim) or `lost` (taken over)."""
+    happened: the job's status, `skipped` (nothing to claim), `lost` (taken over) or, for a
+    search whose branches were sent out, `waiting`.
+
+    A search runs as three tasks on the same message: the teacher (then its branches are sent
+    as child jobs), each branch (a child job), and, once every branch has ended, the choice."""
+    from worker import searches
+
     claimed = _claim(runtime, job_id)
     if claimed is None:
-        return "skipped"
-    hb = JobHeartbeat(runtime, job_id, claimed.worker_id)
-    hb.start()
-    try:
-        outcome = _run(runtime, job_id, claimed, hb)
-    finally:
-        hb.stop()
+        claimed = searches.claim_finish(runtime, job_id)
+        if claimed is None:
+            return "skipped"
+        return searches.finish(runtime, job_id, claimed)
+    if claimed.parent_id is not None:
+        return searches.branch(runtime, job_id, claimed, celery)
+    if claimed.spec.get("search") is not None:
+        return searches.start(runtime, job_id, claimed, celery)
+    return run_work(runtime, job_id, claimed, _pipeline(runtime, job_id, claimed))
+
+
+def _pipeline(runtime: Runtime, job_id: str, claimed: Claimed) -> Work:
+    from worker.pipeline.runner import run_pipeline
+
+    def work(should_cancel: Callable[[], bool], recorder: Recorder) -> dict[str, Any]:
+        spec = resolve_uploads(runtime, JobSpec.model_validate(claimed.spec), claimed.tenant_id)
+        return run_pipeline(
+            spec,
+            runtime.storage.job_dir(job_id),
+            on_event=recorder,
+            should_cancel=should_cancel,
+            public_spec=claimed.spec,
+            limits=runtime.settings.spec_limits(),
+        )
+
+    return work
+
+
+def run_work(
+    runtime: Runtime, job_id: str, claimed: Claimed, work: Work, recorder: Recorder | None = None
+) -> str:
+    """Run `work` under the job's heartbeat and record how it ended."""
+    outcome = heartbeating(runtime, job_id, claimed, work, recorder)
     if outcome is None:
         return "lost"
     done = retry_db(
@@ -67,6 +106,19 @@ def execute_job(runtime: Runtime, job_id: str) -> str:
         what=f"recording the end of {job_id}",
     )
     return outcome.status.value if done else "lost"
+
+
+def heartbeating(
+    runtime: Runtime, job_id: str, claimed: Claimed, work: Work, recorder: Recorder | None = None
+) -> Outcome | None:
+    hb = JobHeartbeat(runtime, job_id, claimed.worker_id)
+    hb.start()
+    try:
+        recorder = recorder or Recorder(runtime, job_id, claimed.worker_id, hb)
+        recorder.hb = hb
+        return _guarded(runtime, job_id, claimed, hb, work, recorder)
+    finally:
+        hb.stop()
 
 
 def _claim(runtime: Runtime, job_id: str) -> Claimed | None:
@@ -81,33 +133,34 @@ def _claim(runtime: Runtime, job_id: str) -> Claimed | None:
             stale_before=stale_before,
             max_attempts=s.MAX_ATTEMPTS,
         )
-        if job is None:
-            return None
-        ran_for = (utcnow() - job.started_at).total_seconds()
-        return Claimed(
-            worker_id, job.spec, job.tenant_id, time.time() + s.JOB_TIMEOUT_SECONDS - ran_for
-        )
+        return None if job is None else claimed_of(runtime, job, worker_id)
 
 
-def _run(runtime: Runtime, job_id: str, claimed: Claimed, hb: JobHeartbeat) -> Outcome | None:
-    """The pipeline, with cancel, lost ownership and the timeout checked between batches.
-    None when another attempt took the job over (it is theirs to record)."""
-    from worker.pipeline.runner import run_pipeline
+def claimed_of(runtime: Runtime, job: Any, worker_id: str) -> Claimed:
+    ran_for = (utcnow() - (job.started_at or utcnow())).total_seconds()
+    deadline = time.time() + runtime.settings.JOB_TIMEOUT_SECONDS - ran_for
+    return Claimed(
+        worker_id, job.spec, job.tenant_id, deadline, job.parent_id, job.branch, job.status
+    )
+
+
+def _guarded(
+    runtime: Runtime,
+    job_id: str,
+    claimed: Claimed,
+    hb: JobHeartbeat,
+    work: Work,
+    recorder: Recorder,
+) -> Outcome | None:
+    """`work`, with cancel, lost ownership and the timeout checked between batches; its
+    failure becomes the job's error. None when another attempt took the job over (it is
+    theirs to record)."""
 
     def should_cancel() -> bool:
         return hb.cancel.is_set() or hb.lost.is_set() or time.time() > claimed.deadline
 
     try:
-        spec = resolve_uploads(runtime, JobSpec.model_validate(claimed.spec), claimed.tenant_id)
-        report = run_pipeline(
-            spec,
-            runtime.storage.job_dir(job_id),
-            on_event=Recorder(runtime, job_id, claimed.worker_id, hb),
-            should_cancel=should_cancel,
-            public_spec=claimed.spec,
-            limits=runtime.settings.spec_limits(),
-        )
-        return Outcome(JobStatus.SUCCEEDED, report=report)
+        return Outcome(JobStatus.SUCCEEDED, report=work(should_cancel, recorder))
     except Cancelled as e:
         if hb.lost.is_set():
             log.warning("job %s was taken over elsewhere; leaving it", job_id)
@@ -127,7 +180,7 @@ def _run(runtime: Runtime, job_id: str, claimed: Claimed, hb: JobHeartbeat) -> O
 
 def _record(runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome) -> bool:
     artifacts = None
-    if outcome.report is not None:
+    if outcome.report is not None and "artifacts" in outcome.report:
         out = runtime.storage.job_dir(job_id)
         # The report lists (and hashed) every artifact once; only report.json is new here.
         report_json = {

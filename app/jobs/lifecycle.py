@@ -20,7 +20,17 @@ from sqlalchemy.orm import Session
 from app.core.db import insert_if_absent
 from app.core.errors import public_message
 from app.jobs.states import ACTIVE, TERMINAL, JobStatus, StageStatus, check_transition, sources
-from app.models import Artifact, Job, JobEvent, JobHistory, JobStage, Worker, new_id, utcnow
+from app.models import (
+    Artifact,
+    Job,
+    JobCandidate,
+    JobEvent,
+    JobHistory,
+    JobStage,
+    Worker,
+    new_id,
+    utcnow,
+)
 from worker.pipeline.history import HISTORY_COLUMNS
 
 log = logging.getLogger("distillery.lifecycle")
@@ -97,7 +107,15 @@ def cancel(session: Session, *, job: Job) -> bool:
         _move(session, job, JobStatus.CANCELLED, now=now)
     elif job.status == JobStatus.RUNNING:
         _move(session, job, JobStatus.CANCELLING, now=now)
+    branches = branches_of(session, job.id)
+    for branch in branches:  # a search stops all its branches
+        cancel(session, job=branch)
     session.flush()
+    if branches and job.worker_id is None and branches_ended(session, job_id=job.id):
+        # A waiting search whose branches all ended now: nobody else will end it.
+        job.error_code, job.error_message = "cancelled", "cancelled during the search"
+        _move(session, job, JobStatus.CANCELLED, now=now)
+        session.flush()
     return True
 
 
@@ -262,6 +280,8 @@ def finish(
     if report is not None:
         job.metrics, job.gates = report["metrics"], report["gates"]
         _settle_stages(session, job_id, report["stages"], now)
+        if "candidates" in report:
+            _replace_candidates(session, job_id, report["candidates"])
     if status == JobStatus.SUCCEEDED:
         job.progress = 1.0
     event: dict[str, Any] = {}
@@ -293,6 +313,125 @@ def _settle_stages(session: Session, job_id: str, records: list[dict], now: date
             row.status, row.seconds = StageStatus.SUCCEEDED, record.get("seconds")
             row.metrics = record.get("metrics") or {}
             row.finished_at = row.finished_at or now
+
+
+# --- search jobs: a parent job whose branches are child jobs ---------------------------------
+
+
+def branches_of(session: Session, job_id: str) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.parent_id == job_id).order_by(Job.branch)))
+
+
+def wait_for_branches(
+    session: Session, *, job_id: str, worker_id: str, count: int
+) -> list[tuple[str, str]] | None:
+    """The search's teacher is ready: make its `count` branch jobs (once; a re-run finds them)
+    and let the parent wait with no worker holding it (its heartbeat cleared, so the reaper
+    leaves it be) while the branches run. Returns (branch id, queue) of the branches to send
+    after the commit; None when this worker no longer owns the parent."""
+    parent = session.scalar(select(Job).where(_owned(job_id, worker_id)))
+    if parent is None:
+        return None
+    branches = branches_of(session, job_id)
+    for i in range(len(branches), count):
+        branch = create(
+            session,
+            tenant_id=parent.tenant_id,
+            name=f"{parent.name} · branch {i}",
+            spec=parent.spec,
+            queue=parent.queue,
+            stages=["branch"],
+            idempotency_key=None,
+            request_hash=parent.request_hash or "",
+        )
+        assert branch is not None
+        branch.parent_id, branch.branch = parent.id, i
+        branches.append(branch)
+    parent.worker_id, parent.heartbeat_at, parent.stage = None, None, "search"
+    set_stage_row(session, job_id, "search", StageStatus.RUNNING)
+    message = f"{count} branch(es) queued: one per student, on any worker"
+    add_event(session, job_id=job_id, type="log", data={"stage": "search", "message": message})
+    session.flush()
+    return [(b.id, b.queue) for b in branches if b.status == JobStatus.QUEUED]
+
+
+def branches_ended(session: Session, *, job_id: str) -> bool:
+    """Every branch of the search has ended (so it can be finished)."""
+    statuses = session.scalars(select(Job.status).where(Job.parent_id == job_id)).all()
+    return bool(statuses) and all(s in TERMINAL for s in statuses)
+
+
+def claim_finish(session: Session, *, job_id: str, worker_id: str) -> Job | None:
+    """Take a waiting search whose branches have all ended, to choose and export (or, if it
+    was cancelled meanwhile, to end it). One conditional UPDATE: one worker wins."""
+    children = select(Job.id).where(Job.parent_id == job_id)
+    running = children.where(Job.status.not_in(TERMINAL))
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(ACTIVE),
+            Job.worker_id.is_(None),
+            children.exists(),
+            ~running.exists(),
+        )
+        .values(worker_id=worker_id, heartbeat_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return session.scalar(select(Job).where(Job.id == job_id)) if claimed else None
+
+
+def set_stage_row(session: Session, job_id: str, name: str, status: StageStatus) -> None:
+    """A search's own stage rows (the parent's `search` stage spans its branches)."""
+    row = session.scalar(select(JobStage).where(JobStage.job_id == job_id, JobStage.name == name))
+    if row is None:
+        return
+    now = utcnow()
+    row.status = status
+    if status == StageStatus.RUNNING:
+        row.started_at = row.started_at or now
+    else:
+        row.finished_at = now
+        if row.started_at is not None:
+            row.seconds = (now - row.started_at).total_seconds()
+
+
+def record_candidate(session: Session, *, job_id: str, record: dict[str, Any]) -> None:
+    """A branch measured a candidate: the search lists it at once (the front and the choice
+    come when every branch has ended)."""
+    session.execute(
+        delete(JobCandidate).where(JobCandidate.job_id == job_id, JobCandidate.key == record["key"])
+    )
+    session.add(
+        JobCandidate(
+            job_id=job_id,
+            key=record["key"],
+            branch=record["branch"],
+            axes=record["axes"],
+            metrics=record["metrics"],
+            artifacts=[],
+        )
+    )
+
+
+def _replace_candidates(session: Session, job_id: str, candidates: list[dict[str, Any]]) -> None:
+    session.execute(delete(JobCandidate).where(JobCandidate.job_id == job_id))
+    session.add_all(
+        JobCandidate(
+            job_id=job_id,
+            key=c["key"],
+            branch=c["branch"],
+            axes=c["axes"],
+            metrics=c["metrics"],
+            gates=c["gates"],
+            gates_passed=c["gates_passed"],
+            on_front=c["on_front"],
+            final=c["final"],
+            artifacts=c["artifacts"],
+        )
+        for c in candidates
+    )
 
 
 # --- lost workers --------------------------------------------------------------------------------
@@ -405,9 +544,9 @@ def reap(
     for job in rows:
         counts[release(session, job, now=now, max_attempts=max_attempts, reason=reason)] += 1
     session.execute(delete(Worker).where(Worker.heartbeat_at < stale))
-    to_send = _unsent(session) + _lost_messages(
-        session, now - timedelta(seconds=resend_after), queue_size
-    )
+    cutoff = now - timedelta(seconds=resend_after)
+    to_send = _unsent(session) + _lost_messages(session, cutoff, queue_size)
+    to_send += _searches_left_waiting(session, cutoff)
     session.flush()
     for job_id, queue in to_send:
         try:
@@ -418,6 +557,22 @@ def reap(
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
         counts["sent"] += 1
     return counts
+
+
+def _searches_left_waiting(session: Session, cutoff: datetime) -> list[tuple[str, str]]:
+    """Searches whose branches all ended but that nobody took to finish (the message the last
+    branch sent was lost): sent again."""
+    waiting = session.scalars(
+        select(Job)
+        .where(
+            Job.status.in_(ACTIVE),
+            Job.worker_id.is_(None),
+            Job.parent_id.is_(None),
+            Job.updated_at < cutoff,
+        )
+        .limit(100)
+    ).all()
+    return [(j.id, j.queue) for j in waiting if branches_ended(session, job_id=j.id)]
 
 
 def _unsent(session: Session) -> list[tuple[str, str]]:

@@ -34,6 +34,18 @@ class GatePublic(BaseModel):
     name: str | None = Field(None, description="the spec's gates field it came from")
     value: float | None = Field(description="the measured value; null if it was not measured")
     passed: bool
+    missed_by: float | None = Field(
+        None, description="a failed gate: how far the value is past the limit, in its units"
+    )
+
+
+class BranchPublic(BaseModel):
+    id: str
+    branch: int = Field(description="the student it trains: index into search.student")
+    status: JobStatus
+    progress: float
+    attempts: int
+    error: ErrorPublic | None = None
 
 
 class JobPublic(BaseModel):
@@ -54,6 +66,14 @@ class JobPublic(BaseModel):
     spec: dict[str, Any]
     queue: str
     attempts: int
+    parent_id: str | None = Field(None, description="a search's branch: the search")
+    branch: int | None = Field(None, description="a search's branch: which one")
+    branches: list[BranchPublic] = Field(
+        default_factory=list, description="a search: its branches (one child job per student)"
+    )
+    candidates_total: int | None = Field(
+        None, description="a search: how many candidates its axes make"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -64,6 +84,27 @@ class JobsPublic(BaseModel):
     data: list[JobPublic]
     has_more: bool
     next_after: str | None = Field(description="pass as `after` for the next page")
+
+
+class CandidatePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    key: str = Field(description="s<student>-d<recipe>-p<pruning>-q<quantizer>")
+    branch: int
+    axes: dict[str, Any] = Field(description="the value of every search axis for this model")
+    metrics: dict[str, Any] = Field(
+        description="accuracy with accuracy_ci, accuracy_drop with accuracy_drop_ci, params, "
+        "macs, size_bytes, latency_ms, latency_b32_ms, size_ratio, speedup"
+    )
+    gates: list[GatePublic] | None = None
+    gates_passed: bool | None = None
+    on_front: bool = Field(description="no other candidate is as accurate, small and fast")
+    final: bool = Field(description="the model the job hands over")
+    artifacts: list[str] = Field(description="names under /artifacts (front candidates)")
+
+
+class CandidatesPublic(BaseModel):
+    data: list[CandidatePublic]
 
 
 class ArtifactPublic(BaseModel):

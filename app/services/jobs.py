@@ -22,9 +22,18 @@ from app.core.errors import (
 )
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
-from app.jobs.states import StageStatus
-from app.models import Artifact, Dataset, Job, JobEvent, JobHistory, JobStage, UploadedModel
-from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
+from app.jobs.states import ACTIVE, TERMINAL, StageStatus
+from app.models import (
+    Artifact,
+    Dataset,
+    Job,
+    JobCandidate,
+    JobEvent,
+    JobHistory,
+    JobStage,
+    UploadedModel,
+)
+from app.schemas.jobs import BranchPublic, ErrorPublic, JobPublic, StagePublic
 from worker.pipeline import preflight
 from worker.pipeline.errors import SpecError
 from worker.pipeline.spec import (
@@ -259,7 +268,8 @@ def list_jobs(
 ) -> tuple[list[Job], bool]:
     """Newest first, `limit` per page; `after` is the id of the last job of the previous page.
     Keyset pagination on (tenant_id, seq): each page is an index range scan, never an OFFSET."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    # A search's branches are jobs of their own, shown on the search, not in the list.
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.parent_id.is_(None))
     if status is not None:
         query = query.where(Job.status == status)
     if after is not None:
@@ -282,18 +292,51 @@ def stages_of(session: Session, *, job_ids: list[str]) -> dict[str, list[JobStag
     return out
 
 
-def to_public(job: Job, stages: list[JobStage]) -> JobPublic:
+def publish(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    """Jobs as the API shows them, with their stages (and a search's branches), in two or
+    three queries for the whole page."""
+    ids = [j.id for j in jobs]
+    stages = stages_of(session, job_ids=ids)
+    branches: dict[str, list[Job]] = {i: [] for i in ids}
+    searches = [j.id for j in jobs if (j.spec or {}).get("search") and j.parent_id is None]
+    if searches:
+        for row in session.scalars(
+            select(Job).where(Job.parent_id.in_(searches)).order_by(Job.branch)
+        ):
+            branches[row.parent_id].append(row)  # type: ignore[index]
+    return [to_public(j, stages[j.id], branches[j.id]) for j in jobs]
+
+
+def _search_progress(job: Job, branches: list[Job]) -> float:
+    """While its branches run, a search's progress is theirs: teacher first (the job's own
+    progress up to 0.2), then the branches' mean over 0.2..0.95, then the export."""
+    if job.stage != "search" or not branches or job.status not in ACTIVE:
+        return job.progress
+    done = [1.0 if b.status in TERMINAL else b.progress for b in branches]
+    return 0.2 + 0.75 * sum(done) / len(done)
+
+
+def _candidates_total(job: Job) -> int | None:
+    if not (job.spec or {}).get("search") or job.parent_id is not None:
+        return None
+    from worker.pipeline.search import plan
+
+    return plan(JobSpec.model_validate(job.spec)).size
+
+
+def to_public(job: Job, stages: list[JobStage], branches: list[Job] | None = None) -> JobPublic:
     error = (
         ErrorPublic(code=job.error_code, message=job.error_message or "")
         if job.error_code
         else None
     )
+    branches = branches or []
     return JobPublic(
         id=job.id,
         name=job.name,
         status=job.status,  # type: ignore[arg-type]
         stage=job.stage,
-        progress=job.progress,
+        progress=_search_progress(job, branches),
         stages=[StagePublic.model_validate(s) for s in stages],
         metrics=job.metrics or {},
         gates=job.gates or [],
@@ -302,10 +345,37 @@ def to_public(job: Job, stages: list[JobStage]) -> JobPublic:
         spec=job.spec,
         queue=job.queue,
         attempts=job.attempts,
+        parent_id=job.parent_id,
+        branch=job.branch,
+        candidates_total=_candidates_total(job),
+        branches=[
+            BranchPublic(
+                id=b.id,
+                branch=b.branch or 0,
+                status=b.status,  # type: ignore[arg-type]
+                progress=b.progress,
+                attempts=b.attempts,
+                error=ErrorPublic(code=b.error_code, message=b.error_message or "")
+                if b.error_code
+                else None,
+            )
+            for b in branches
+        ],
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
         updated_at=job.updated_at,
+    )
+
+
+def candidates_of(session: Session, *, tenant_id: str, job_id: str) -> list[JobCandidate]:
+    """A search's candidates so far (all of them, with the front and the choice, once it
+    ended); empty for a plain job."""
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return list(
+        session.scalars(
+            select(JobCandidate).where(JobCandidate.job_id == job_id).order_by(JobCandidate.key)
+        )
     )
 
 
@@ -356,11 +426,13 @@ def get_artifact(session: Session, *, tenant_id: str, job_id: str, name: str) ->
 
 
 def history_of(session: Session, *, tenant_id: str, job_id: str) -> list[JobHistory]:
-    """Every recorded epoch of the job's training runs, in the order they ran."""
+    """Every recorded epoch of the job's training runs, in the order they ran; a search's
+    include its branches' (their run names say which student and candidate)."""
     get_job(session, tenant_id=tenant_id, job_id=job_id)
+    jobs = select(Job.id).where((Job.id == job_id) | (Job.parent_id == job_id))
     return list(
         session.scalars(
-            select(JobHistory).where(JobHistory.job_id == job_id).order_by(JobHistory.id)
+            select(JobHistory).where(JobHistory.job_id.in_(jobs)).order_by(JobHistory.id)
         )
     )
 

@@ -191,6 +191,7 @@ def run_teacher(
     emit: EventFn = on_event or (lambda e: None)
     limits = limits or SpecLimits()
     p = plan(spec)
+    (out / ".work" / "state").mkdir(parents=True, exist_ok=True)
     state = start_state(
         branch_spec(spec, 0),
         out,

@@ -23,6 +23,8 @@ from app.jobs.states import TERMINAL, JobStatus
 from app.schemas.jobs import (
     ArtifactPublic,
     ArtifactsPublic,
+    CandidatePublic,
+    CandidatesPublic,
     HistoryPublic,
     HistoryRowPublic,
     JobCreate,
@@ -74,8 +76,7 @@ def create_job(
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    stages = jobs_service.stages_of(session, job_ids=[job.id])[job.id]
-    return jobs_service.to_public(job, stages)
+    return jobs_service.publish(session, [job])[0]
 
 
 @router.get("", response_model=JobsPublic, responses=error_responses(*AUTH, JobNotFound))
@@ -92,8 +93,7 @@ def list_jobs(
     rows, has_more = jobs_service.list_jobs(
         session, tenant_id=tenant.id, status=status, limit=limit, after=after
     )
-    stages = jobs_service.stages_of(session, job_ids=[j.id for j in rows])
-    data = [jobs_service.to_public(j, stages[j.id]) for j in rows]
+    data = jobs_service.publish(session, rows)
     return JobsPublic(
         data=data, has_more=has_more, next_after=data[-1].id if has_more and data else None
     )
@@ -102,7 +102,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(*AUTH, JobNotFound))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     job = jobs_service.get_job(session, tenant_id=tenant.id, job_id=job_id)
-    return jobs_service.to_public(job, jobs_service.stages_of(session, job_ids=[job.id])[job.id])
+    return jobs_service.publish(session, [job])[0]
 
 
 @router.post(
@@ -115,7 +115,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
     """Queued jobs end `cancelled` at once; running ones become `cancelling` and stop at the
     next batch boundary. 409 when the job already finished."""
     job = jobs_service.cancel_job(session, tenant_id=tenant.id, job_id=job_id)
-    return jobs_service.to_public(job, jobs_service.stages_of(session, job_ids=[job.id])[job.id])
+    return jobs_service.publish(session, [job])[0]
 
 
 def _sse(event_id: int, kind: str, data: dict[str, Any]) -> str:
@@ -215,6 +215,20 @@ def job_history(
     return JSONResponse(
         HistoryPublic(data=rows).model_dump(mode="json"), headers={"Vary": "Accept"}
     )
+
+
+@router.get(
+    "/{job_id}/candidates",
+    response_model=CandidatesPublic,
+    responses=error_responses(*AUTH, JobNotFound),
+)
+def job_candidates(job_id: str, session: SessionDep, tenant: TenantDep) -> CandidatesPublic:
+    """A search job's candidates: each one's axis values, metrics with 95% intervals, gates,
+    whether it is on the Pareto front and whether it is the final model, and the artifacts
+    its model is published as. Listed as the branches measure them; the front, the gates and
+    the choice come when the search ends. Empty for a plain job."""
+    rows = jobs_service.candidates_of(session, tenant_id=tenant.id, job_id=job_id)
+    return CandidatesPublic(data=[CandidatePublic.model_validate(r) for r in rows])
 
 
 def _artifact_public(request: Request, job_id: str, a) -> ArtifactPublic:
