@@ -205,7 +205,10 @@ def embedded_stack(tmp: Path, env: dict[str, str]) -> Iterator[Stack]:
 
 
 @contextmanager
-def distributed_stack(tmp: Path, env: dict[str, str], pg_admin: str, redis_url: str):
+def distributed_stack(
+    tmp: Path, env: dict[str, str], pg_admin: str, redis_url: str, workers: int = 1
+):
+    """`api` and `workers` worker processes on a fresh PostgreSQL database and Redis."""
     import redis
 
     queue = f"bench-{uuid.uuid4().hex[:8]}"
@@ -228,18 +231,22 @@ def distributed_stack(tmp: Path, env: dict[str, str], pg_admin: str, redis_url: 
             api = spawn_cli(["api", "--port", str(port)], env, api_log)
             cleanup.callback(stop_group, api)
             wait_for("the API", lambda: api_ready(url), [api], tmp / "api.log")
-            worker_log_path = tmp / "worker.log"
-            worker_log = cleanup.enter_context(open(worker_log_path, "wb"))
-            worker = spawn_cli(["worker", "-Q", queue], env, worker_log)
-            cleanup.callback(stop_group, worker)
-            wait_for("the worker", lambda: worker_ready(worker_log_path), [worker], worker_log_path)
+            procs = [api]
+            for i in range(workers):
+                path = tmp / f"worker-{i}.log"
+                worker = spawn_cli(
+                    ["worker", "-Q", queue], env, cleanup.enter_context(open(path, "wb"))
+                )
+                cleanup.callback(stop_group, worker)
+                wait_for("a worker", lambda p=path: worker_ready(p), [worker], path)
+                procs.append(worker)
             yield Stack(
                 "distributed",
                 url,
                 env["DISTILLERY_API_KEY"],
                 Path(env["STORAGE_DIR"]),
-                [api, worker],
-                "`api` + one `worker`: PostgreSQL jobs DB, Redis broker",
+                procs,
+                f"`api` + {workers} `worker` process(es): PostgreSQL jobs DB, Redis broker",
             )
     finally:
         r = redis.Redis.from_url(redis_url)

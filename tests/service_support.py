@@ -135,7 +135,9 @@ class Stack:
             "DISTILLERY_API_KEY": self.key,
             "DEFAULT_QUEUE": self.queue,
             "HEARTBEAT_SECONDS": "0.5",
-            "HEARTBEAT_TIMEOUT_SECONDS": "4",
+            # A worker busy in a long GIL-holding call (an ONNX export) on a loaded 2-core
+            # machine has missed 4 s of heartbeats here; 10 s still shows the reaper quickly.
+            "HEARTBEAT_TIMEOUT_SECONDS": "10",
             "REAPER_INTERVAL_SECONDS": "1",
             "MAX_ATTEMPTS": "2",
             "PROGRESS_THROTTLE_SECONDS": "0.2",
