@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import dashboard
 from app.api.deps import metrics_scraper
 from app.api.routes import health, jobs, uploads
 from app.core.config import Settings
@@ -158,6 +159,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
+    dashboard.mount(app)
 
     @app.get(
         "/metrics",
