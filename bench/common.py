@@ -13,7 +13,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = ("default", "full")
 # The benchmarks, in the order `python -m bench` runs them and docs/BENCHMARKS.md shows them.
-BENCHMARKS = ("distill_speed", "compression", "distill_pays", "service_overhead", "api_load")
+BENCHMARKS = (
+    "distill_speed",
+    "compression",
+    "distill_pays",
+    "service_overhead",
+    "api_load",
+    "dashboard",
+)
 
 DOC_INTRO = (
     "Measured numbers for Distillery, each with the command that produced it and the machine "

@@ -90,7 +90,9 @@ def web(browser, served, shots):
 def finished_job(served) -> dict:
     url, key, _ = served
     with client(url, key) as c:
-        job = c.post("/v1/jobs", json={**TINY_SPEC, "name": "tiny-browser"}).json()
+        # One gate it passes and one it cannot: the page shows both verdicts.
+        gates = {"max_accuracy_drop": 1.0, "min_size_ratio": 1000}
+        job = c.post("/v1/jobs", json={**TINY_SPEC, "name": "tiny-browser", "gates": gates}).json()
         done = wait_for_status(c, job["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
     assert done["status"] == "succeeded", done["error"]
     return done

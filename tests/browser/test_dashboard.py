@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from tests.browser.conftest import PHONE
-from tests.service_support import TINY_SPEC, client, keys_create, wait_for_status
+from tests.service_support import REPO, TINY_SPEC, client, keys_create, wait_for_status
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -129,6 +129,54 @@ def test_an_artifact_downloads_with_its_sha256(web, served, finished_job):
         }
     assert digest == listed == api["model.int8.onnx"]["sha256"]
     row.get_by_text("saved, sha256 verified").wait_for()
+
+
+def test_the_results_show_each_model_against_the_teacher_and_each_gate(web, served, finished_job):
+    web.sign_in(served[1])
+    web.open_job(finished_job["id"])
+    p = web.page
+    metrics = finished_job["metrics"]
+    final = p.locator("#metrics tr[data-model=final] td")
+    final.first.wait_for()
+    cells = [final.nth(i).inner_text() for i in range(final.count())]
+    assert cells[0] == f"{metrics['final']['accuracy']:.4f}"
+    assert cells[1] == f"{metrics['final']['params']:,}"
+    assert cells[-2] == f"{metrics['final']['size_ratio']:.1f}×"
+    assert cells[-1] == f"{metrics['final']['speedup']:.1f}×"
+    # A model without ratios of its own gets them against the teacher.
+    pruned = p.locator("#metrics tr[data-model=pruned] td")
+    ratio = metrics["teacher"]["size_bytes"] / metrics["pruned"]["size_bytes"]
+    assert pruned.nth(pruned.count() - 2).inner_text() == f"{ratio:.1f}×"
+    gates = p.locator("#gates tbody tr")
+    assert gates.count() == 2
+    by_gate = {gates.nth(i).locator("td").first.inner_text(): gates.nth(i) for i in range(2)}
+    assert by_gate["final.accuracy_drop<=1"].locator("td").last.inner_text() == "✓ pass"
+    size = by_gate["final.size_ratio>=1000"].locator("td")
+    assert size.last.inner_text() == "✗ fail"
+    assert size.nth(1).inner_text() == f"{metrics['final']['size_ratio']:.4f}"
+    assert p.locator("#gates-verdict").inner_text() == "✗ 1 of 2 gates failed"
+
+
+def test_a_dataset_uploaded_with_progress_goes_into_the_spec(web, served):
+    web.sign_in(served[1])
+    p = web.page
+    p.goto("/#/submit")
+    p.get_by_label("Dataset file (.npz,.zip,.tar.gz,.tgz)").set_input_files(
+        str(REPO / "examples" / "tabular" / "wine.npz")
+    )
+    p.get_by_role("button", name="Upload dataset").click()
+    status = p.locator("#dataset-status")
+    status.get_by_text("Uploaded: ds_").wait_for()
+    dataset_id = status.inner_text().removeprefix("Uploaded: ")
+    assert p.locator("#dataset-progress").get_attribute("value") == "100"
+    listed = p.locator("#dataset-list li")
+    assert dataset_id in listed.inner_text() and "178 samples, 3 classes" in listed.inner_text()
+    listed.get_by_role("button", name=f"Use in spec: {dataset_id}").click()
+    spec = json.loads(p.get_by_label("Job spec (JSON)").input_value())
+    assert spec["dataset"]["source"] == "upload" and spec["dataset"]["id"] == dataset_id
+    # The list outlives a reload of the tab (sessionStorage), not the tab itself.
+    p.reload()
+    p.locator("#dataset-list li code").get_by_text(dataset_id).wait_for()
 
 
 def _line_of(text: str, needle: str) -> int:

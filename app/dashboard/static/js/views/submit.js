@@ -85,7 +85,7 @@ function parseProblem(e, value) {
 
 function uploadForm({ kind, title, accept, fields, send, describe, useLabel, use }) {
   const file = h("input", { type: "file", id: `${kind}-file`, accept, required: true });
-  const bar = h("progress", { max: 100, value: 0, "aria-label": `${title} upload progress`, hidden: true });
+  const bar = h("progress", { id: `${kind}-progress`, max: 100, value: 0, "aria-label": `${title} upload progress`, hidden: true });
   const status = h("p", { class: "muted", role: "status", id: `${kind}-status` });
   const list = h("ul", { class: "uploads", id: `${kind}-list` });
   const button = h("button", { type: "submit" }, `Upload ${kind}`);
