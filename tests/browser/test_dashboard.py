@@ -78,6 +78,47 @@ def test_a_job_submitted_from_the_editor_reaches_succeeded_live(web, served):
     assert p.locator("#metrics tr[data-model=final]").count() == 1
 
 
+def test_the_jobs_list_pages_filters_and_updates_itself(web, served):
+    """A tenant of its own with 21 cancelled jobs: two pages of the filtered list; then a
+    new job shows up at the top and reaches succeeded in the list, with no reload."""
+    url = served[0]
+    key = keys_create(served[2] / "home", f"lister-{uuid.uuid4().hex[:6]}")
+    with client(url, key) as c:
+        ids = []
+        for k in range(21):
+            ids.append(c.post("/v1/jobs", json={**TINY_SPEC, "name": f"queued-{k}"}).json()["id"])
+            c.post(f"/v1/jobs/{ids[-1]}/cancel")
+        for job_id in ids:  # one a worker had already taken stops at its next batch
+            wait_for_status(c, job_id, {"cancelled"}, timeout=60)
+    web.sign_in(key)
+    p = web.page
+    p.get_by_label("Status").select_option("cancelled")
+    p.wait_for_url("**/#/jobs?status=cancelled")
+    rows = p.locator("#jobs-body tr")
+    rows.nth(19).wait_for()
+    newest_first = list(reversed(ids))
+    assert [rows.nth(i).get_attribute("data-job") for i in range(20)] == newest_first[:20]
+    assert p.locator("#jobs-body .badge[data-status=cancelled]").count() == 20
+    p.get_by_role("button", name="Older").click()
+    p.get_by_text("Page 2").wait_for()
+    assert rows.count() == 1 and rows.first.get_attribute("data-job") == ids[0]
+    assert p.get_by_role("button", name="Older").is_disabled()
+    p.get_by_role("button", name="Newer").click()
+    p.get_by_text("Page 1").wait_for()
+    assert rows.count() == 20
+
+    p.get_by_label("Status").select_option("")
+    p.wait_for_url("**/#/jobs")
+    p.evaluate("window.__sameDocument = true")
+    with client(url, key) as c:
+        fresh = c.post("/v1/jobs", json={**TINY_SPEC, "name": "fresh"}).json()["id"]
+    row = p.locator(f"#jobs-body tr[data-job='{fresh}']")
+    row.wait_for()
+    assert rows.first.get_attribute("data-job") == fresh
+    row.locator(".badge[data-status=succeeded]").wait_for(timeout=180_000)
+    assert p.evaluate("window.__sameDocument") is True
+
+
 def _history(served, job_id: str) -> list[dict]:
     with client(served[0], served[1]) as c:
         return c.get(f"/v1/jobs/{job_id}/history").json()["data"]
@@ -88,7 +129,8 @@ def test_the_curves_are_drawn_from_the_history(web, served, finished_job):
     web.sign_in(served[1])
     web.open_job(finished_job["id"])
     p = web.page
-    p.wait_for_selector("[data-chart=prune][data-rows='1']", state="attached")
+    prune = sum(r["stage"] == "prune" for r in rows)
+    p.wait_for_selector(f"[data-chart=prune][data-rows='{prune}']", state="attached")
     drawn = p.evaluate(
         """() => Object.fromEntries([...document.querySelectorAll('[data-chart]')].map(el => [
           el.dataset.chart,
@@ -104,12 +146,12 @@ def test_the_curves_are_drawn_from_the_history(web, served, finished_job):
             assert series == [r[columns[label]] for r in mine], (stage, label)
         has_kd = stage in ("distill", "prune")
         assert chart["labels"][1:] == ["loss", "CE", *(["KD"] if has_kd else []), "val accuracy"]
+    web.shot("job-succeeded")
     # The same numbers as a table for who cannot see the chart.
     p.get_by_text("distill: the numbers").click()
     cells = p.locator("[data-chart=distill] ~ details tbody tr").first.locator("td")
     first = next(r for r in rows if r["run"] == "distill")
     assert cells.nth(4).inner_text() == f"{first['loss']:.4f}"
-    web.shot("job-succeeded")
 
 
 def test_an_artifact_downloads_with_its_sha256(web, served, finished_job):
