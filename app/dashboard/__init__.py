@@ -20,7 +20,7 @@ PREFIX = "/dashboard"  # the assets; the API stays under /v1, /docs, /healthz, â
 # No inline script or style anywhere; uPlot sets element styles through the CSSOM, which
 # style-src does not govern. Downloads are blob: URLs made by the page.
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
