@@ -91,6 +91,21 @@ def print_gates(results: list[dict[str, Any]], echo=click.echo) -> None:
         echo(f"gate {r['gate']}: {value} {'pass' if r['passed'] else 'FAIL'}")
 
 
+def progress_bar(console, *, disable: bool):
+    """The one progress display: stage, bar, percent, elapsed, and a message (`message`)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.fields[stage]:<9}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[message]}"),
+        console=console,
+        disable=disable,
+    )
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -151,22 +166,13 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
     was refused), 5 the spec could not be read.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from worker.pipeline.errors import PipelineError
-    from worker.pipeline.runner import run_job
+    from worker.pipeline.runner import run_pipeline
 
     spec = load_spec(spec_path)
     console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("[bold]{task.fields[stage]:<9}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[message]}"),
-        console=console,
-        disable=as_json,
-    )
+    progress = progress_bar(console, disable=as_json)
     task = progress.add_task("job", total=1.0, stage="data", message="")
 
     def on_event(e: dict[str, Any]) -> None:
@@ -186,7 +192,13 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
 
     try:
         with progress:
-            report = run_job(spec, Path(out_dir), on_event=on_event, resume=not fresh)
+            report = run_pipeline(
+                spec,
+                Path(out_dir),
+                on_event=on_event,
+                resume=not fresh,
+                limits=_settings().spec_limits(),  # MAX_SPEC_* from the environment
+            )
     except PipelineError as e:
         # Plain, unwrapped, one line: scripts grep for the code.
         click.echo(f"error [{e.code}]: {e.message}", err=True)
@@ -342,9 +354,9 @@ def worker(queues: str | None, loglevel: str) -> None:
     s = _settings()
     s.home.mkdir(parents=True, exist_ok=True)
     upgrade(s.database_url)
-    from worker.celery_app import celery_app
+    from worker.celery_app import make_celery
 
-    celery_app.worker_main(
+    make_celery(s).worker_main(
         [
             "worker",
             "-Q",
@@ -531,24 +543,15 @@ def _finish(job, gates, as_json: bool) -> None:
 
 def _wait(client, job_id: str, timeout: float | None, as_json: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from app.client import WaitTimeout
 
-    progress = Progress(
-        TextColumn("[bold]{task.fields[stage]:<9}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
-        disable=as_json,
-    )
-    task = progress.add_task(job_id, total=1.0, stage="queued", status="")
+    progress = progress_bar(Console(stderr=True), disable=as_json)
+    task = progress.add_task(job_id, total=1.0, stage="queued", message="")
 
     def update(job) -> None:
         progress.update(
-            task, completed=job.progress, stage=job.stage or job.status, status=job.status
+            task, completed=job.progress, stage=job.stage or job.status, message=job.status
         )
 
     try:

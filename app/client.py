@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
+from app.jobs.states import TERMINAL
 from app.schemas.jobs import (
-    TERMINAL,
     ArtifactPublic,
     ArtifactsPublic,
     HistoryPublic,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -17,16 +16,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import dashboard
 from app.api.deps import metrics_scraper
+from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.routes import health, jobs, uploads
+from app.core.body_limit import BodyLimitMiddleware, LimitFor
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.errors import AppError, MetricsDisabled, Unauthorized, error_responses
-from app.core.metrics import Metrics, MetricsMiddleware
 from app.core.storage import Storage
+from app.jobs.lifecycle import Enqueue
 
 log = logging.getLogger("distillery.api")
-
-Enqueue = Callable[[str, str], None]
 
 
 def _error(
@@ -114,7 +113,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from app.core.migrate import upgrade
-        from app.core.reaper import Reaper
+        from app.jobs.reaper import Reaper
         from app.services import tenants
 
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -177,5 +176,18 @@ def create_app(
         `metrics_disabled` while the API runs without METRICS_TOKEN."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(settings))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s too
     return app
+
+
+UPLOAD_ROUTES = frozenset({("POST", "/v1/datasets"), ("POST", "/v1/models")})
+
+
+def _body_limit(settings: Settings) -> LimitFor:
+    def limit_for(scope) -> int | None:
+        if (scope["method"], scope["path"]) in UPLOAD_ROUTES:
+            return None  # the route streams to disk under its own cap, MAX_UPLOAD_BYTES
+        return settings.MAX_REQUEST_BYTES  # read per request: a test may change it live
+
+    return limit_for

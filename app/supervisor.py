@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.services import runs
+from app.jobs import lifecycle
 
 BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
 PR_SET_PDEATHSIG = 1
@@ -92,10 +92,10 @@ class WorkerSupervisor:
     def _release(self, pid: int) -> list[str]:
         """Hand the dead worker's jobs back to the queue now; if the database cannot be
         reached, the reaper does it after HEARTBEAT_TIMEOUT_SECONDS instead."""
-        name = runs.worker_name(socket.gethostname(), pid)
+        name = lifecycle.worker_name(socket.gethostname(), pid)
         try:
             with self._db.session() as s:
-                to_send = runs.release_worker(
+                to_send = lifecycle.release_worker(
                     s, worker=name, max_attempts=self.settings.MAX_ATTEMPTS
                 )
         except Exception as e:
@@ -104,7 +104,7 @@ class WorkerSupervisor:
         for job_id, queue in to_send:
             try:
                 self.enqueue(job_id, queue)
-                runs.mark_enqueued(self._db.engine, job_id=job_id)
+                lifecycle.mark_enqueued(self._db.engine, job_id=job_id)
             except Exception:  # left unsent: the reaper sends it on its next pass
                 pass
         return [job_id for job_id, _ in to_send]

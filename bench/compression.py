@@ -3,7 +3,7 @@ int8 models of whole pipeline runs, over several seeds, measured on ONNX Runtime
 
     python -m bench.compression [--full] [--seeds 0 1 2] [--write docs/BENCHMARKS.md]
 
-For each seed, worker.pipeline.runner.run_job runs examples/digits.json (with
+For each seed, worker.pipeline.runner.run_pipeline runs examples/digits.json (with
 `distill.baseline: true` and that seed) into a temporary folder. Accuracy, size and
 parameters come from its report.json (each model measured by the job itself, on the .onnx file
 it wrote). Latency at batch 1 and 32 is measured here, after the job, on the same files
@@ -158,7 +158,7 @@ def measure_seed(dataset: Dataset, seed: int, device: str) -> tuple[dict, float,
     its resolved spec."""
     from worker.pipeline.data import load_dataset
     from worker.pipeline.evaluate import latency_ms
-    from worker.pipeline.runner import run_job
+    from worker.pipeline.runner import run_pipeline
 
     spec = job_spec(dataset, seed, device)
 
@@ -168,7 +168,7 @@ def measure_seed(dataset: Dataset, seed: int, device: str) -> tuple[dict, float,
 
     with tempfile.TemporaryDirectory(prefix="distillery-bench-compression-") as tmp:
         out = Path(tmp)
-        report = run_job(spec, out, on_event=on_event, resume=False)
+        report = run_pipeline(spec, out, on_event=on_event, resume=False)
         data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
         sample = data.x_test[:1].numpy()
         files = onnx_files(out, spec)
@@ -410,7 +410,7 @@ def section(
         START,
         "## What compression buys: teacher, baseline, distilled, pruned, int8",
         "",
-        "Whole pipeline runs (`worker.pipeline.runner.run_job`) of the example spec with "
+        "Whole pipeline runs (`worker.pipeline.runner.run_pipeline`) of the example spec with "
         "`distill.baseline: true`, one per seed; every model is measured on ONNX Runtime "
         "(CPU, 1 intra-op thread: the spec's `evaluate`) from the .onnx file the job wrote. "
         "Accuracy, size and parameters are the job's own report.json numbers. Latency at "

@@ -43,7 +43,7 @@ def measure(seeds: list[int], threads: int, jobs: int = 1) -> list[dict]:
 def measure_one(seed: int, arch: str, threads: int) -> dict:
     import torch
 
-    from worker.pipeline.runner import run_job
+    from worker.pipeline.runner import run_pipeline
     from worker.pipeline.spec import JobSpec
 
     torch.set_num_threads(threads)
@@ -59,7 +59,7 @@ def measure_one(seed: int, arch: str, threads: int) -> dict:
         }
     )
     with tempfile.TemporaryDirectory() as out:
-        report = run_job(spec, Path(out))
+        report = run_pipeline(spec, Path(out))
     m = report["metrics"]
     distill = next(s for s in report["stages"] if s["name"] == "distill")["metrics"]
     kept = m["final"]["student_kept"]

@@ -21,10 +21,10 @@ running service sees; worker start-up is not counted):
                 `python -m app.cli run SPEC --out TMP --fresh --json` in a subprocess: service
                 time is POST -> `succeeded` as seen by polling every 0.2 s (and the server's
                 `finished_at - created_at`); in-process time is report.json's `wall_seconds`
-                (run_job alone) and the whole CLI process (Python and torch imports included).
+                (run_pipeline alone) and the whole CLI process (Python and torch imports included).
 
 The target (the service at most 1.1x the in-process job) is judged on the stricter ratio:
-service POST -> succeeded as the client observes it, over run_job's own wall time. The ratio
+service POST -> succeeded as the client observes it, over run_pipeline's own wall time. The ratio
 against the whole CLI process is reported too; it credits the service with the ~seconds of
 imports its warm worker has already paid, which is not overhead the service removed from
 the job.
@@ -86,8 +86,8 @@ MODES = ("embedded", "distributed")
 class LocalRun:
     """`distillery run` in a subprocess."""
 
-    process_s: float  # the whole CLI process: interpreter, imports, run_job, exit
-    run_job_s: float  # report.json wall_seconds: run_job alone
+    process_s: float  # the whole CLI process: interpreter, imports, run_pipeline, exit
+    pipeline_s: float  # report.json wall_seconds: run_pipeline alone
     stages: dict[str, float]
 
 
@@ -99,8 +99,8 @@ class ServiceRun:
     server_s: float  # finished_at - created_at
     post_s: float  # t0 -> created_at (HTTP, validation, insert)
     queued_s: float  # created_at -> started_at (commit, enqueue, broker, claim)
-    run_job_s: float  # report.json wall_seconds, written by run_job inside the worker
-    worker_extra_s: float  # started_at -> finished_at minus run_job: loading, hashing, finish
+    pipeline_s: float  # report.json wall_seconds, written by run_pipeline inside the worker
+    worker_extra_s: float  # started_at -> finished_at minus run_pipeline: loading, hashing, finish
     stages: dict[str, float]
 
 
@@ -117,8 +117,8 @@ class ModeResult:
 
     @property
     def ratio(self) -> float:
-        """The judged ratio: service observed POST -> succeeded over in-process run_job."""
-        return self.med("service", "observed_s") / self.med("local", "run_job_s")
+        """The judged ratio: service observed POST -> succeeded over in-process run_pipeline."""
+        return self.med("service", "observed_s") / self.med("local", "pipeline_s")
 
     @property
     def ratio_process(self) -> float:
@@ -293,14 +293,14 @@ def run_service(client: httpx.Client, stack: Stack, spec: dict[str, Any]) -> Ser
     job, seen = wait_done(client, job_id, timeout=3600)
     created, started, finished = (ts(job[k]) for k in ("created_at", "started_at", "finished_at"))
     report = json.loads((stack.storage / "jobs" / job_id / "report.json").read_text())
-    run_job_s = float(report["wall_seconds"])
+    pipeline_s = float(report["wall_seconds"])
     return ServiceRun(
         observed_s=seen - t0,
         server_s=finished - created,
         post_s=created - t0,
         queued_s=started - created,
-        run_job_s=run_job_s,
-        worker_extra_s=finished - started - run_job_s,
+        pipeline_s=pipeline_s,
+        worker_extra_s=finished - started - pipeline_s,
         stages=stage_seconds(report),
     )
 
@@ -331,7 +331,7 @@ def measure_mode(
             local = run_local(spec_path, tmp / f"local-{stack.mode}-{r}", env)
             result.local.append(local)
             print(
-                f"  repeat {r + 1}/{repeats} in process: run_job {local.run_job_s:6.2f} s, "
+                f"  repeat {r + 1}/{repeats} in process: run_pipeline {local.pipeline_s:6.2f} s, "
                 f"CLI process {local.process_s:6.2f} s",
                 flush=True,
             )
@@ -340,7 +340,7 @@ def measure_mode(
             print(
                 f"  repeat {r + 1}/{repeats} {stack.mode}: POST->succeeded {svc.observed_s:6.2f} s "
                 f"(server {svc.server_s:.2f}, queued {svc.queued_s:.2f}, "
-                f"run_job {svc.run_job_s:.2f}, worker extra {svc.worker_extra_s:.2f})",
+                f"run_pipeline {svc.pipeline_s:.2f}, worker extra {svc.worker_extra_s:.2f})",
                 flush=True,
             )
     return result
@@ -366,9 +366,9 @@ def latency_table(results: list[ModeResult]) -> str:
 
 def job_table(results: list[ModeResult]) -> str:
     lines = [
-        "| mode | in process: run_job (s) | in process: CLI process (s) "
+        "| mode | in process: run_pipeline (s) | in process: CLI process (s) "
         "| service: POST->succeeded, polled (s) | service: finished_at-created_at (s) "
-        "| service / run_job | service / CLI process |",
+        "| service / run_pipeline | service / CLI process |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -379,7 +379,7 @@ def job_table(results: list[ModeResult]) -> str:
 
     for r in results:
         lines.append(
-            f"| {r.mode} | {cell(r, 'local', 'run_job_s')} | {cell(r, 'local', 'process_s')} "
+            f"| {r.mode} | {cell(r, 'local', 'pipeline_s')} | {cell(r, 'local', 'process_s')} "
             f"| {cell(r, 'service', 'observed_s')} | {cell(r, 'service', 'server_s')} "
             f"| **{r.ratio:.3f}x** | {r.ratio_process:.3f}x |"
         )
@@ -387,25 +387,25 @@ def job_table(results: list[ModeResult]) -> str:
 
 
 def breakdown_table(results: list[ModeResult]) -> str:
-    """Where the service's time goes, against the in-process run_job of the same mode's runs."""
+    """Where the service's time goes, against the in-process run_pipeline of the same mode's runs."""
     lines = [
-        "| mode | POST (t0->created_at) | queued (created_at->started_at) | run_job in the worker "
-        "| worker before/after run_job | client poll lag | total | total - worker's run_job "
-        "| in-process run_job |",
+        "| mode | POST (t0->created_at) | queued (created_at->started_at) | run_pipeline in the worker "
+        "| worker before/after run_pipeline | client poll lag | total | total - worker's run_pipeline "
+        "| in-process run_pipeline |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         post = r.med("service", "post_s")
         queued = r.med("service", "queued_s")
-        run_job = r.med("service", "run_job_s")
+        run_pipeline = r.med("service", "pipeline_s")
         extra = r.med("service", "worker_extra_s")
         lag = statistics.median(s.observed_s - s.post_s - s.server_s for s in r.service)
-        around = statistics.median(s.observed_s - s.run_job_s for s in r.service)
-        share = 100 * around / run_job
+        around = statistics.median(s.observed_s - s.pipeline_s for s in r.service)
+        share = 100 * around / run_pipeline
         lines.append(
-            f"| {r.mode} | {post:.2f} | {queued:.2f} | {run_job:.2f} | {extra:.2f} | {lag:.2f} "
+            f"| {r.mode} | {post:.2f} | {queued:.2f} | {run_pipeline:.2f} | {extra:.2f} | {lag:.2f} "
             f"| {r.med('service', 'observed_s'):.2f} | {around:.2f} ({share:.1f}%) "
-            f"| {r.med('local', 'run_job_s'):.2f} |"
+            f"| {r.med('local', 'pipeline_s'):.2f} |"
         )
     return "\n".join(lines)
 
@@ -433,7 +433,7 @@ def verdict(results: list[ModeResult]) -> tuple[bool, str]:
     ok = all(r.ratio <= TARGET_RATIO for r in results)
     measured = ", ".join(f"{r.mode} {r.ratio:.3f}x" for r in results)
     return ok, (
-        f"Target: service POST->succeeded / in-process run_job <= {TARGET_RATIO}x in every mode. "
+        f"Target: service POST->succeeded / in-process run_pipeline <= {TARGET_RATIO}x in every mode. "
         f"Measured: {measured} -> **{'PASS' if ok else 'FAIL'}**"
     )
 
@@ -458,15 +458,15 @@ def section(
             "SPEC --out TMP --fresh --json` in a subprocess; medians over the repeats.",
             "",
             "Which ratio is judged: the service's POST->succeeded as the client observes it, "
-            "over report.json's `wall_seconds` of the in-process run (run_job alone). That is "
+            "over report.json's `wall_seconds` of the in-process run (run_pipeline alone). That is "
             "the stricter one: everything the service adds to a job shows up in it. The ratio "
             "over the whole CLI process (interpreter start, torch and pipeline imports, exit) "
             "is shown too; it is what a user who types `distillery run` waits for, but it "
             "credits the service with imports its warm worker paid once at start-up. Even "
             "the judged ratio leans a little the service's way: a fresh process also pays "
-            "one-off lazy imports inside its first run_job (torch._dynamo among them, about "
+            "one-off lazy imports inside its first run_pipeline (torch._dynamo among them, about "
             "a second here) that the warm worker paid on the latency jobs. The "
-            "`total - worker's run_job` column below has no such lean: it is the service's "
+            "`total - worker's run_pipeline` column below has no such lean: it is the service's "
             "own cost around the same pipeline call, in the same process.",
             "",
             f"- Command: `{command}`",

@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +85,33 @@ def keys_create(home: Path, tenant: str) -> str:
     stdout, stderr = made.communicate(timeout=120)
     assert made.returncode == 0, stderr
     return stdout.decode().strip()
+
+
+def post_declaring(
+    url: str, path: str, *, key: str, length: int, content_type: str
+) -> httpx.Response:
+    """POST headers declaring a `length`-byte body, then a single byte of it, and return the
+    server's answer: what a server that waits for the whole body never gives."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n{{"
+            ).encode()
+        )
+        reply = b""
+        while True:  # until the answer's whole body is in (or the server closes)
+            head, sep, body = reply.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            if sep and len(body) >= int(headers.get("content-length", 0)):
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return httpx.Response(int(lines[0].split()[1]), headers=headers, content=body)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):

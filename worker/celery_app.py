@@ -1,19 +1,22 @@
-"""The Celery application. The API imports this to send messages (by task name, so it never
-imports the ML code); workers import worker.tasks through `include`."""
+"""The Celery application, built from Settings by `make_celery` (never at import: a test or a
+second worker builds its own). The API sends messages by task name, so it never imports the
+ML code; workers import worker.tasks through `include`."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from app.core.config import Settings, settings
+from app.core.config import Settings
 from worker.broker import broker_settings
 
-RUN_JOB = "distillery.run_job"
+# The task that runs one job, by the name on the wire (kept: queued messages carry it).
+JOB_TASK = "distillery.run_job"
 
 
-def make_celery(s: Settings = settings) -> Celery:
+def make_celery(s: Settings) -> Celery:
     broker, transport = broker_settings(s.broker_url)
     app = Celery("distillery", broker=broker, include=["worker.tasks"])
+    app.distillery_settings = s  # what worker.runtime.runtime_of builds the worker's runtime from
     app.conf.update(
         broker_transport=transport,
         # The DB row is the source of truth; the message is only "look at job X".
@@ -48,7 +51,7 @@ def make_enqueue(app: Celery):
     def enqueue(job_id: str, queue: str) -> None:
         """Send the run message; fails fast when the broker is down (the reaper sends it later)."""
         app.send_task(
-            RUN_JOB,
+            JOB_TASK,
             args=[job_id],
             queue=queue,
             retry=True,
@@ -82,8 +85,3 @@ def make_queue_size(app: Celery):
             return None
 
     return queue_size
-
-
-celery_app = make_celery()
-enqueue = make_enqueue(celery_app)
-queue_size = make_queue_size(celery_app)

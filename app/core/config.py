@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.pipeline.limits import SpecLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", env_ignore_empty=True)
@@ -29,9 +31,18 @@ class Settings(BaseSettings):
     # and is off (404) while unset.
     METRICS_TOKEN: str | None = None
 
+    # JSON request bodies (job specs); uploads have MAX_UPLOAD_BYTES. 413 above, before parsing.
+    MAX_REQUEST_BYTES: int = 1024**2
     MAX_UPLOAD_BYTES: int = 512 * 1024**2
     MAX_ARCHIVE_MEMBERS: int = 100_000
     MAX_ARCHIVE_BYTES: int = 4 * 1024**3
+
+    # What one model of a spec may be (worker/pipeline/limits.py SpecLimits has the defaults'
+    # reasons); checked at POST, by workers and by `distillery run`, before any model is built.
+    MAX_SPEC_LIST_LENGTH: int = SpecLimits.max_list_length
+    MAX_SPEC_NESTING: int = SpecLimits.max_nesting
+    MAX_SPEC_LAYERS: int = SpecLimits.max_layers
+    MAX_SPEC_PARAMS: int = SpecLimits.max_params
 
     DEFAULT_QUEUE: str = "default"
     HEARTBEAT_SECONDS: float = 5.0
@@ -67,6 +78,15 @@ class Settings(BaseSettings):
     @property
     def data_root(self) -> Path:
         return (self.DATA_ROOT or self.home / "data").resolve()
+
+    def spec_limits(self) -> SpecLimits:
+        # Built at each call, not cached: a test may change a setting of a live app.
+        return SpecLimits(
+            max_list_length=self.MAX_SPEC_LIST_LENGTH,
+            max_nesting=self.MAX_SPEC_NESTING,
+            max_layers=self.MAX_SPEC_LAYERS,
+            max_params=self.MAX_SPEC_PARAMS,
+        )
 
 
 settings = Settings()

@@ -52,3 +52,26 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_if_absent(session: Session, model: type[Base], values: dict, unique: list[str]) -> bool:
+    """INSERT … ON CONFLICT (`unique`) DO NOTHING: True if this call inserted the row.
+
+    The race-free way to create a row two requests (or processes) may create at once, with
+    no savepoint: on SQLite, whose Python driver begins a transaction only at the first write,
+    a savepoint opened before any write is the outermost transaction, and releasing it commits
+    everything so far (a later rollback then undoes nothing)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    table = model.__table__
+    stmt = (
+        insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=unique)
+        # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING.
+        .returning(*table.primary_key.columns)
+    )
+    return session.execute(stmt).first() is not None

@@ -100,10 +100,6 @@ class UploadInvalid(AppError):
         super().__init__(public_message(message), **kwargs)
 
 
-class ServiceUnavailable(AppError):
-    status_code, code = 503, "unavailable"
-
-
 def error_responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route, so the OpenAPI document lists the errors it can return."""
     out: dict[int | str, dict[str, Any]] = {}

@@ -189,7 +189,9 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class Model(Base):
+class UploadedModel(Base):
+    """A teacher a tenant uploaded (POST /v1/models); not to be confused with a model a job makes."""
+
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.jobs.states import JobStatus, StageStatus
 from worker.pipeline.spec import JobSpec
 
 JobCreate = JobSpec  # one model for `distillery run`, the API and the workers
-
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class ErrorPublic(BaseModel):
@@ -24,7 +22,7 @@ class StagePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     name: str
-    status: Literal["pending", "running", "succeeded", "failed", "cancelled", "skipped"]
+    status: StageStatus
     started_at: datetime | None = None
     finished_at: datetime | None = None
     seconds: float | None = None
@@ -50,7 +48,7 @@ class JobPublic(BaseModel):
         default_factory=list, description="the spec's gates, checked once the job succeeded"
     )
     gates_passed: bool | None = Field(
-        description="all of the spec's gates passed; null until the job succeeded"
+        None, description="all of the spec's gates passed; null until the job succeeded"
     )
     error: ErrorPublic | None
     spec: dict[str, Any]

@@ -1,15 +1,15 @@
-"""Jobs as the API sees them: create (idempotent), read, list, cancel, events, artifacts."""
+"""Jobs as the API sees them: create (idempotent), read, list, cancel, events, artifacts.
+State changes go through app.jobs.lifecycle."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -20,8 +20,13 @@ from app.core.errors import (
     JobStateConflict,
     SpecInvalid,
 )
-from app.models import Artifact, Dataset, Job, JobEvent, JobHistory, JobStage, Model, utcnow
-from app.schemas.jobs import TERMINAL, ErrorPublic, JobPublic, StagePublic
+from app.jobs import lifecycle
+from app.jobs.lifecycle import Enqueue
+from app.jobs.states import StageStatus
+from app.models import Artifact, Dataset, Job, JobEvent, JobHistory, JobStage, UploadedModel
+from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
+from worker.pipeline import preflight
+from worker.pipeline.errors import SpecError
 from worker.pipeline.spec import (
     ImageFolderDataset,
     JobSpec,
@@ -30,13 +35,11 @@ from worker.pipeline.spec import (
     SafetensorsTeacher,
     TorchScriptTeacher,
     TorchvisionDataset,
-    TrainedTeacher,
     UploadedDataset,
     UploadedTeacher,
 )
 
-Enqueue = Callable[[str, str], None]  # (job_id, queue)
-
+log = logging.getLogger("distillery.jobs")
 
 # --- enqueue after commit --------------------------------------------------------------------
 
@@ -74,17 +77,15 @@ def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> 
     engine = session.get_bind()
 
     def send() -> None:
-        from app.services import runs  # avoid an import cycle
-
         try:
             enqueue(job_id, queue)
         except Exception:  # broker unreachable: the reaper retries
-            runs.log.warning("enqueue of %s failed; the reaper will retry", job_id, exc_info=True)
+            log.warning("enqueue of %s failed; the reaper will retry", job_id, exc_info=True)
             return
         try:
-            runs.mark_enqueued(engine, job_id=job_id)
+            lifecycle.mark_enqueued(engine, job_id=job_id)
         except Exception:  # the job is stored and its message sent: the request succeeded
-            runs.log.warning("recording that %s was sent failed", job_id, exc_info=True)
+            log.warning("recording that %s was sent failed", job_id, exc_info=True)
 
     after_commit(session, send)
 
@@ -111,28 +112,6 @@ def _shape_of_dataset(
             shape = (1 if ds.grayscale else 3, ds.image_size, ds.image_size)
         return shape, row.num_classes
     return known_shape(ds)
-
-
-@functools.lru_cache(maxsize=1024)
-def _arch_misfit(arch: str, kwargs_json: str, shape: tuple[int, ...], classes: int) -> str | None:
-    """Why `arch` cannot take this input, or None. Building a model, even on the meta device,
-    is most of a POST's cost; specs repeat the same few (arch, kwargs, shape), so the verdict
-    is cached per process (the arch registry is fixed at import)."""
-    from worker.pipeline.archs import check_arch
-
-    try:
-        check_arch(arch, json.loads(kwargs_json), shape, classes)
-    except Exception as e:  # DatasetIncompatible, or the builder refusing its arguments
-        return str(e)
-    return None
-
-
-def _check_arch(field: str, arch: str, kwargs: dict, shape: tuple[int, ...], classes: int) -> None:
-    misfit = _arch_misfit(arch, json.dumps(kwargs, sort_keys=True), tuple(shape), classes)
-    if misfit is not None:
-        raise SpecInvalid(
-            f"{field}: {arch!r} does not fit input {list(shape)} with {classes} classes: {misfit}"
-        )
 
 
 def validate_for_service(
@@ -162,36 +141,53 @@ def validate_for_service(
             update={"dataset": ds.model_copy(update={"root": str(settings.data_root)})}
         )
 
-    shape = _shape_of_dataset(session, tenant_id, spec)
-    teacher = spec.teacher
-    if isinstance(teacher, UploadedTeacher):
-        model = session.scalar(
-            select(Model).where(Model.id == teacher.id, Model.tenant_id == tenant_id)
-        )
-        if model is None:
-            raise SpecInvalid(
-                f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models"
-            )
+    limits = settings.spec_limits()
+    teacher = preflight.teacher_of(spec)
+    try:
+        # First, before anything is built or looked up: what the spec asks for is bounded.
+        preflight.check_bounds([preflight.student_of(spec), teacher], limits)
+        shape = _shape_of_dataset(session, tenant_id, spec)
+        if isinstance(spec.teacher, UploadedTeacher):
+            teacher = _uploaded_teacher(session, tenant_id, spec, shape)
         if shape is not None:
-            in_shape, classes = shape
-            if model.input_shape is not None and tuple(model.input_shape) != in_shape:
-                raise SpecInvalid(
-                    f"teacher.id: model {model.id} takes input {model.input_shape}; the dataset gives {list(in_shape)}"
-                )
-            if model.num_classes is not None and model.num_classes != classes:
-                raise SpecInvalid(
-                    f"teacher.id: model {model.id} predicts {model.num_classes} classes; the dataset has {classes}"
-                )
-            if model.format == "safetensors" and model.arch:
-                _check_arch("teacher.id", model.arch, model.arch_kwargs, in_shape, classes)
-        if spec.distill.feature is not None and model.format == "onnx":
-            raise SpecInvalid("distill.feature: an ONNX teacher does not expose inner layers")
+            preflight.preflight(
+                spec, input_shape=shape[0], num_classes=shape[1], limits=limits, teacher=teacher
+            )
+    except SpecError as e:  # the pipeline's refusal, already naming the field
+        raise SpecInvalid(e.message) from None
+    return spec
+
+
+def _uploaded_teacher(
+    session: Session, tenant_id: str, spec: JobSpec, shape: tuple[tuple[int, ...], int] | None
+) -> preflight.ArchRef | None:
+    """Check an uploaded teacher against the dataset; return its arch when it has one (a
+    safetensors upload), for the preflight to build."""
+    teacher = spec.teacher
+    assert isinstance(teacher, UploadedTeacher)
+    model = session.scalar(
+        select(UploadedModel).where(
+            UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id
+        )
+    )
+    if model is None:
+        raise SpecInvalid(f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models")
+    if spec.distill.feature is not None and model.format == "onnx":
+        raise SpecInvalid("distill.feature: an ONNX teacher does not expose inner layers")
     if shape is not None:
         in_shape, classes = shape
-        _check_arch("student.arch", spec.student.arch, spec.student.arch_kwargs, in_shape, classes)
-        if isinstance(teacher, TrainedTeacher):
-            _check_arch("teacher.arch", teacher.arch, teacher.arch_kwargs, in_shape, classes)
-    return spec
+        if model.input_shape is not None and tuple(model.input_shape) != in_shape:
+            raise SpecInvalid(
+                f"teacher.id: model {model.id} takes input {model.input_shape}; the dataset gives {list(in_shape)}"
+            )
+        if model.num_classes is not None and model.num_classes != classes:
+            raise SpecInvalid(
+                f"teacher.id: model {model.id} predicts {model.num_classes} classes; the dataset has {classes}"
+            )
+    if model.format == "safetensors" and model.arch:
+        kwargs_field = f"teacher.id: model {model.id}'s arch_kwargs"
+        return preflight.ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
+    return None
 
 
 # --- create / read / list / cancel -----------------------------------------------------------
@@ -223,7 +219,7 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Store a job and enqueue it after commit; returns (job, created). With an idempotency
     key, the same key and body return the first job, even when the requests race."""
-    from worker.pipeline.runner import stage_plan
+    from worker.pipeline.plan import stage_plan
 
     digest = request_hash(spec)
     if idempotency_key is not None:
@@ -231,36 +227,21 @@ def create_job(
         if existing is not None:
             return existing, False
     resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
-    job = Job(
+    job = lifecycle.create(
+        session,
         tenant_id=tenant_id,
         name=resolved.name,
-        status="queued",
-        progress=0.0,
         spec=resolved.model_dump(mode="json"),
-        metrics={},
         queue=resolved.queue or settings.DEFAULT_QUEUE,
+        stages=[name for name, _ in stage_plan(resolved)],
         idempotency_key=idempotency_key,
         request_hash=digest,
-        attempts=0,
-        cancel_requested=False,
     )
-    try:
-        with session.begin_nested():  # a savepoint: a lost race rolls back only this insert
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
+    if job is None:  # a concurrent request with the same key made it first
+        assert idempotency_key is not None
         existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
-        if existing is None:
-            raise
+        assert existing is not None
         return existing, False
-    for position, (name, _) in enumerate(stage_plan(resolved)):
-        session.add(
-            JobStage(job_id=job.id, name=name, status="pending", position=position, metrics={})
-        )
-    session.add(JobEvent(job_id=job.id, type="status", data={"status": "queued"}))
-    session.flush()
     send_job(session, job_id=job.id, queue=job.queue, enqueue=enqueue)
     return job, True
 
@@ -328,25 +309,14 @@ def to_public(job: Job, stages: list[JobStage]) -> JobPublic:
 
 
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
-    """Queued jobs are cancelled at once (a worker that later gets the message skips them);
-    running ones are flagged and stop at the next batch boundary."""
+    """Queued jobs are cancelled at once; running ones stop at the next batch boundary."""
     job = session.scalar(
         select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
     )
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
-    if job.status in TERMINAL:
+    if not lifecycle.cancel(session, job=job):
         raise JobStateConflict(f"job {job_id} already {job.status}")
-    job.cancel_requested = True
-    if job.status == "queued":
-        job.status = "cancelled"
-        job.finished_at = utcnow()
-        job.error_code, job.error_message = "cancelled", "cancelled before it started"
-        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelled"}))
-    elif job.status == "running":
-        job.status = "cancelling"
-        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelling"}))
-    session.flush()
     return job
 
 
@@ -407,7 +377,7 @@ def stage_durations(session: Session, *, buckets: list[float]) -> dict[str, dict
     cols = [func.sum(case((JobStage.seconds <= b, 1), else_=0)) for b in buckets]
     rows = session.execute(
         select(JobStage.name, func.count(), func.sum(JobStage.seconds), *cols)
-        .where(JobStage.status == "succeeded", JobStage.seconds.is_not(None))
+        .where(JobStage.status == StageStatus.SUCCEEDED, JobStage.seconds.is_not(None))
         .group_by(JobStage.name)
     ).all()
     return {

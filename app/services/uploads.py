@@ -24,9 +24,10 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import DatasetNotFound, ModelNotFound, UploadInvalid
 from app.core.storage import Storage, safe_filename
-from app.models import Dataset, Model
-from worker.pipeline.errors import PipelineError
+from app.models import Dataset, UploadedModel
+from worker.pipeline.errors import PipelineError, SpecError
 from worker.pipeline.files import sha256_file
+from worker.pipeline.limits import SpecLimits, check_structure
 
 DATASET_KINDS = {
     ".npz": "npz",
@@ -54,11 +55,12 @@ def _describe_dataset(
     path: Path, kind: str, settings: Settings, workdir: Path, filename: str
 ) -> dict[str, Any]:
     from worker.pipeline import data
+    from worker.pipeline.npz import inspect_npz
 
     if kind == "npz":
-        x, y, names, _ = data.load_npz(path, max_total_bytes=settings.MAX_ARCHIVE_BYTES)
-        x, y, num_classes = data.validate_arrays(x, y, names)
-        shape = list(x.shape[1:])
+        # Streamed, never held whole: a 1.5 MB compressed file may expand to gigabytes.
+        npz = inspect_npz(path, max_total_bytes=settings.MAX_ARCHIVE_BYTES)
+        counts, names, shape = npz.counts, npz.class_names, npz.input_shape
     else:
         # The upload sits under a temporary name; a link named like the uploader's file lets
         # the extractor go by its suffix (a truncated .zip is then called corrupt, not "not an
@@ -75,16 +77,16 @@ def _describe_dataset(
         )
         x, y, num_classes = data.validate_arrays(x, y, names)
         shape = [3, 32, 32]  # resized per job (dataset.image_size); channels per dataset.grayscale
-    counts = [int(c) for c in np.bincount(y, minlength=num_classes)]
+        counts = [int(c) for c in np.bincount(y, minlength=num_classes)]
     if min(counts) < 2:
         raise UploadInvalid(
             f"class {counts.index(min(counts))} has {min(counts)} sample(s); each class needs at least 2"
         )
     return {
-        "num_samples": int(len(y)),
-        "num_classes": num_classes,
+        "num_samples": sum(counts),
+        "num_classes": len(counts),
         "input_shape": shape,
-        "class_names": names or [str(i) for i in range(num_classes)],
+        "class_names": names or [str(i) for i in range(len(counts))],
     }
 
 
@@ -237,6 +239,33 @@ def _check_torchscript_pickles(path: Path, filename: str) -> None:
                     raise UploadInvalid(f"{where} is not a readable pickle ({e})") from None
 
 
+def _safetensors_arch_kwargs(arch: str | None, raw: str | None, limits: SpecLimits) -> dict:
+    """The arch_kwargs of safetensors weights, checked as a spec's would be (names, values,
+    and the structural limits: a job building this arch must not be unbounded)."""
+    from worker.pipeline.archs import ARCHS
+    from worker.pipeline.spec import _check_arch_kwargs
+
+    if arch is None:
+        raise UploadInvalid(
+            f"arch: safetensors holds weights only; name the architecture (one of {', '.join(ARCHS.names())})"
+        )
+    if arch not in ARCHS:
+        raise UploadInvalid(f"arch: unknown arch {arch!r}; known: {', '.join(ARCHS.names())}")
+    try:
+        arch_kwargs = json.loads(raw or "{}")
+        if not isinstance(arch_kwargs, dict):
+            raise ValueError("must be a JSON object")
+        _check_arch_kwargs(arch, arch_kwargs)
+        check_structure(arch_kwargs, where="arch_kwargs", limits=limits)
+    except RecursionError:
+        raise UploadInvalid("arch_kwargs: nested too deeply") from None
+    except SpecError as e:
+        raise UploadInvalid(e.message) from None
+    except ValueError as e:
+        raise UploadInvalid(f"arch_kwargs: {e}") from None
+    return arch_kwargs
+
+
 def _parse_shape(raw: str | None) -> list[int] | None:
     if raw in (None, ""):
         return None
@@ -259,7 +288,8 @@ def create_model(
     filename: str,
     fields: dict[str, str],
     storage: Storage,
-) -> Model:
+    limits: SpecLimits,
+) -> UploadedModel:
     fmt = fields.get("format") or _suffix(filename, MODEL_FORMATS)
     if fmt not in ("torchscript", "onnx", "safetensors"):
         raise UploadInvalid(
@@ -297,26 +327,9 @@ def create_model(
         input_shape = input_shape or onnx_shape
         classes = classes or onnx_classes
     else:
-        from worker.pipeline.archs import ARCHS
-        from worker.pipeline.spec import _check_arch_kwargs
-
         _safetensors_check(tmp_path, filename)
-        if arch is None:
-            raise UploadInvalid(
-                f"arch: safetensors holds weights only; name the architecture (one of {', '.join(ARCHS.names())})"
-            )
-        if arch not in ARCHS:
-            raise UploadInvalid(f"arch: unknown arch {arch!r}; known: {', '.join(ARCHS.names())}")
-        try:
-            arch_kwargs = json.loads(fields.get("arch_kwargs") or "{}")
-            if not isinstance(arch_kwargs, dict):
-                raise ValueError("must be a JSON object")
-            _check_arch_kwargs(arch, arch_kwargs)
-        except RecursionError:
-            raise UploadInvalid("arch_kwargs: nested too deeply") from None
-        except ValueError as e:
-            raise UploadInvalid(f"arch_kwargs: {e}") from None
-    row = Model(
+        arch_kwargs = _safetensors_arch_kwargs(arch, fields.get("arch_kwargs"), limits)
+    row = UploadedModel(
         tenant_id=tenant_id,
         filename=safe_filename(filename),
         format=fmt,
@@ -346,8 +359,12 @@ def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset
     return row
 
 
-def get_model(session: Session, *, tenant_id: str, model_id: str) -> Model:
-    row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+def get_model(session: Session, *, tenant_id: str, model_id: str) -> UploadedModel:
+    row = session.scalar(
+        select(UploadedModel).where(
+            UploadedModel.id == model_id, UploadedModel.tenant_id == tenant_id
+        )
+    )
     if row is None:
         raise ModelNotFound(f"no model {model_id!r}")
     return row

@@ -1,12 +1,11 @@
 import io
-import socket
 import zipfile
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import torch
 
+from tests.service_support import post_declaring
 from worker.pipeline.archs import build_model
 from worker.pipeline.export import export_onnx, export_safetensors, export_torchscript
 
@@ -85,26 +84,14 @@ def test_bad_datasets_are_refused_with_a_reason(api, name, payload, message):
 
 def test_oversized_upload_is_refused_before_the_body_is_read(api):
     """The server answers 413 from the headers alone: the client never sends the body."""
-    limit = api.settings.MAX_UPLOAD_BYTES
-    url = urlparse(api.url)
-    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(
-            (
-                f"POST /v1/datasets HTTP/1.1\r\nHost: {url.hostname}\r\n"
-                f"Authorization: Bearer {api.key('alice')}\r\n"
-                "Content-Type: multipart/form-data; boundary=xyz\r\n"
-                f"Content-Length: {limit * 4}\r\n\r\n"
-            ).encode()
-        )
-        reply = b""
-        while b"payload_too_large" not in reply:  # headers and body may come in separate segments
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-        reply = reply.decode()
-    assert reply.startswith("HTTP/1.1 413"), reply
-    assert "payload_too_large" in reply
+    r = post_declaring(
+        api.url,
+        "/v1/datasets",
+        key=api.key("alice"),
+        length=api.settings.MAX_UPLOAD_BYTES * 4,
+        content_type="multipart/form-data; boundary=xyz",
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
 
 
 def test_a_body_that_grows_past_the_cap_is_cut_off(api, monkeypatch):

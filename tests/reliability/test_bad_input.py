@@ -31,7 +31,7 @@ from schemathesis.checks import not_a_server_error
 from sqlalchemy import func, select
 
 from app.core.storage import safe_filename
-from app.models import Dataset, Model, Tenant
+from app.models import Dataset, Tenant, UploadedModel
 from tests.service_support import TINY_SPEC, assert_no_server_path
 from worker.pipeline.spec import JobSpec
 
@@ -200,7 +200,7 @@ def test_pickles_in_every_model_format_are_refused_and_never_run(
         r = c.post("/v1/models", files={"file": (name, build(marker))}, data=fields)
     assert message in _refused(r, "invalid_upload")
     assert not marker.exists()
-    assert _rows(api, Model, "pickler", name) == 0
+    assert _rows(api, UploadedModel, "pickler", name) == 0
 
 
 def test_a_pickled_object_array_in_an_npz_is_refused_and_never_run(api, tmp_path):

@@ -7,11 +7,11 @@ from app.core.storage import Storage
 from tests.service_support import TINY_SPEC, assert_no_server_path, sse_events
 
 
-def test_a_crashed_job_says_what_failed_without_naming_server_paths(api, monkeypatch):
-    from worker import tasks
+def test_a_crashed_job_says_what_failed_without_naming_server_paths(api):
+    from worker.runtime import Runtime
+    from worker.tasks import execute_job
 
-    monkeypatch.setattr(tasks, "settings", api.settings)
-    monkeypatch.setattr(tasks, "_db", api.db)
+    runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
     with api.client("crasher") as c:
         job = c.post("/v1/jobs", json=TINY_SPEC).json()
         # A file where the job's folder goes: the pipeline's first write fails with an OSError
@@ -19,7 +19,7 @@ def test_a_crashed_job_says_what_failed_without_naming_server_paths(api, monkeyp
         job_dir = Storage(api.settings.storage_dir).job_dir(job["id"])
         job_dir.parent.mkdir(parents=True, exist_ok=True)
         job_dir.write_bytes(b"")
-        assert tasks.execute(job["id"]) == "failed"
+        assert execute_job(runtime, job["id"]) == "failed"
         error = c.get(f"/v1/jobs/{job['id']}").json()["error"]
         events = sse_events(c, job["id"])
     assert error == {
@@ -36,15 +36,15 @@ RUNS = [("teacher", "teacher", 1), ("teacher", "teacher", 2)] + [
 HEADER = "stage,run,epoch,step,lr,loss,task_loss,kd_loss,feature_loss,val_accuracy,seconds"
 
 
-def test_every_epoch_is_stored_and_served_as_json_csv_and_artifact(api, monkeypatch):
-    from worker import tasks
+def test_every_epoch_is_stored_and_served_as_json_csv_and_artifact(api):
+    from worker.runtime import Runtime
+    from worker.tasks import execute_job
 
-    monkeypatch.setattr(tasks, "settings", api.settings)
-    monkeypatch.setattr(tasks, "_db", api.db)
+    runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
     with api.client("curves") as c:
         job = c.post("/v1/jobs", json=TINY_SPEC).json()
         assert c.get(f"/v1/jobs/{job['id']}/history").json() == {"data": []}
-        assert tasks.execute(job["id"]) == "succeeded"
+        assert execute_job(runtime, job["id"]) == "succeeded"
         rows = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
         csv_text = c.get(f"/v1/jobs/{job['id']}/history", headers={"Accept": "text/csv"})
         artifact = c.get(f"/v1/jobs/{job['id']}/artifacts/history.csv")
@@ -74,9 +74,9 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
     (and a worker that lost the job can no longer write)."""
     from sqlalchemy import select
 
+    from app.jobs import lifecycle
     from app.models import Job
     from app.services import jobs as jobs_service
-    from app.services import runs
 
     with api.client("resumer") as c:
         job_id = c.post("/v1/jobs", json=TINY_SPEC).json()["id"]
@@ -90,7 +90,7 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
 
     def record(worker_id: str, *rows: dict) -> bool:
         with api.db.session() as s:
-            return runs.record_history(s, job_id=job_id, worker_id=worker_id, rows=list(rows))
+            return lifecycle.record_history(s, job_id=job_id, worker_id=worker_id, rows=list(rows))
 
     def stored() -> list[tuple[int, float]]:
         with api.db.session() as s:
@@ -101,8 +101,8 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
             ]
 
     with api.db.session() as s:
-        now = runs.utcnow()
-        assert runs.claim(s, job_id=job_id, worker_id="w1", stale_before=now, max_attempts=3)
+        now = lifecycle.utcnow()
+        assert lifecycle.claim(s, job_id=job_id, worker_id="w1", stale_before=now, max_attempts=3)
     assert record("w1", row(1, 3.0), row(2, 2.0), row(3, 1.0))
     assert stored() == [(1, 3.0), (2, 2.0), (3, 1.0)]
     assert record("w1", row(2, 2.5))

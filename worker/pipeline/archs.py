@@ -226,6 +226,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_layers(model: nn.Module) -> int:
+    """Modules holding parameters of their own (conv, linear, norm): what "layers" means in
+    the spec limits; containers and activations are free."""
+    return sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
+
+
 def check_arch(
     arch: str, arch_kwargs: dict[str, Any], in_shape: Sequence[int], num_classes: int
 ) -> nn.Module:

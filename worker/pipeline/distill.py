@@ -11,8 +11,8 @@ from torch import nn
 from worker.pipeline.archs import build_model, count_params
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
-from worker.pipeline.errors import SpecError
-from worker.pipeline.losses import FEATURE_LOSSES, KD_LOSSES, CrossEntropyOnly
+from worker.pipeline.losses import KD_LOSSES, CrossEntropyOnly
+from worker.pipeline.preflight import feature_layer, feature_loss
 from worker.pipeline.spec import DistillSpec, FeatureLossSpec, StudentSpec
 from worker.pipeline.teacher import TeacherResult
 from worker.pipeline.train import (
@@ -50,21 +50,11 @@ def teacher_signal(
     return TeacherSignal(None, teacher.logits_fn)
 
 
-def _submodule(model: nn.Module, name: str, role: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        known = [n for n, _ in model.named_modules() if n][:40]
-        raise SpecError(
-            f"distill.feature.{role}_layer: no layer {name!r}; layers: {', '.join(known)}"
-        ) from None
-
-
 def feature_term(
     spec: FeatureLossSpec, student: nn.Module, teacher: nn.Module, data: DataBundle, device
 ) -> FeatureTerm:
-    s_hook = FeatureHook(_submodule(student, spec.student_layer, "student"))
-    t_hook = FeatureHook(_submodule(teacher, spec.teacher_layer, "teacher"))
+    s_hook = FeatureHook(feature_layer(student, spec.student_layer, "student"))
+    t_hook = FeatureHook(feature_layer(teacher, spec.teacher_layer, "teacher"))
     probe = data.x_train[:2].to(device)
     was_training = student.training
     student.eval()
@@ -72,16 +62,7 @@ def feature_term(
         student(probe)
         teacher(probe)
     student.train(was_training)
-    s, t = s_hook.value, t_hook.value
-    if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor) or s.ndim != t.ndim:
-        raise SpecError(
-            f"distill.feature: layers {spec.student_layer!r} and {spec.teacher_layer!r} give outputs "
-            "of different kinds; pick two conv layers (N,C,H,W) or two linear layers (N,D)"
-        )
-    try:
-        loss = FEATURE_LOSSES.get(spec.loss)(s.shape[1], t.shape[1], conv=s.ndim == 4)
-    except ValueError as e:
-        raise SpecError(f"distill.feature: {e}") from None
+    loss = feature_loss(spec, s_hook.value, t_hook.value)
     return FeatureTerm(loss.to(device), s_hook, t_hook, spec.weight)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from worker.pipeline import distill as distill_stage
+from worker.pipeline import preflight
 from worker.pipeline import prune as prune_stage
 from worker.pipeline import quantize as quantize_stage
 from worker.pipeline import teacher as teacher_stage
@@ -39,6 +40,8 @@ from worker.pipeline.export import (
 )
 from worker.pipeline.gates import check_all, spec_gates
 from worker.pipeline.history import HistoryLog
+from worker.pipeline.limits import SpecLimits
+from worker.pipeline.plan import stage_plan
 from worker.pipeline.spec import JobSpec, TrainedTeacher
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -47,21 +50,6 @@ MODEL_METRICS = ("accuracy", "params", "size_bytes", "latency_ms")
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def stage_plan(spec: JobSpec) -> list[tuple[str, float]]:
-    """The stages this spec runs, each with a rough cost weight (in epochs) for progress."""
-    teacher_w = float(spec.teacher.epochs) if isinstance(spec.teacher, TrainedTeacher) else 1.0
-    plan = [("teacher", max(teacher_w, 1.0))]
-    if spec.distill.baseline:
-        plan.append(("baseline", max(spec.distill.epochs, 1)))
-    plan.append(("distill", max(spec.distill.epochs, 1)))
-    if spec.prune is not None:
-        plan.append(("prune", spec.prune.finetune_epochs + 1.0))
-    if spec.quantize is not None:
-        plan.append(("quantize", 2.0))
-    plan.append(("export", 1.0))
-    return plan
 
 
 @dataclass
@@ -303,7 +291,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run_job(
+def run_pipeline(
     spec: JobSpec,
     out_dir: Path | str,
     *,
@@ -311,6 +299,7 @@ def run_job(
     should_cancel: Callable[[], bool] | None = None,
     resume: bool = True,
     public_spec: dict[str, Any] | None = None,
+    limits: SpecLimits | None = None,
 ) -> dict[str, Any]:
     """Run `spec`, write artifacts and `report.json` into `out_dir`, return the report.
 
@@ -318,8 +307,12 @@ def run_job(
     `log`, `metrics` and `history` (`row`: one epoch of a training run, every one of them).
     Raises a PipelineError subclass (with a `.code`) on failure.
     `public_spec` is what the report and model card show (the service passes the user's spec,
-    without the server paths its uploads were resolved to).
+    without the server paths its uploads were resolved to). `limits` bound the models the
+    spec describes (default: `SpecLimits()`); a spec past them fails before any is built.
     """
+    limits = limits or SpecLimits()
+    teacher = preflight.teacher_of(spec)
+    preflight.check_bounds([preflight.student_of(spec), teacher], limits)  # before the data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -360,6 +353,15 @@ def run_job(
     )
     data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
     emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
+    # Before the teacher stage: a spec that cannot work (a layer-name typo, an arch that does
+    # not fit, a model past the limits) fails now, not after the teacher has trained.
+    preflight.preflight(
+        spec,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        limits=limits,
+        teacher=teacher,
+    )
     run = _Run(spec, out, root, emit, data, public_spec=public_spec or spec.model_dump(mode="json"))
     for name, weight in plan:
         record_path = run.state / f"{name}.json"

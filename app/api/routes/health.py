@@ -37,12 +37,12 @@ def _check_broker(request: Request) -> str:
 
 
 def _check_workers(request: Request) -> str:
-    from app.services import runs
+    from app.jobs import lifecycle
 
     settings = request.app.state.settings
     queue = settings.DEFAULT_QUEUE
     with request.app.state.db.session() as s:
-        live = runs.live_workers(
+        live = lifecycle.live_workers(
             s, queue=queue, heartbeat_timeout=settings.HEARTBEAT_TIMEOUT_SECONDS
         )
     if not live:

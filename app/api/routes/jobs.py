@@ -14,12 +14,13 @@ from app.core.errors import (
     IdempotencyConflict,
     JobNotFound,
     JobStateConflict,
+    PayloadTooLarge,
     SpecInvalid,
     Unauthorized,
     error_responses,
 )
+from app.jobs.states import TERMINAL, JobStatus
 from app.schemas.jobs import (
-    TERMINAL,
     ArtifactPublic,
     ArtifactsPublic,
     HistoryPublic,
@@ -27,7 +28,6 @@ from app.schemas.jobs import (
     JobCreate,
     JobPublic,
     JobsPublic,
-    JobStatus,
 )
 from app.services import jobs as jobs_service
 from worker.pipeline.history import to_csv
@@ -45,7 +45,7 @@ AUTH = (Unauthorized,)
             "model": JobPublic,
             "description": "replayed: the job an earlier request with the same Idempotency-Key created",
         },
-        **error_responses(*AUTH, IdempotencyConflict, SpecInvalid),
+        **error_responses(*AUTH, IdempotencyConflict, PayloadTooLarge, SpecInvalid),
     },
 )
 def create_job(
@@ -57,7 +57,12 @@ def create_job(
     enqueue=Depends(get_enqueue),
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    """Validate and store a job, then enqueue it (after the commit)."""
+    """Validate and store a job, then enqueue it (after the commit).
+
+    A body over `MAX_REQUEST_BYTES` (1 MiB) is refused with 413 before it is parsed; a spec
+    asking for more than the `MAX_SPEC_*` limits (list lengths and nesting in `arch_kwargs`,
+    layers and parameters of a model) or failing any check possible before compute (archs
+    that do not fit the data, feature-loss layer names) is refused with 422 naming the field."""
     job, created = jobs_service.create_job(
         session,
         tenant_id=tenant.id,

@@ -126,6 +126,7 @@ async def upload_model(
             filename=received.filename,
             fields=received.fields,
             storage=storage,
+            limits=settings.spec_limits(),
         )
     return ModelPublic.model_validate(row)
 

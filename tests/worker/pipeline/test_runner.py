@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from worker.pipeline.data import load_dataset
-from worker.pipeline.errors import Cancelled
+from worker.pipeline.errors import Cancelled, SpecError
 from worker.pipeline.evaluate import onnx_logits
 from worker.pipeline.export import read_safetensors_meta, sha256_file
-from worker.pipeline.runner import run_job
+from worker.pipeline.limits import SpecLimits
+from worker.pipeline.runner import run_pipeline
 from worker.pipeline.spec import BuiltinDataset, JobSpec
 from worker.pipeline.teacher import load_safetensors, load_torchscript
 
@@ -35,7 +36,7 @@ MODELS = ("teacher", "baseline", "student", "pruned", "quantized")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
     events = []
-    report = run_job(JobSpec.model_validate(TINY), out, on_event=events.append)
+    report = run_pipeline(JobSpec.model_validate(TINY), out, on_event=events.append)
     return out, report, events
 
 
@@ -199,10 +200,10 @@ def test_a_stage_run_again_after_a_crash_has_one_row_per_epoch(tmp_path, monkeyp
     monkeypatch.setattr(runner._Run, "measure_module", crash_on_baseline)
     first: list[dict] = []
     with pytest.raises(RuntimeError, match="lost the disk"):
-        run_job(spec, tmp_path, on_event=first.append)
+        run_pipeline(spec, tmp_path, on_event=first.append)
     monkeypatch.setattr(runner._Run, "measure_module", measure)
     second: list[dict] = []
-    run_job(spec, tmp_path, on_event=second.append)
+    run_pipeline(spec, tmp_path, on_event=second.append)
 
     assert [e["row"]["run"] for e in first if e["type"] == "history"] == ["teacher"] * 2 + [
         "baseline"
@@ -232,10 +233,12 @@ def test_a_run_resumed_mid_way_adds_only_the_epochs_it_runs(tmp_path):
             seen.append((e["row"]["run"], e["row"]["epoch"]))
 
     with pytest.raises(Cancelled):
-        run_job(spec, tmp_path, on_event=on_event, should_cancel=lambda: ("distill", 1) in seen)
+        run_pipeline(
+            spec, tmp_path, on_event=on_event, should_cancel=lambda: ("distill", 1) in seen
+        )
     assert seen[-1] == ("distill", 1)
     seen.clear()
-    run_job(spec, tmp_path, on_event=on_event)
+    run_pipeline(spec, tmp_path, on_event=on_event)
     assert seen == [("distill", 2), ("distill", 3)]  # epoch 1 came from its checkpoint
     rows = _csv_rows(tmp_path / "history.csv")
     distill = [r for r in rows if r["run"] == "distill"]
@@ -254,11 +257,11 @@ def test_an_interrupted_job_resumes_after_its_last_finished_stage(tmp_path):
             done.append(e["stage"])
 
     with pytest.raises(Cancelled):
-        run_job(spec, tmp_path, on_event=on_event, should_cancel=lambda: "distill" in done)
+        run_pipeline(spec, tmp_path, on_event=on_event, should_cancel=lambda: "distill" in done)
     first = json.loads((tmp_path / ".work/state/distill.json").read_text())
 
     events = []
-    report = run_job(spec, tmp_path, on_event=events.append)
+    report = run_pipeline(spec, tmp_path, on_event=events.append)
     resumed = [e["stage"] for e in events if e["type"] == "stage" and e.get("resumed")]
     ran = [e["stage"] for e in events if e["type"] == "stage" and e["status"] == "running"]
     assert resumed == ["teacher", "baseline", "distill"] and ran == ["quantize", "export"]
@@ -348,7 +351,7 @@ def test_a_teacher_that_hurts_is_caught_by_the_baseline(tmp_path, keep):
             "prune": None,
         }
     )
-    report = run_job(spec, tmp_path / keep)
+    report = run_pipeline(spec, tmp_path / keep)
     distill = next(s for s in report["stages"] if s["name"] == "distill")["metrics"]
     final = report["metrics"]["final"]
     assert distill["kept"] == final["student_kept"]
@@ -367,3 +370,44 @@ def test_a_teacher_that_hurts_is_caught_by_the_baseline(tmp_path, keep):
         )
         < 0.05
     )
+
+
+# --- the preflight: what can fail before compute fails before the teacher trains -----------
+
+TYPO = {"student_layer": "features.9", "teacher_layer": "features.1"}
+LAYER_TYPO = {**TINY, "distill": {"epochs": 1, "feature": TYPO}}
+TOO_DEEP = {**TINY, "student": {"arch": "mlp", "arch_kwargs": {"hidden": [1] * 20_000}}}
+
+
+def test_a_feature_layer_typo_fails_before_the_teacher_trains(tmp_path):
+    events = []
+    with pytest.raises(SpecError) as e:
+        run_pipeline(JobSpec.model_validate(LAYER_TYPO), tmp_path, on_event=events.append)
+    assert e.value.code == "invalid_spec"
+    assert e.value.message.startswith(
+        "distill.feature.student_layer: no layer 'features.9'; layers: features, features.0"
+    )
+    assert [ev for ev in events if ev["type"] == "stage"] == []  # no stage started
+    assert not (tmp_path / ".work/state/teacher.json").exists()
+
+
+def test_a_spec_past_the_limits_fails_before_the_data_is_loaded(tmp_path):
+    events = []
+    with pytest.raises(SpecError, match=r"^student\.arch_kwargs\.hidden: a list of 20000 items"):
+        run_pipeline(JobSpec.model_validate(TOO_DEEP), tmp_path, on_event=events.append)
+    assert events == []
+    with pytest.raises(SpecError, match=r"^student\.arch: 'cnn_tiny' builds \d+ layers"):
+        run_pipeline(JobSpec.model_validate(TINY), tmp_path, limits=SpecLimits(max_layers=2))
+
+
+def test_cli_refuses_what_the_preflight_refuses_with_exit_2(tmp_path):
+    repo = Path(__file__).parents[3]
+    for name, spec, message in (
+        ("typo", LAYER_TYPO, "distill.feature.student_layer: no layer 'features.9'; layers: "),
+        ("deep", TOO_DEEP, "student.arch_kwargs.hidden: a list of 20000 items; at most 64"),
+    ):
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+        out = tmp_path / name
+        r = _cli("run", str(tmp_path / f"{name}.json"), "--out", str(out), cwd=repo)
+        assert r.returncode == 2 and f"error [invalid_spec]: {message}" in r.stderr, r.stderr
+        assert "✓ teacher" not in r.stderr and not (out / ".work/state/teacher.json").exists()

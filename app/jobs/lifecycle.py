@@ -1,39 +1,122 @@
-"""Jobs as the workers see them: claim, heartbeat, record progress and events, finish, and
-the reaper that re-queues (then fails) jobs whose worker stopped heartbeating.
+"""Every change of a job's state, in one place: create, claim, heartbeat, progress, stage,
+finish, cancel, release, reap. Each goes through the transitions in `app.jobs.states`; an
+illegal one raises. The API (create, cancel) and the workers (claim … finish) both call here,
+and nothing else writes a job's status.
 
-Every write a worker makes is fenced on `worker_id`: a worker that lost its job to the reaper
-can no longer change it.
+Every write a worker makes is fenced on `worker_id`: a worker that lost its job (to the
+reaper, or to its supervisor) can no longer change it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.core.db import insert_if_absent
 from app.core.errors import public_message
-from app.models import Artifact, Job, JobEvent, JobHistory, JobStage, Worker, utcnow
+from app.jobs.states import ACTIVE, TERMINAL, JobStatus, StageStatus, check_transition, sources
+from app.models import Artifact, Job, JobEvent, JobHistory, JobStage, Worker, new_id, utcnow
 from worker.pipeline.history import HISTORY_COLUMNS
 
-log = logging.getLogger("distillery.runs")
+log = logging.getLogger("distillery.lifecycle")
 
-ACTIVE = ("running", "cancelling")
+Enqueue = Callable[[str, str], None]  # (job id, queue): sends the job's message
+
+
+def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, type=type, data=data))
+
+
+def _move(session: Session, job: Job, to: JobStatus, *, now: datetime, **event: Any) -> None:
+    """The one place a loaded job changes status: checked, timestamped, and announced."""
+    check_transition(job.id, job.status, to)
+    job.status, job.updated_at = to, now
+    if to in TERMINAL:
+        job.finished_at = now
+    add_event(session, job_id=job.id, type="status", data={"status": to.value, **event})
+
+
+# --- the API side ------------------------------------------------------------------------------
+
+
+def create(
+    session: Session,
+    *,
+    tenant_id: str,
+    name: str,
+    spec: dict[str, Any],
+    queue: str,
+    stages: Iterable[str],
+    idempotency_key: str | None,
+    request_hash: str,
+) -> Job | None:
+    """A new queued job with its planned stages, flushed (the caller sends its message after
+    the commit). None when a concurrent request with the same idempotency key made it first."""
+    job_id = new_id("job")
+    values = {
+        "id": job_id,
+        "tenant_id": tenant_id,
+        "name": name,
+        "status": JobStatus.QUEUED,
+        "progress": 0.0,
+        "spec": spec,
+        "metrics": {},
+        "queue": queue,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "attempts": 0,
+        "cancel_requested": False,
+    }
+    if not insert_if_absent(session, Job, values, ["tenant_id", "idempotency_key"]):
+        return None
+    for position, stage in enumerate(stages):
+        session.add(
+            JobStage(
+                job_id=job_id, name=stage, status=StageStatus.PENDING, position=position, metrics={}
+            )
+        )
+    add_event(session, job_id=job_id, type="status", data={"status": JobStatus.QUEUED.value})
+    session.flush()
+    return session.scalars(select(Job).where(Job.id == job_id)).one()
+
+
+def cancel(session: Session, *, job: Job) -> bool:
+    """Queued: cancelled at once (a worker that later gets the message skips it). Running:
+    cancelling, and the worker stops at the next batch boundary. False when already ended."""
+    if job.status in TERMINAL:
+        return False
+    job.cancel_requested = True
+    now = utcnow()
+    if job.status == JobStatus.QUEUED:
+        job.error_code, job.error_message = "cancelled", "cancelled before it started"
+        _move(session, job, JobStatus.CANCELLED, now=now)
+    elif job.status == JobStatus.RUNNING:
+        _move(session, job, JobStatus.CANCELLING, now=now)
+    session.flush()
+    return True
 
 
 def mark_enqueued(engine: Engine, *, job_id: str) -> None:
+    """The job's message went out (recorded on its own connection, after the commit)."""
     with engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+# --- the worker side -----------------------------------------------------------------------------
 
 
 def claim(
     session: Session, *, job_id: str, worker_id: str, stale_before: datetime, max_attempts: int
 ) -> Job | None:
     """Take the job if it is queued (or running under a worker that stopped heartbeating).
-    Returns the job when this worker now owns it, else None (duplicate message, finished…)."""
+    Returns the job when this worker now owns it, else None (duplicate message, finished…).
+    One conditional UPDATE: two workers with the same message cannot both win."""
+    assert sources(JobStatus.RUNNING) == {JobStatus.QUEUED, JobStatus.RUNNING}
     now = utcnow()
     claimed = session.execute(
         update(Job)
@@ -41,12 +124,12 @@ def claim(
             Job.id == job_id,
             Job.attempts < max_attempts,
             or_(
-                (Job.status == "queued") & (Job.cancel_requested.is_(False)),
-                (Job.status == "running") & (Job.heartbeat_at < stale_before),
+                (Job.status == JobStatus.QUEUED) & (Job.cancel_requested.is_(False)),
+                (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < stale_before),
             ),
         )
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             worker_id=worker_id,
             heartbeat_at=now,
             attempts=Job.attempts + 1,
@@ -59,32 +142,27 @@ def claim(
         return None
     if job.started_at is None:
         job.started_at = now
-    add_event(
-        session, job_id=job_id, type="status", data={"status": "running", "attempt": job.attempts}
-    )
+    data = {"status": JobStatus.RUNNING.value, "attempt": job.attempts}
+    add_event(session, job_id=job_id, type="status", data=data)
     session.flush()
     return job
+
+
+def _owned(job_id: str, worker_id: str):
+    return (Job.id == job_id) & (Job.worker_id == worker_id) & Job.status.in_(ACTIVE)
 
 
 def heartbeat(session: Session, *, job_id: str, worker_id: str) -> tuple[bool, bool]:
     """Returns (still_owner, cancel_requested)."""
     owned = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(ACTIVE))
+        .where(_owned(job_id, worker_id))
         .values(heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount
     if not owned:
         return False, False
     return True, bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any]) -> None:
-    session.add(JobEvent(job_id=job_id, type=type, data=data))
-
-
-def _owned(job_id: str, worker_id: str):
-    return (Job.id == job_id) & (Job.worker_id == worker_id) & Job.status.in_(ACTIVE)
 
 
 def set_progress(
@@ -106,7 +184,7 @@ def set_stage(
     job_id: str,
     worker_id: str,
     name: str,
-    status: str,
+    status: StageStatus,
     seconds: float | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> None:
@@ -117,12 +195,11 @@ def set_stage(
         return
     now = utcnow()
     stage.status = status
-    if status == "running":
+    if status == StageStatus.RUNNING:
         stage.started_at, stage.finished_at, stage.seconds = now, None, None
     else:
         stage.finished_at = now
-        if stage.started_at is None:
-            stage.started_at = now
+        stage.started_at = stage.started_at or now
         stage.seconds = seconds
         if metrics is not None:
             stage.metrics = metrics
@@ -168,102 +245,78 @@ def finish(
     *,
     job_id: str,
     worker_id: str,
-    status: str,
-    metrics: dict[str, Any] | None = None,
-    gates: list[dict[str, Any]] | None = None,
+    status: JobStatus,
+    report: dict[str, Any] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
     error: tuple[str, str] | None = None,
-    stages: list[dict[str, Any]] | None = None,
 ) -> bool:
-    """Move an owned job to a terminal status; artifacts replace any earlier attempt's rows.
-    `stages` (the report's records) settle every stage row, even if a progress write was lost."""
+    """Move an owned job to a terminal status. `report` (the pipeline's) brings the metrics,
+    the gates and the stage records, which settle every stage row even if a progress write
+    was lost; `artifacts` replace any earlier attempt's rows."""
+    assert status in TERMINAL
     job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
     if job is None:
         return False
     now = utcnow()
-    job.status = status
-    job.finished_at = now
     job.heartbeat_at = now
-    if metrics is not None:
-        job.metrics = metrics
-    if gates is not None:
-        job.gates = gates
-    if status == "succeeded":
+    if report is not None:
+        job.metrics, job.gates = report["metrics"], report["gates"]
+        _settle_stages(session, job_id, report["stages"], now)
+    if status == JobStatus.SUCCEEDED:
         job.progress = 1.0
+    event: dict[str, Any] = {}
     if error is not None:
         # The one exit of a job's error to its owner: messages quote OS and library errors,
         # which name files in the worker's storage and home.
-        error = (error[0], public_message(error[1]))
-        job.error_code, job.error_message = error
-    for record in stages or []:
-        row = session.scalar(
-            select(JobStage).where(JobStage.job_id == job_id, JobStage.name == record["name"])
-        )
-        if row is not None and row.status != "succeeded":
-            row.status, row.seconds = "succeeded", record.get("seconds")
-            row.metrics = record.get("metrics") or {}
-            row.finished_at = row.finished_at or now
+        job.error_code, job.error_message = error[0], public_message(error[1])
+        event["error"] = {"code": job.error_code, "message": job.error_message}
     if artifacts is not None:
         session.execute(delete(Artifact).where(Artifact.job_id == job_id))
-        for a in artifacts:
-            session.add(Artifact(job_id=job_id, **a))
-    if status != "succeeded":
+        session.add_all(Artifact(job_id=job_id, **a) for a in artifacts)
+    if status != JobStatus.SUCCEEDED:
+        ended = StageStatus.CANCELLED if status == JobStatus.CANCELLED else StageStatus.FAILED
         session.execute(
             update(JobStage)
-            .where(JobStage.job_id == job_id, JobStage.status == "running")
-            .values(status="cancelled" if status == "cancelled" else "failed", finished_at=now)
+            .where(JobStage.job_id == job_id, JobStage.status == StageStatus.RUNNING)
+            .values(status=ended, finished_at=now)
         )
-    add_event(
-        session,
-        job_id=job_id,
-        type="status",
-        data={
-            "status": status,
-            **({"error": {"code": error[0], "message": error[1]}} if error else {}),
-        },
-    )
+    _move(session, job, status, now=now, **event)
     return True
 
 
-def job_for_run(session: Session, *, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id))
+def _settle_stages(session: Session, job_id: str, records: list[dict], now: datetime) -> None:
+    for record in records:
+        row = session.scalar(
+            select(JobStage).where(JobStage.job_id == job_id, JobStage.name == record["name"])
+        )
+        if row is not None and row.status != StageStatus.SUCCEEDED:
+            row.status, row.seconds = StageStatus.SUCCEEDED, record.get("seconds")
+            row.metrics = record.get("metrics") or {}
+            row.finished_at = row.finished_at or now
 
 
-def mark_cancelled_if_requested(session: Session, *, job_id: str) -> None:
-    """A queued job that was cancelled before a worker saw it: make sure it reads cancelled."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(True))
-        .values(status="cancelled", finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+# --- lost workers --------------------------------------------------------------------------------
 
 
-def _release(session: Session, job: Job, *, now: datetime, max_attempts: int, reason: str) -> str:
-    """Take a running job away from a worker that is gone: re-queued while attempts remain
+def release(session: Session, job: Job, *, now: datetime, max_attempts: int, reason: str) -> str:
+    """Take an active job away from a worker that is gone: re-queued while attempts remain
     (its checkpoints let the next worker resume), else failed `worker_lost`; a cancelling one
     just ends cancelled. Returns what happened: requeued, lost or cancelled."""
-    job.updated_at = now
-    if job.status == "cancelling":
-        job.status, job.finished_at = "cancelled", now
+    if job.status == JobStatus.CANCELLING:
         job.error_code, job.error_message = "cancelled", "cancelled (its worker stopped responding)"
-        add_event(session, job_id=job.id, type="status", data={"status": "cancelled"})
+        _move(session, job, JobStatus.CANCELLED, now=now)
         return "cancelled"
     if job.attempts < max_attempts:
-        job.status, job.worker_id, job.enqueued_at = "queued", None, None
         message = f"{reason}; re-queued, attempt {job.attempts + 1} of {max_attempts}"
         add_event(session, job_id=job.id, type="log", data={"stage": job.stage, "message": message})
-        add_event(session, job_id=job.id, type="status", data={"status": "queued"})
+        job.worker_id, job.enqueued_at = None, None
+        _move(session, job, JobStatus.QUEUED, now=now)
         return "requeued"
-    job.status, job.finished_at = "failed", now
     job.error_code = "worker_lost"
     job.error_message = f"the worker stopped heartbeating {job.attempts} time(s); giving up"
-    error = {"code": "worker_lost", "message": job.error_message}
-    add_event(session, job_id=job.id, type="status", data={"status": "failed", "error": error})
+    error = {"code": job.error_code, "message": job.error_message}
+    _move(session, job, JobStatus.FAILED, now=now, error=error)
     return "lost"
-
-
-# --- worker processes --------------------------------------------------------------------------
 
 
 def worker_name(hostname: str, pid: int) -> str:
@@ -313,10 +366,9 @@ def release_worker(session: Session, *, worker: str, max_attempts: int) -> list[
         .where(Job.status.in_(ACTIVE), Job.worker_id.startswith(f"{worker}/", autoescape=True))
         .with_for_update()
     ).all()
-    now = utcnow()
-    reason = f"worker {worker} died"
+    now, reason = utcnow(), f"worker {worker} died"
     released = [
-        (j, _release(session, j, now=now, max_attempts=max_attempts, reason=reason)) for j in jobs
+        (j, release(session, j, now=now, max_attempts=max_attempts, reason=reason)) for j in jobs
     ]
     session.flush()
     return [(j.id, j.queue) for j, what in released if what == "requeued"]
@@ -327,14 +379,14 @@ def reap(
     *,
     heartbeat_timeout: float,
     max_attempts: int,
-    enqueue: Callable[[str, str], None],
+    enqueue: Enqueue,
     queue_size: Callable[[str], int | None] | None = None,
     resend_after: float = 60.0,
 ) -> dict[str, int]:
     """One reaper pass; safe to run in many processes at once (rows are locked and skipped).
 
-    - running/cancelling with no heartbeat for `heartbeat_timeout`: re-queued while attempts
-      remain, else failed `worker_lost` (a cancelling one just ends cancelled);
+    - running/cancelling with no heartbeat for `heartbeat_timeout`: released (see `release`);
+    - worker processes as silent: forgotten;
     - queued whose message never went out (broker was down at submit): sent now;
     - queued whose message went out more than `resend_after` ago while the broker's queue is
       empty (the broker lost it, e.g. a restart without persistence): sent again. A duplicate
@@ -349,28 +401,13 @@ def reap(
         .with_for_update(skip_locked=True)
         .limit(100)
     ).all()
-    to_send: list[tuple[str, str]] = []
     reason = f"worker lost (no heartbeat for {heartbeat_timeout:.0f}s)"
     for job in rows:
-        counts[_release(session, job, now=now, max_attempts=max_attempts, reason=reason)] += 1
-    # Worker processes silent as long are gone too (killed without a supervisor to tell).
+        counts[release(session, job, now=now, max_attempts=max_attempts, reason=reason)] += 1
     session.execute(delete(Worker).where(Worker.heartbeat_at < stale))
-    unsent = session.scalars(
-        select(Job)
-        .where(Job.status == "queued", Job.enqueued_at.is_(None))
-        .with_for_update(skip_locked=True)
-        .limit(100)
-    ).all()
-    to_send += [(j.id, j.queue) for j in unsent]
-    if queue_size is not None:
-        cutoff = now - timedelta(seconds=resend_after)
-        waiting = select(Job).where(Job.status == "queued", Job.enqueued_at < cutoff)
-        for queue in session.scalars(waiting.with_only_columns(Job.queue).distinct()).all():
-            if queue_size(queue) == 0:
-                lost = session.scalars(
-                    waiting.where(Job.queue == queue).with_for_update(skip_locked=True).limit(100)
-                )
-                to_send += [(j.id, j.queue) for j in lost]
+    to_send = _unsent(session) + _lost_messages(
+        session, now - timedelta(seconds=resend_after), queue_size
+    )
     session.flush()
     for job_id, queue in to_send:
         try:
@@ -381,3 +418,31 @@ def reap(
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
         counts["sent"] += 1
     return counts
+
+
+def _unsent(session: Session) -> list[tuple[str, str]]:
+    """Queued jobs whose message never went out (the broker was down at submit)."""
+    rows = session.scalars(
+        select(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None))
+        .with_for_update(skip_locked=True)
+        .limit(100)
+    ).all()
+    return [(j.id, j.queue) for j in rows]
+
+
+def _lost_messages(
+    session: Session, cutoff: datetime, queue_size: Callable[[str], int | None] | None
+) -> list[tuple[str, str]]:
+    """Queued jobs sent before `cutoff` whose broker queue is empty: the broker lost them."""
+    if queue_size is None:
+        return []
+    waiting = select(Job).where(Job.status == JobStatus.QUEUED, Job.enqueued_at < cutoff)
+    out: list[tuple[str, str]] = []
+    for queue in session.scalars(waiting.with_only_columns(Job.queue).distinct()).all():
+        if queue_size(queue) == 0:
+            lost = session.scalars(
+                waiting.where(Job.queue == queue).with_for_update(skip_locked=True).limit(100)
+            )
+            out += [(j.id, j.queue) for j in lost]
+    return out

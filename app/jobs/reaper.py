@@ -1,4 +1,4 @@
-"""A background thread that runs the reaper pass (app.services.runs.reap) every few seconds.
+"""A background thread that runs the reaper pass (app.jobs.lifecycle.reap) every few seconds.
 Runs in API processes and workers alike; passes in parallel are safe."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.services import runs
+from app.jobs import lifecycle
 
 log = logging.getLogger("distillery.reaper")
 
@@ -29,7 +29,7 @@ class Reaper(threading.Thread):
 
     def run_once(self) -> dict[str, int]:
         with self.database.session() as s:
-            return runs.reap(
+            return lifecycle.reap(
                 s,
                 heartbeat_timeout=self.settings.HEARTBEAT_TIMEOUT_SECONDS,
                 max_attempts=self.settings.MAX_ATTEMPTS,

@@ -9,6 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.jobs.states import JobStatus
+from app.services import jobs as jobs_service
+
 STAGE_BUCKETS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600]
 
 
@@ -17,14 +20,12 @@ class JobCollector:
         self.db = db
 
     def collect(self):
-        from app.services import jobs as jobs_service
-
         with self.db.session() as s:
             counts = jobs_service.counts_by_status(s)
             stages = jobs_service.stage_durations(s, buckets=STAGE_BUCKETS)
         jobs = GaugeMetricFamily("distillery_jobs", "Jobs by status", labels=["status"])
-        for status in ("queued", "running", "cancelling", "succeeded", "failed", "cancelled"):
-            jobs.add_metric([status], counts.get(status, 0))
+        for status in JobStatus:
+            jobs.add_metric([status.value], counts.get(status, 0))
         yield jobs
         hist = HistogramMetricFamily(
             "distillery_stage_duration_seconds", "Wall time of finished stages", labels=["stage"]

@@ -1,0 +1,54 @@
+"""What a worker process works with, built from Settings once per process: the database and
+the storage. Tasks get it from their Celery app (`runtime_of`), never from a module global."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from celery import Celery
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.core.storage import Storage
+
+log = logging.getLogger("distillery.worker")
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    storage: Storage
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        return cls(settings, Database(settings.database_url), Storage(settings.storage_dir))
+
+
+def runtime_of(app: Celery) -> Runtime:
+    """The runtime of the worker that runs `app` (made by worker.celery_app.make_celery)."""
+    runtime = getattr(app, "distillery_runtime", None)
+    if runtime is None:
+        runtime = app.distillery_runtime = Runtime.from_settings(app.distillery_settings)
+    return runtime
+
+
+def retry_db(fn: Callable[[], T], *, what: str, attempts: int = 30, delay: float = 2.0) -> T:
+    """Run a DB write, riding out a database that is briefly unreachable: the work it records
+    took minutes to hours and must not be lost to a blip."""
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            log.warning("database unavailable while %s; retry %d/%d", what, attempt, attempts - 1)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

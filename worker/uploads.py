@@ -1,0 +1,64 @@
+"""Upload ids in a spec -> the files the pipeline reads. Only a worker opens a user's model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.core.errors import NotFound
+from app.models import Dataset, UploadedModel
+from app.services import uploads as uploads_service
+from worker.pipeline.errors import PipelineError
+from worker.pipeline.spec import (
+    DatasetCommon,
+    ImageFolderDataset,
+    JobSpec,
+    NpzDataset,
+    OnnxTeacher,
+    SafetensorsTeacher,
+    TorchScriptTeacher,
+    UploadedDataset,
+    UploadedTeacher,
+)
+from worker.runtime import Runtime
+
+
+def resolve_uploads(runtime: Runtime, spec: JobSpec, tenant_id: str) -> JobSpec:
+    """`spec` with its uploaded dataset and teacher turned into file specs under storage."""
+    updates: dict[str, Any] = {}
+    with runtime.db.session() as s:
+        try:
+            if isinstance(spec.dataset, UploadedDataset):
+                row = uploads_service.get_dataset(
+                    s, tenant_id=tenant_id, dataset_id=spec.dataset.id
+                )
+                updates["dataset"] = _dataset(
+                    spec.dataset, row, str(runtime.storage.resolve(row.path))
+                )
+            if isinstance(spec.teacher, UploadedTeacher):
+                row = uploads_service.get_model(s, tenant_id=tenant_id, model_id=spec.teacher.id)
+                updates["teacher"] = _teacher(row, str(runtime.storage.resolve(row.path)))
+        except NotFound as e:  # deleted since the job was submitted
+            raise PipelineError(f"{e.message}: it no longer exists") from None
+    return spec.model_copy(update=updates) if updates else spec
+
+
+def _dataset(ds: UploadedDataset, row: Dataset, path: str) -> NpzDataset | ImageFolderDataset:
+    # Every split setting carries over (val_fraction was once dropped here).
+    common = {**{k: getattr(ds, k) for k in DatasetCommon.model_fields}, "path": path}
+    if row.kind == "npz":
+        return NpzDataset(source="npz", **common)
+    return ImageFolderDataset(
+        source="imagefolder", image_size=ds.image_size, grayscale=ds.grayscale, **common
+    )
+
+
+def _teacher(
+    row: UploadedModel, path: str
+) -> TorchScriptTeacher | OnnxTeacher | SafetensorsTeacher:
+    if row.format == "torchscript":
+        return TorchScriptTeacher(source="torchscript", path=path)
+    if row.format == "onnx":
+        return OnnxTeacher(source="onnx", path=path)
+    return SafetensorsTeacher(
+        source="safetensors", path=path, arch=row.arch, arch_kwargs=row.arch_kwargs
+    )
