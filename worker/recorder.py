@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.jobs import lifecycle
 from app.jobs.states import StageStatus
 from worker.presence import JobHeartbeat
-from worker.runtime import Runtime
+from worker.runtime import Runtime, retry_db
 
 log = logging.getLogger("distillery.worker")
 
@@ -32,8 +32,20 @@ class Recorder:
         }
 
     def __call__(self, e: dict[str, Any]) -> None:
-        if e["type"] in ("history", "done"):
-            self._store_history(e.get("row"))
+        if e["type"] == "history":
+            self._history.append(e["row"])
+            try:
+                self._store_history()
+            except Exception:  # kept: they go with the next row, or at the end
+                log.warning("could not record history of %s yet", self.job_id, exc_info=True)
+            return
+        if e["type"] == "done":
+            # Rows a database blip held back are stored before the job is recorded as
+            # finished, riding out the outage as recording the end does.
+            try:
+                retry_db(self._store_history, what=f"recording the history of {self.job_id}")
+            except Exception:
+                log.warning("lost history rows of %s", self.job_id, exc_info=True)
             return
         write = self._writers.get(e["type"])
         if write is None or self._throttled(e):
@@ -44,22 +56,15 @@ class Recorder:
         except Exception:  # a lost progress line is not worth failing a job for
             log.warning("could not record %s event for %s", e["type"], self.job_id, exc_info=True)
 
-    def _store_history(self, row: dict[str, Any] | None) -> None:
-        """Store every row (never throttled); rows a database blip held back go with the next
-        row, or at the end of the job, instead of being lost."""
-        if row is not None:
-            self._history.append(row)
+    def _store_history(self) -> None:
+        """Store the rows not stored yet (every row: the history is never throttled)."""
         if not self._history:
             return
-        try:
-            with self.runtime.db.session() as s:
-                job_id, worker_id = self.job_id, self.worker_id
-                rows = self._history
-                if not lifecycle.record_history(s, job_id=job_id, worker_id=worker_id, rows=rows):
-                    self.hb.lost.set()  # another attempt owns the job now
-            self._history = []
-        except Exception:
-            log.warning("could not record history for %s; retrying", self.job_id, exc_info=True)
+        with self.runtime.db.session() as s:
+            job_id, worker_id, rows = self.job_id, self.worker_id, self._history
+            if not lifecycle.record_history(s, job_id=job_id, worker_id=worker_id, rows=rows):
+                self.hb.lost.set()  # another attempt owns the job now
+        self._history = []
 
     def _throttled(self, e: dict[str, Any]) -> bool:
         """At most one progress write per PROGRESS_THROTTLE_SECONDS within a stage; the end

@@ -43,11 +43,13 @@ def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
     spec = {**TINY_SPEC, "queue": queue, "distill": {"epochs": 300}}
     with stack.client() as c:
         job = c.post("/v1/jobs", json=spec).json()
-        wait_until(
-            lambda: c.get(f"/v1/jobs/{job['id']}").json()["stage"] == "distill",
-            120,
-            what="the distill stage",
-        )
+
+        def distilling() -> bool:
+            # Epoch 2's row comes after epoch 1's checkpoint: there is an epoch to resume after.
+            rows = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
+            return any(r["run"] == "distill" and r["epoch"] >= 2 for r in rows)
+
+        wait_until(distilling, 120, what="the distill stage's second epoch")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         requeued = wait_for_status(c, job["id"], {"queued"}, timeout=30)
@@ -70,7 +72,14 @@ def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
         ]
         assert any(k == "log" and "resumed distill after epoch" in d["message"] for k, d in events)
         names = [a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
-        assert len(names) == len(set(names)) == 6
+        assert len(names) == len(set(names)) == 7
+        # One history row per epoch, though the attempts overlapped on the distill stage.
+        history = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
+        assert [(r["run"], r["epoch"]) for r in history] == [
+            *(("teacher", k) for k in (1, 2)),
+            *((run, k) for run in ("baseline", "distill") for k in range(1, 301)),
+            ("finetune1", 1),
+        ]
 
 
 def test_a_job_whose_worker_never_comes_back_fails_as_worker_lost(stack):
@@ -324,5 +333,14 @@ def test_the_database_briefly_unreachable(tmp_path):
                 done = wait_for_status(c, job["id"], {"succeeded", "failed"}, timeout=120)
                 assert done["status"] == "succeeded", done["error"]
                 assert all(s["status"] == "succeeded" for s in done["stages"])
-                assert len(c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]) == 6
+                assert len(c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]) == 7
+                # The rows written while the database was away were kept and stored after.
+                history = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
+                assert [r["run"] for r in history] == ["teacher"] * 2 + [
+                    "baseline",
+                    "baseline",
+                    "distill",
+                    "distill",
+                    "finetune1",
+                ]
                 assert c.get("/readyz").status_code == 200
