@@ -173,22 +173,7 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
     spec = load_spec(spec_path)
     console = Console(stderr=True)
     progress = progress_bar(console, disable=as_json)
-    task = progress.add_task("job", total=1.0, stage="data", message="")
-
-    def on_event(e: dict[str, Any]) -> None:
-        if e["type"] == "progress":
-            progress.update(
-                task, completed=e["progress"], stage=e["stage"], message=e["message"][:60]
-            )
-        elif e["type"] == "stage" and e["status"] == "succeeded" and not as_json:
-            how = "resumed from checkpoint" if e.get("resumed") else f"{e.get('seconds', 0):.1f}s"
-            progress.console.print(f"[green]✓[/] {e['stage']} ({how})")
-        elif e["type"] == "metrics" and not as_json:
-            m = e["metrics"]
-            progress.console.print(
-                f"  {e['model']}: accuracy {m['accuracy']:.4f}, {m['params']:,} params, "
-                f"{_fmt_bytes(m['size_bytes'])}, {m['latency_ms']:.3f} ms"
-            )
+    on_event = _run_display(progress, as_json)
 
     try:
         with progress:
@@ -223,6 +208,29 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
         print_gates(report["gates"], echo=lambda line: click.echo(line, err=True))
         console.print(f"artifacts and report.json in {out_dir} ({report['wall_seconds']:.1f}s)")
     sys.exit(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED)
+
+
+def _run_display(progress, as_json: bool):
+    """The pipeline's events as `distillery run` shows them: the bar, then one line per
+    finished stage and per measured model."""
+    task = progress.add_task("job", total=1.0, stage="data", message="")
+
+    def on_event(e: dict[str, Any]) -> None:
+        if e["type"] == "progress":
+            progress.update(
+                task, completed=e["progress"], stage=e["stage"], message=e["message"][:60]
+            )
+        elif e["type"] == "stage" and e["status"] == "succeeded" and not as_json:
+            how = "resumed from checkpoint" if e.get("resumed") else f"{e.get('seconds', 0):.1f}s"
+            progress.console.print(f"[green]✓[/] {e['stage']} ({how})")
+        elif e["type"] == "metrics" and not as_json:
+            m = e["metrics"]
+            progress.console.print(
+                f"  {e['model']}: accuracy {m['accuracy']:.4f}, {m['params']:,} params, "
+                f"{_fmt_bytes(m['size_bytes'])}, {m['latency_ms']:.3f} ms"
+            )
+
+    return on_event
 
 
 # --- the service -------------------------------------------------------------------------

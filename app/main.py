@@ -6,24 +6,23 @@ import gc
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import dashboard
-from app.api.deps import metrics_scraper
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.routes import health, jobs, uploads
 from app.core.body_limit import BodyLimitMiddleware, LimitFor
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.errors import AppError, MetricsDisabled, Unauthorized, error_responses
+from app.core.errors import AppError
 from app.core.storage import Storage
 from app.jobs.lifecycle import Enqueue
+from app.jobs.reaper import Reaper
 
 log = logging.getLogger("distillery.api")
 
@@ -97,31 +96,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", "internal error; the server log has the details")
 
 
-def create_app(
-    settings: Settings | None = None, *, enqueue: Enqueue | None = None, start_reaper: bool = True
-) -> FastAPI:
-    """Build the API. `enqueue` defaults to sending a Celery message on the configured broker."""
-    from worker.celery_app import make_celery, make_enqueue, make_queue_size
-
-    settings = settings or Settings()
-    celery = make_celery(settings)
-    send = enqueue or make_enqueue(celery)
-    queue_size = make_queue_size(celery)
-    db = Database(settings.database_url)
-    storage = Storage(settings.storage_dir)
-
+def _lifespan(settings: Settings, db: Database, storage: Storage, reaper: Reaper | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from app.core.migrate import upgrade
-        from app.jobs.reaper import Reaper
         from app.services import tenants
+        from worker.pipeline.archs import check_arch
 
         settings.home.mkdir(parents=True, exist_ok=True)
         storage.ensure()
         # Spec checks build models on PyTorch's meta device; loading torchvision takes seconds
         # the first time, so pay it at start rather than in the first POST (measured: 2-3 s).
-        from worker.pipeline.archs import check_arch
-
         check_arch("resnet18", {}, (3, 32, 32), 10)
         # torch leaves ~250k long-lived objects; without freezing them every full collection
         # stalled all requests for ~170 ms (measured under wrk: list p99 239 -> 141 ms).
@@ -131,7 +116,6 @@ def create_app(
         if settings.DISTILLERY_API_KEY:
             with db.session() as s:
                 tenants.create_key(s, tenant_name="default", key=settings.DISTILLERY_API_KEY)
-        reaper = Reaper(db, settings, send, queue_size) if start_reaper else None
         if reaper is not None:
             reaper.start()
         yield
@@ -139,45 +123,40 @@ def create_app(
             reaper.stop()
         db.dispose()
 
+    return lifespan
+
+
+def create_app(
+    settings: Settings | None = None, *, enqueue: Enqueue | None = None, start_reaper: bool = True
+) -> FastAPI:
+    """Build the API. `enqueue` defaults to sending a Celery message on the configured broker."""
+    from worker.celery_app import make_celery, make_enqueue, make_queue_size
+
+    settings = settings or Settings()
+    celery = make_celery(settings)
+    send = enqueue or make_enqueue(celery)
+    db = Database(settings.database_url)
+    storage = Storage(settings.storage_dir)
+    reaper = Reaper(db, settings, send, make_queue_size(celery)) if start_reaper else None
     app = FastAPIOffline(
         title="Distillery",
         version="1.0.0",
         summary="Knowledge distillation, pruning and quantization as a service.",
         description="Submit a job spec; poll or stream its progress; download the compressed model. "
         'Every metric is measured on ONNX Runtime (CPU). Errors are `{"error": {"code", "message"}}`.',
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, db, storage, reaper),
     )
-    app.state.settings = settings
-    app.state.db = db
-    app.state.storage = storage
-    app.state.celery = celery
-    app.state.enqueue = send
-    metrics = Metrics(db)
-    app.state.metrics = metrics
+    app.state.settings, app.state.db, app.state.storage = settings, db, storage
+    app.state.celery, app.state.enqueue = celery, send
+    app.state.metrics = Metrics(db)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     dashboard.mount(app)
-
-    @app.get(
-        "/metrics",
-        tags=["health"],
-        response_class=Response,
-        responses={
-            200: {"content": {CONTENT_TYPE_LATEST: {}}},
-            **error_responses(Unauthorized, MetricsDisabled),
-        },
-        dependencies=[Depends(metrics_scraper)],
-    )
-    def prometheus() -> Response:
-        """Prometheus text format: requests, jobs by status, stage durations. The job counts
-        span every tenant: it needs `Authorization: Bearer <METRICS_TOKEN>`, and answers 404
-        `metrics_disabled` while the API runs without METRICS_TOKEN."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(settings))
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s too
+    # Outermost: counts the 413s too.
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 
 

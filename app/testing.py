@@ -31,6 +31,22 @@ TINY_SPEC: dict[str, Any] = {
 }
 
 
+# A whole job whose models really learn, in ~3 s on one thread: on 300 digits over seeds 0-2
+# the teacher scored 0.93-1.0 and the final int8 model 0.83-0.90 (accuracy drop 0.10, 8.6x
+# smaller). Gates checked on it (accuracy_drop <= 0.25, size_ratio >= 6) fail for a model at
+# chance (drop ~0.8) and for an unpruned student (4.4x): tests of gates use this, not TINY_SPEC.
+LEARNING_SPEC: dict[str, Any] = {
+    "name": "learning",
+    "dataset": {"source": "builtin", "name": "digits", "max_samples": 300},
+    "teacher": {"source": "train", "arch": "cnn_small", "epochs": 20, "lr": 1e-2, "batch_size": 32},
+    "student": {"arch": "cnn_tiny"},
+    "distill": {"epochs": 20, "lr": 1e-2, "batch_size": 32},
+    "prune": {"amount": 0.3, "finetune_epochs": 8},
+    "quantize": {"method": "int8_static", "calibration_samples": 64},
+    "evaluate": {"latency_runs": 10, "latency_warmup": 2},
+}
+
+
 @contextmanager
 def postgres_database(admin: str = PG_ADMIN, prefix: str = "distillery_test") -> Iterator[str]:
     """A new, empty database on `admin`'s server (its SQLAlchemy URL), dropped afterwards."""

@@ -125,7 +125,7 @@ def job_spec(dataset: Dataset, seed: int, device: str):
 
 
 def onnx_files(out: Path, spec) -> dict[str, Path]:
-    from worker.pipeline.quantize import SUFFIX
+    from worker.pipeline.quantize import QUANTIZERS
 
     work = out / ".work"
     return {
@@ -133,7 +133,7 @@ def onnx_files(out: Path, spec) -> dict[str, Path]:
         "baseline": work / "baseline.onnx",
         "student": work / "student.onnx",
         "pruned": work / "pruned.onnx",
-        "quantized": out / f"model.{SUFFIX[spec.quantize.method]}.onnx",
+        "quantized": out / QUANTIZERS.get(spec.quantize.method).filename,
     }
 
 

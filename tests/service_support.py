@@ -28,6 +28,16 @@ from app.testing import (  # noqa: F401  (re-exported for the tests)
 )
 
 REPO = Path(__file__).resolve().parents[1]
+# What a finished TINY_SPEC job publishes (every stage, default exports).
+TINY_ARTIFACTS = {
+    "model.onnx",
+    "model.int8.onnx",
+    "model.torchscript.pt",
+    "model.safetensors",
+    "model_card.json",
+    "history.csv",
+    "report.json",
+}
 
 
 class ThreadServer:
@@ -174,6 +184,12 @@ class Stack:
 
     def client(self) -> httpx.Client:
         return client(self.url, self.key)
+
+    def worker_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs.glob("worker-*.log"))
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.logs / "storage" / "jobs" / job_id
 
     def kill_api(self) -> None:
         """SIGKILL the API process(es): no graceful shutdown, connections cut mid-stream."""

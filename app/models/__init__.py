@@ -83,6 +83,11 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A search's branches are jobs too: `parent_id` names the search, `branch` its index.
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    branch: Mapped[int | None] = mapped_column(Integer)
     # The spec's gates checked against the final metrics; NULL until the job succeeded.
     gates: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -157,6 +162,27 @@ class JobHistory(Base):
 
     # A resumed job writes an epoch it runs again once more: (job, run, epoch) stays unique.
     __table_args__ = (UniqueConstraint("job_id", "run", "epoch", name="uq_job_history_run_epoch"),)
+
+
+class JobCandidate(Base):
+    """One model a search measured: its axis values, metrics (with intervals), gates, and
+    whether it is on the Pareto front or was chosen as the final model."""
+
+    __tablename__ = "job_candidates"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))  # stable within the job, e.g. "s0-p30-int8"
+    branch: Mapped[int] = mapped_column(Integer)
+    axes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    gates: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    gates_passed: Mapped[bool | None] = mapped_column(Boolean)
+    on_front: Mapped[bool] = mapped_column(Boolean, default=False)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    artifacts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_job_candidates_key"),)
 
 
 class Artifact(Base):

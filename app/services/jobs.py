@@ -219,7 +219,7 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Store a job and enqueue it after commit; returns (job, created). With an idempotency
     key, the same key and body return the first job, even when the requests race."""
-    from worker.pipeline.plan import stage_plan
+    from worker.pipeline.stages import STAGES
 
     digest = request_hash(spec)
     if idempotency_key is not None:
@@ -233,7 +233,7 @@ def create_job(
         name=resolved.name,
         spec=resolved.model_dump(mode="json"),
         queue=resolved.queue or settings.DEFAULT_QUEUE,
-        stages=[name for name, _ in stage_plan(resolved)],
+        stages=[stage.name for stage in STAGES.plan(resolved)],
         idempotency_key=idempotency_key,
         request_hash=digest,
     )

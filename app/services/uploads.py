@@ -118,13 +118,9 @@ def create_dataset(
         sha256=sha256_file(tmp_path),
         **meta,
     )
-    session.add(row)
-    session.flush()
-    dest = storage.upload_dir(tenant_id, "datasets", row.id) / safe_filename(filename)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(tmp_path, dest)
-    row.path = storage.relative(dest)
-    return row
+    return _store(
+        session, row, tmp_path=tmp_path, filename=filename, storage=storage, kind="datasets"
+    )
 
 
 def _onnx_meta(path: Path, filename: str) -> tuple[list[int] | None, int | None]:
@@ -243,7 +239,7 @@ def _safetensors_arch_kwargs(arch: str | None, raw: str | None, limits: SpecLimi
     """The arch_kwargs of safetensors weights, checked as a spec's would be (names, values,
     and the structural limits: a job building this arch must not be unbounded)."""
     from worker.pipeline.archs import ARCHS
-    from worker.pipeline.spec import _check_arch_kwargs
+    from worker.pipeline.spec import check_arch_kwargs
 
     if arch is None:
         raise UploadInvalid(
@@ -255,7 +251,7 @@ def _safetensors_arch_kwargs(arch: str | None, raw: str | None, limits: SpecLimi
         arch_kwargs = json.loads(raw or "{}")
         if not isinstance(arch_kwargs, dict):
             raise ValueError("must be a JSON object")
-        _check_arch_kwargs(arch, arch_kwargs)
+        check_arch_kwargs(arch, arch_kwargs)
         check_structure(arch_kwargs, where="arch_kwargs", limits=limits)
     except RecursionError:
         raise UploadInvalid("arch_kwargs: nested too deeply") from None
@@ -280,6 +276,45 @@ def _parse_shape(raw: str | None) -> list[int] | None:
     return shape
 
 
+def _parse_classes(raw: str | None) -> int | None:
+    if raw in (None, ""):
+        return None
+    # isdecimal, not isdigit: int() refuses digits like '²' that isdigit accepts; the length
+    # check keeps int() off a 5000-digit string.
+    plausible = raw.isdecimal() and len(raw) <= len(str(MAX_NUM_CLASSES))
+    if not (plausible and 2 <= int(raw) <= MAX_NUM_CLASSES):
+        raise UploadInvalid(
+            f"num_classes: expected an integer from 2 to {MAX_NUM_CLASSES}, got {raw[:40]!r}"
+        )
+    return int(raw)
+
+
+def _check_torchscript(tmp_path: Path, filename: str) -> None:
+    from worker.pipeline.errors import ModelLoadError
+    from worker.pipeline.teacher import check_torchscript_archive
+
+    try:
+        check_torchscript_archive(tmp_path)
+        _check_torchscript_pickles(tmp_path, filename)
+    except ModelLoadError as e:
+        raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
+    except (zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError) as e:
+        # A damaged compressed member (zipfile lets zlib/lzma errors through), an encrypted
+        # one (RuntimeError) or an unsupported compression method.
+        raise UploadInvalid(f"{filename}: corrupt TorchScript archive ({e})") from None
+
+
+def _store(session: Session, row, *, tmp_path: Path, filename: str, storage: Storage, kind: str):
+    """Give the row its id, then move the upload under it in storage."""
+    session.add(row)
+    session.flush()
+    dest = storage.upload_dir(row.tenant_id, kind, row.id) / safe_filename(filename)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(tmp_path, dest)
+    row.path = storage.relative(dest)
+    return row
+
+
 def create_model(
     session: Session,
     *,
@@ -290,6 +325,7 @@ def create_model(
     storage: Storage,
     limits: SpecLimits,
 ) -> UploadedModel:
+    """Inspect (never load) an uploaded teacher and store it; refusals are UploadInvalid."""
     fmt = fields.get("format") or _suffix(filename, MODEL_FORMATS)
     if fmt not in ("torchscript", "onnx", "safetensors"):
         raise UploadInvalid(
@@ -297,31 +333,10 @@ def create_model(
             "or pass format=torchscript|onnx|safetensors. Pickled checkpoints are not accepted."
         )
     input_shape = _parse_shape(fields.get("input_shape"))
-    num_classes = fields.get("num_classes")
-    classes = None
-    if num_classes not in (None, ""):
-        # isdecimal, not isdigit: int() refuses digits like '²' that isdigit accepts; the length
-        # check keeps int() off a 5000-digit string.
-        plausible = num_classes.isdecimal() and len(num_classes) <= len(str(MAX_NUM_CLASSES))
-        if not (plausible and 2 <= int(num_classes) <= MAX_NUM_CLASSES):
-            raise UploadInvalid(
-                f"num_classes: expected an integer from 2 to {MAX_NUM_CLASSES}, got {num_classes[:40]!r}"
-            )
-        classes = int(num_classes)
+    classes = _parse_classes(fields.get("num_classes"))
     arch, arch_kwargs = fields.get("arch") or None, {}
     if fmt == "torchscript":
-        from worker.pipeline.errors import ModelLoadError
-        from worker.pipeline.teacher import _check_torchscript_archive
-
-        try:
-            _check_torchscript_archive(tmp_path)
-            _check_torchscript_pickles(tmp_path, filename)
-        except ModelLoadError as e:
-            raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
-        except (zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError) as e:
-            # A damaged compressed member (zipfile lets zlib/lzma errors through), an encrypted
-            # one (RuntimeError) or an unsupported compression method.
-            raise UploadInvalid(f"{filename}: corrupt TorchScript archive ({e})") from None
+        _check_torchscript(tmp_path, filename)
     elif fmt == "onnx":
         onnx_shape, onnx_classes = _onnx_meta(tmp_path, filename)
         input_shape = input_shape or onnx_shape
@@ -341,13 +356,9 @@ def create_model(
         input_shape=input_shape,
         num_classes=classes,
     )
-    session.add(row)
-    session.flush()
-    dest = storage.upload_dir(tenant_id, "models", row.id) / safe_filename(filename)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(tmp_path, dest)
-    row.path = storage.relative(dest)
-    return row
+    return _store(
+        session, row, tmp_path=tmp_path, filename=filename, storage=storage, kind="models"
+    )
 
 
 def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:

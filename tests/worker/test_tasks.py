@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from app.core.storage import Storage
 from tests.service_support import TINY_SPEC, assert_no_server_path, sse_events
+from worker.runtime import Runtime
 
 
 def test_a_crashed_job_says_what_failed_without_naming_server_paths(api):
-    from worker.runtime import Runtime
     from worker.tasks import execute_job
 
     runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
@@ -37,7 +37,6 @@ HEADER = "stage,run,epoch,step,lr,loss,task_loss,kd_loss,feature_loss,val_accura
 
 
 def test_every_epoch_is_stored_and_served_as_json_csv_and_artifact(api):
-    from worker.runtime import Runtime
     from worker.tasks import execute_job
 
     runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
@@ -75,7 +74,7 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
     from sqlalchemy import select
 
     from app.jobs import lifecycle
-    from app.models import Job
+    from app.models import Job, utcnow
     from app.services import jobs as jobs_service
 
     with api.client("resumer") as c:
@@ -101,7 +100,7 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
             ]
 
     with api.db.session() as s:
-        now = lifecycle.utcnow()
+        now = utcnow()
         assert lifecycle.claim(s, job_id=job_id, worker_id="w1", stale_before=now, max_attempts=3)
     assert record("w1", row(1, 3.0), row(2, 2.0), row(3, 1.0))
     assert stored() == [(1, 3.0), (2, 2.0), (3, 1.0)]

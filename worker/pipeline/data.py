@@ -254,6 +254,23 @@ def load_npz(path: Path, *, max_total_bytes: int = MAX_TOTAL_BYTES) -> RawData:
     return x, y, names, scale
 
 
+def _class_folders(root: Path) -> Path:
+    """The folder whose subfolders are the classes, once archivers' metadata is gone."""
+    # Archivers leave metadata folders (macOS: __MACOSX, ._* files) that are not classes.
+    for junk in [p for p in root.rglob("*") if p.name.startswith((".", "__MACOSX"))]:
+        if junk.is_dir():
+            shutil.rmtree(junk, ignore_errors=True)
+        elif junk.exists():
+            junk.unlink()
+    # Tolerate archives that wrap the class folders in one top-level folder.
+    entries = list(root.iterdir())
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = [p for p in entries[0].iterdir() if p.is_dir()]
+        if inner and all(any(q.is_file() for q in d.iterdir()) for d in inner):
+            return entries[0]
+    return root
+
+
 def load_imagefolder(
     path: Path,
     image_size: int,
@@ -272,18 +289,7 @@ def load_imagefolder(
     root = safe_extract(
         path, workdir / "imagefolder", max_members=max_members, max_total_bytes=max_total_bytes
     )
-    # Archivers leave metadata folders (macOS: __MACOSX, ._* files) that are not classes.
-    for junk in [p for p in root.rglob("*") if p.name.startswith((".", "__MACOSX"))]:
-        if junk.is_dir():
-            shutil.rmtree(junk, ignore_errors=True)
-        elif junk.exists():
-            junk.unlink()
-    # Tolerate archives that wrap the class folders in one top-level folder.
-    entries = list(root.iterdir())
-    if len(entries) == 1 and entries[0].is_dir():
-        inner = [p for p in entries[0].iterdir() if p.is_dir()]
-        if inner and all(any(q.is_file() for q in d.iterdir()) for d in inner):
-            root = entries[0]
+    root = _class_folders(root)
 
     def loader(p: str) -> np.ndarray:
         # Exactly what IMAGE_PREPROCESS (and so every model card) tells users to do with their

@@ -11,7 +11,7 @@ from torch import nn
 from worker.pipeline.archs import build_model, count_params
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
-from worker.pipeline.losses import KD_LOSSES, CrossEntropyOnly
+from worker.pipeline.losses import CrossEntropyOnly, build_kd_loss
 from worker.pipeline.preflight import feature_layer, feature_loss
 from worker.pipeline.spec import DistillSpec, FeatureLossSpec, StudentSpec
 from worker.pipeline.teacher import TeacherResult
@@ -92,7 +92,7 @@ def train_student(
     if signal is None:
         loss_fn = CrossEntropyOnly()
     else:
-        loss_fn = KD_LOSSES.get(spec.loss)(temperature=spec.temperature, alpha=spec.alpha)
+        loss_fn = build_kd_loss(spec)
         if spec.feature is not None and teacher is not None and teacher.module is not None:
             features = feature_term(spec.feature, student, teacher.module, data, ctx.device)
     try:

@@ -7,6 +7,8 @@ import copy
 import io
 import json
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ from torch import nn
 
 from worker.pipeline.archs import layer_config
 from worker.pipeline.files import sha256_file
+from worker.pipeline.registry import Registry
 
-__all__ = ["export_onnx", "export_safetensors", "export_torchscript", "sha256_file"]
+__all__ = ["EXPORTERS", "export_onnx", "export_safetensors", "export_torchscript", "sha256_file"]
 
 ONNX_OPSET = 17
 
@@ -91,3 +94,30 @@ def read_safetensors_meta(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
+
+
+# What an export needs to know besides the model: arch, arch_kwargs, and the spec to embed.
+ExportFn = Callable[[nn.Module, torch.Tensor, Path, dict[str, Any]], Path]
+
+
+@dataclass(frozen=True)
+class Exporter:
+    run: ExportFn  # (model, one example input, destination, meta)
+    filename: str
+    format: str
+
+
+EXPORTERS: Registry[Exporter] = Registry("export format")
+EXPORTERS.add("onnx", Exporter(lambda m, x, p, meta: export_onnx(m, x, p), "model.onnx", "onnx"))
+EXPORTERS.add(
+    "torchscript",
+    Exporter(
+        lambda m, x, p, meta: export_torchscript(m, x, p), "model.torchscript.pt", "torchscript"
+    ),
+)
+EXPORTERS.add(
+    "safetensors",
+    Exporter(
+        lambda m, x, p, meta: export_safetensors(m, p, **meta), "model.safetensors", "safetensors"
+    ),
+)

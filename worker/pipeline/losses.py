@@ -16,6 +16,12 @@ KD_LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss")
 FEATURE_LOSSES: Registry[Callable[..., nn.Module]] = Registry("feature loss")
 
 
+def build_kd_loss(spec) -> nn.Module:
+    """The spec's KD loss (`distill.loss`, `temperature`, `alpha`): distillation and the
+    prune stage's fine-tune build it here, the same way."""
+    return KD_LOSSES.get(spec.loss)(temperature=spec.temperature, alpha=spec.alpha)
+
+
 @KD_LOSSES.register("kd")
 class HintonKD(nn.Module):
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).

@@ -15,7 +15,7 @@ from worker.pipeline.archs import count_params
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
 from worker.pipeline.distill import TeacherSignal
-from worker.pipeline.losses import KD_LOSSES
+from worker.pipeline.losses import build_kd_loss
 from worker.pipeline.registry import Registry
 from worker.pipeline.spec import DistillSpec, PruneSpec
 from worker.pipeline.train import TrainConfig, accuracy, fit
@@ -111,7 +111,7 @@ def run(
     example = data.x_train[:1].to(device)
     before = {"params_before": count_params(model), "flops_before": _flops(model, example)}
     step = PRUNERS.get(spec.method)(model, example, spec.amount, spec.steps, data.num_classes)
-    loss_fn = KD_LOSSES.get(distill.loss)(temperature=distill.temperature, alpha=distill.alpha)
+    loss_fn = build_kd_loss(distill)
     per_step = [spec.finetune_epochs // spec.steps] * spec.steps
     per_step[-1] += spec.finetune_epochs - sum(per_step)
     metrics: dict[str, float] = {}

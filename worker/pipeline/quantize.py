@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,31 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from worker.pipeline.registry import Registry
 from worker.pipeline.spec import QuantizeSpec
 
-Quantizer = Callable[[Path, Path, torch.Tensor, QuantizeSpec], None]
+QuantizeFn = Callable[[Path, Path, torch.Tensor, QuantizeSpec], None]
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    run: QuantizeFn  # (fp32 .onnx, destination, calibration inputs, spec)
+    suffix: str  # the artifact is model.<suffix>.onnx
+    format: str  # the artifact's format in listings
+
+    @property
+    def filename(self) -> str:
+        return f"model.{self.suffix}.onnx"
+
+
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+
+
+def quantizer(name: str, *, suffix: str, format: str):
+    """Register a quantizer: adding one is this decorator on one function."""
+
+    def decorator(fn: QuantizeFn) -> QuantizeFn:
+        QUANTIZERS.add(name, Quantizer(fn, suffix, format))
+        return fn
+
+    return decorator
 
 
 class _Calibration(CalibrationDataReader):
@@ -44,7 +68,7 @@ def _preprocessed(src: Path, tmp: Path) -> Path:
     return out
 
 
-@QUANTIZERS.register("int8_static")
+@quantizer("int8_static", suffix="int8", format="onnx-int8")
 def int8_static(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +83,7 @@ def int8_static(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -
         )
 
 
-@QUANTIZERS.register("int8_dynamic")
+@quantizer("int8_dynamic", suffix="int8_dynamic", format="onnx-int8-dynamic")
 def int8_dynamic(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quantize_dynamic(
@@ -70,7 +94,7 @@ def int8_dynamic(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) 
         )
 
 
-@QUANTIZERS.register("fp16")
+@quantizer("fp16", suffix="fp16", format="onnx-fp16")
 def fp16(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -79,9 +103,7 @@ def fp16(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
     onnx.save(model, str(dst))
 
 
-SUFFIX = {"int8_static": "int8", "int8_dynamic": "int8_dynamic", "fp16": "fp16"}
-
-
 def run(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> Path:
-    QUANTIZERS.get(spec.method)(src, dst, calib, spec)
+    """Quantize the fp32 ONNX model at `src` with `spec.method` into `dst`."""
+    QUANTIZERS.get(spec.method).run(src, dst, calib, spec)
     return dst

@@ -35,24 +35,20 @@ class _Spec(BaseModel):
         return v
 
 
-def _check_name(registry_attr: str, module: str, name: str) -> str:
-    import importlib
-
-    registry = getattr(importlib.import_module(f"worker.pipeline.{module}"), registry_attr)
-    registry.get(name)  # raises UnknownName (a KeyError) listing the known names
-    return name
-
-
-def _known(registry_attr: str, module: str, name: str) -> str:
+def _known(registry, name: str) -> str:
+    """`name` if `registry` knows it; else a ValueError listing the names it knows. Each
+    validator imports its registry inside itself: those modules import this one for their
+    spec types."""
     from worker.pipeline.registry import UnknownName
 
     try:
-        return _check_name(registry_attr, module, name)
+        registry.get(name)
     except UnknownName as e:
         raise ValueError(str(e)) from None
+    return name
 
 
-def _check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
+def check_arch_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
     from worker.pipeline.archs import ARCHS
 
     builder = ARCHS.get(arch)
@@ -100,7 +96,9 @@ class BuiltinDataset(DatasetCommon):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _known("BUILTIN_DATASETS", "data", v)
+        from worker.pipeline.data import BUILTIN_DATASETS
+
+        return _known(BUILTIN_DATASETS, v)
 
 
 class TorchvisionDataset(DatasetCommon):
@@ -112,7 +110,9 @@ class TorchvisionDataset(DatasetCommon):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _known("TORCHVISION_DATASETS", "data", v)
+        from worker.pipeline.data import TORCHVISION_DATASETS
+
+        return _known(TORCHVISION_DATASETS, v)
 
 
 class NpzDataset(DatasetCommon):
@@ -172,11 +172,13 @@ class _ArchRef(_Spec):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
-        return _known("ARCHS", "archs", v)
+        from worker.pipeline.archs import ARCHS
+
+        return _known(ARCHS, v)
 
     @model_validator(mode="after")
     def _kwargs(self) -> _ArchRef:
-        _check_arch_kwargs(self.arch, self.arch_kwargs)
+        check_arch_kwargs(self.arch, self.arch_kwargs)
         return self
 
 
@@ -240,7 +242,9 @@ class FeatureLossSpec(_Spec):
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
-        return _known("FEATURE_LOSSES", "losses", v)
+        from worker.pipeline.losses import FEATURE_LOSSES
+
+        return _known(FEATURE_LOSSES, v)
 
 
 class DistillSpec(OptimSpec):
@@ -263,7 +267,9 @@ class DistillSpec(OptimSpec):
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
-        return _known("KD_LOSSES", "losses", v)
+        from worker.pipeline.losses import KD_LOSSES
+
+        return _known(KD_LOSSES, v)
 
 
 class PruneSpec(_Spec):
@@ -278,7 +284,9 @@ class PruneSpec(_Spec):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        return _known("PRUNERS", "prune", v)
+        from worker.pipeline.prune import PRUNERS
+
+        return _known(PRUNERS, v)
 
 
 class QuantizeSpec(_Spec):
@@ -289,7 +297,9 @@ class QuantizeSpec(_Spec):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        return _known("QUANTIZERS", "quantize", v)
+        from worker.pipeline.quantize import QUANTIZERS
+
+        return _known(QUANTIZERS, v)
 
 
 class EvaluateSpec(_Spec):

@@ -1,8 +1,31 @@
-"""The stages of a job, and the statuses a stage moves through."""
+"""The stages of a job, as a registry like the others: a stage declares its name, when it
+runs, what it costs (for progress), the models it measures and the files it leaves in the
+output folder. The runner walks `STAGES.plan(spec)`; adding a stage is one decorated function:
+
+    @STAGES.register("calibrate", after="distill", models=("calibrated",),
+                     artifacts=lambda spec: {"calibration.json": "json"})
+    def calibrate(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, float]:
+        ...  # read state.models / state.data, write into state.out, return the stage's metrics
+
+A stage function gets the job's state, a context for this stage (device, progress, cancel,
+checkpoint folder) and whether the stage already finished in an earlier attempt (then it
+reloads what it made instead of making it again). Heavy modules are imported inside the
+functions: the API imports this module to plan a job's stages at POST.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from worker.pipeline.registry import UnknownName
+from worker.pipeline.spec import JobSpec, TrainedTeacher
+
+if TYPE_CHECKING:
+    from worker.pipeline.context import StageContext
+    from worker.pipeline.state import JobState
 
 
 class StageStatus(StrEnum):
@@ -12,3 +35,243 @@ class StageStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
+
+
+StageFn = Callable[["JobState", "StageContext", bool], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: StageFn
+    weight: Callable[[JobSpec], float]  # rough cost in epochs, for the job's progress
+    enabled: Callable[[JobSpec], bool]
+    models: tuple[str, ...]  # the models it measures (keys of the report's metrics)
+    artifacts: Callable[[JobSpec], dict[str, str]]  # files it writes: name -> format
+
+
+def _always(spec: JobSpec) -> bool:
+    return True
+
+
+def _one(spec: JobSpec) -> float:
+    return 1.0
+
+
+def _none(spec: JobSpec) -> dict[str, str]:
+    return {}
+
+
+class StageRegistry:
+    """Stages in the order they run."""
+
+    def __init__(self) -> None:
+        self._stages: list[Stage] = []
+
+    def register(
+        self,
+        name: str,
+        *,
+        after: str | None = None,
+        weight: Callable[[JobSpec], float] = _one,
+        enabled: Callable[[JobSpec], bool] = _always,
+        models: tuple[str, ...] = (),
+        artifacts: Callable[[JobSpec], dict[str, str]] = _none,
+    ) -> Callable[[StageFn], StageFn]:
+        """Add a stage at the end, or right after the stage named `after`."""
+
+        def decorator(fn: StageFn) -> StageFn:
+            if name in self.names():
+                raise ValueError(f"stage {name!r} registered twice")
+            at = len(self._stages) if after is None else self.names().index(after) + 1
+            self._stages.insert(at, Stage(name, fn, weight, enabled, models, artifacts))
+            return fn
+
+        if after is not None and after not in self.names():
+            raise UnknownName("stage", after, self.names())
+        return decorator
+
+    def unregister(self, name: str) -> None:
+        self._stages.remove(self.get(name))
+
+    def get(self, name: str) -> Stage:
+        for stage in self._stages:
+            if stage.name == name:
+                return stage
+        raise UnknownName("stage", name, self.names())
+
+    def names(self) -> list[str]:
+        return [s.name for s in self._stages]
+
+    def plan(self, spec: JobSpec) -> list[Stage]:
+        """The stages `spec` runs, in order."""
+        return [s for s in self._stages if s.enabled(spec)]
+
+    def artifacts(self, spec: JobSpec) -> dict[str, str]:
+        """Every file the stages of `spec` leave in the output folder: name -> format."""
+        return {k: v for s in self.plan(spec) for k, v in s.artifacts(spec).items()}
+
+
+STAGES = StageRegistry()
+
+
+# --- the built-in stages --------------------------------------------------------------------
+
+
+def _teacher_weight(spec: JobSpec) -> float:
+    return max(float(spec.teacher.epochs), 1.0) if isinstance(spec.teacher, TrainedTeacher) else 1.0
+
+
+@STAGES.register("teacher", weight=_teacher_weight, models=("teacher",))
+def teacher(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
+    """Train the teacher, or load the uploaded one; measure it."""
+    from worker.pipeline import teacher as teachers
+    from worker.pipeline.evaluate import onnx_params
+
+    spec = state.spec.teacher
+    if isinstance(spec, TrainedTeacher) and resumed:
+        model = state.load_model("teacher", spec.arch, spec.arch_kwargs)
+        state.teacher = teachers.TeacherResult(model, model, None, {}, spec.arch, spec.arch_kwargs)
+        return {}
+    result = state.teacher = teachers.run(spec, state.data, ctx, state.spec.seed)
+    if resumed:  # an upload: reloading it is cheap, its metrics are on record
+        return result.metrics
+    if isinstance(spec, TrainedTeacher):
+        state.save_model("teacher", result.module, spec.arch, spec.arch_kwargs)
+    if result.onnx_path is not None:
+        state.measure_onnx("teacher", result.onnx_path, onnx_params(result.onnx_path))
+    else:
+        state.measure_module("teacher", result.module)
+    return result.metrics
+
+
+def _distill_epochs(spec: JobSpec) -> float:
+    return max(float(spec.distill.epochs), 1.0)
+
+
+@STAGES.register(
+    "baseline",
+    weight=_distill_epochs,
+    enabled=lambda spec: spec.distill.baseline,
+    models=("baseline",),
+)
+def baseline(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
+    """The student trained on labels alone: what distillation has to beat."""
+    from worker.pipeline.distill import train_student
+
+    s = state.spec
+    if resumed:
+        state.models["baseline"] = state.load_student("baseline")
+        return {}
+    model, metrics = train_student(
+        s.student, s.distill, state.data, ctx, s.seed, signal=None, tag="baseline"
+    )
+    state.models["baseline"] = model
+    state.save_student("baseline", model)
+    state.measure_module("baseline", model)
+    return metrics
+
+
+@STAGES.register("distill", weight=_distill_epochs, models=("student",))
+def distill(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
+    """The student trained against the teacher (measured as `student`); then the better of
+    it and the baseline on the validation split is kept and goes on."""
+    from worker.pipeline import distill as distillation
+
+    s = state.spec
+    if resumed:
+        state.kept = state.record_of("distill").get("metrics", {}).get("kept", "distilled")
+        state.models["kept"] = state.load_student("kept")
+        return {}
+    assert state.teacher is not None
+    model, metrics, state.signal = distillation.run(
+        state.teacher, state.data, s.distill, s.student, ctx, s.seed, signal=state.signal
+    )
+    state.measure_module("student", model)
+    selection = state.keep_better(model)
+    if state.kept == "baseline":
+        ctx.log(
+            "the student trained without a teacher scored higher on the validation split "
+            f"({selection['val_accuracy_baseline']:.4f} vs "
+            f"{selection['val_accuracy_distilled']:.4f}): keeping it"
+        )
+    state.save_student("kept", state.models["kept"])
+    return {**metrics, **selection}
+
+
+@STAGES.register(
+    "prune",
+    weight=lambda spec: spec.prune.finetune_epochs + 1.0 if spec.prune else 0.0,
+    enabled=lambda spec: spec.prune is not None,
+    models=("pruned",),
+)
+def prune(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
+    """Prune the kept student and fine-tune it against the teacher."""
+    from worker.pipeline import prune as pruning
+
+    s = state.spec
+    if resumed:
+        state.models["pruned"] = state.load_student("pruned")
+        return {}
+    assert s.prune is not None
+    model, metrics = pruning.run(
+        state.models["kept"], state.data, s.prune, s.distill, state.teacher_signal(), ctx, s.seed
+    )
+    state.models["pruned"] = model
+    state.save_student("pruned", model)
+    state.measure_module("pruned", model)
+    return metrics
+
+
+def _quantized_file(spec: JobSpec) -> dict[str, str]:
+    from worker.pipeline.quantize import QUANTIZERS
+
+    if spec.quantize is None:
+        return {}
+    q = QUANTIZERS.get(spec.quantize.method)
+    return {q.filename: q.format}
+
+
+@STAGES.register(
+    "quantize",
+    weight=lambda spec: 2.0,
+    enabled=lambda spec: spec.quantize is not None,
+    models=("quantized",),
+    artifacts=_quantized_file,
+)
+def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
+    """Quantize the last float model through ONNX Runtime; measure the result."""
+    from worker.pipeline import quantize as quantization
+    from worker.pipeline.archs import count_params
+    from worker.pipeline.export import export_onnx
+
+    s = state.spec
+    assert s.quantize is not None
+    key, model = state.final_float()
+    dst = state.out / quantization.QUANTIZERS.get(s.quantize.method).filename
+    if not resumed or not dst.exists():
+        src = export_onnx(model, state.data.x_test, state.work / f"{key}.onnx")
+        calib = state.data.calibration(s.quantize.calibration_samples, s.seed)
+        quantization.run(src, dst, calib, s.quantize)
+    m = state.measure_onnx("quantized", dst, count_params(model))
+    return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"]}
+
+
+def _exported_files(spec: JobSpec) -> dict[str, str]:
+    from worker.pipeline.export import EXPORTERS
+
+    return {EXPORTERS.get(f).filename: EXPORTERS.get(f).format for f in spec.export}
+
+
+@STAGES.register("export", artifacts=_exported_files)
+def export(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
+    """The last float model in each format the spec asks for."""
+    from worker.pipeline.export import EXPORTERS
+
+    _, model = state.final_float()
+    s = state.spec
+    meta = {"arch": s.student.arch, "arch_kwargs": s.student.arch_kwargs, "spec": state.public_spec}
+    for fmt in s.export:
+        exporter = EXPORTERS.get(fmt)
+        exporter.run(model, state.data.x_test[:1], state.out / exporter.filename, meta)
+    return {}

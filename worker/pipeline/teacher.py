@@ -86,7 +86,7 @@ class TeacherResult:
 TORCHSCRIPT_MAX_EXPANSION = 8  # declared uncompressed bytes per archive byte, at most
 
 
-def _check_torchscript_archive(path: Path) -> None:
+def check_torchscript_archive(path: Path) -> None:
     """A TorchScript archive is a zip holding code/ and constants.pkl; torch.save output is a
     zip with data.pkl only. Refuse anything that is not the former before torch sees it."""
     if not zipfile.is_zipfile(path):
@@ -127,7 +127,7 @@ def _check_torchscript_archive(path: Path) -> None:
 def load_torchscript(path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
-    _check_torchscript_archive(path)
+    check_torchscript_archive(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated, still supported

@@ -184,6 +184,111 @@ def _epoch_row(
     }
 
 
+class _Training:
+    """What one training run carries from batch to batch and across a crash: the optimizer,
+    its schedule, mixed precision, the seeded shuffling, and the checkpoint they all go to."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        features: FeatureTerm | None,
+        cfg: TrainConfig,
+        ctx: StageContext,
+        n: int,
+        tag: str,
+    ) -> None:
+        device = ctx.device
+        self.model, self.loss_fn, self.features, self.cfg = model, loss_fn, features, cfg
+        model.to(device).train()
+        loss_fn.to(device)
+        params = list(model.parameters()) + list(loss_fn.parameters())
+        if features is not None:
+            params += list(features.loss.parameters())
+            features.loss.to(device)
+        # The fused kernel updates every parameter in one launch on CUDA (PyTorch's own
+        # advice for GPU training); the CPU keeps the default implementation.
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            fused=True if device.type == "cuda" else None,
+        )
+        self.steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer,
+            max_lr=cfg.lr,
+            total_steps=max(1, cfg.epochs * self.steps_per_epoch),
+            pct_start=0.15,
+        )
+        self.autocast, amp_dtype = _amp_context(device, cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.order_g = torch.Generator().manual_seed(cfg.seed)
+        self.augment_g = torch.Generator().manual_seed(cfg.seed + 1)
+        self.ckpt = ctx.checkpoint_dir / f"{tag}.pt" if ctx.checkpoint_dir is not None else None
+
+    def teacher_logits(self, teacher: LogitsFn | None, xb: torch.Tensor) -> torch.Tensor | None:
+        """The teacher on this batch (online KD), or None when training on labels alone."""
+        if teacher is None:
+            return None
+        with torch.no_grad(), self.autocast:
+            return teacher(xb)
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, tb: torch.Tensor | None) -> dict:
+        """One optimizer step; the loss parts stay on the device (see _LossLog)."""
+        with self.autocast:
+            parts = self.loss_fn(self.model(xb), tb, yb)
+            if self.features is not None:
+                f = self.features
+                feat = f.loss(f.student.value, f.teacher.value)
+                parts["feature_loss"] = feat
+                parts["loss"] = parts["loss"] + f.weight * feat
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return parts
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model,
+            "loss": self.loss_fn,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            **({"features": self.features.loss} if self.features is not None else {}),
+        }
+
+    def save(self, epoch: int, seconds: float) -> None:
+        if self.ckpt is not None:
+            self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.state_dict() for k, v in self._state().items()}
+            rng = {"rng": self.order_g.get_state(), "aug_rng": self.augment_g.get_state()}
+            _save_atomic({**state, **rng, "epoch": epoch, "seconds": seconds}, self.ckpt)
+
+    def resume(self, ctx: StageContext, tag: str) -> tuple[int, float]:
+        """(first epoch to run, seconds already spent) from the run's checkpoint, if any."""
+        if self.ckpt is None or not self.ckpt.exists():
+            return 0, 0.0
+        try:
+            # Our own file, still loaded with the safe (weights-only) unpickler.
+            saved = torch.load(self.ckpt, map_location=ctx.device, weights_only=True)
+            for key, obj in self._state().items():
+                obj.load_state_dict(saved[key])
+            self.order_g.set_state(saved["rng"])
+            self.augment_g.set_state(saved["aug_rng"])
+        except Exception as e:  # unreadable: start the run over rather than fail the job
+            ctx.log(f"ignored an unreadable {tag} checkpoint ({type(e).__name__}); starting over")
+            return 0, 0.0
+        ctx.log(f"resumed {tag} after epoch {int(saved['epoch']) + 1}")
+        return int(saved["epoch"]) + 1, float(saved.get("seconds", 0.0))
+
+    def done(self) -> None:
+        self.model.eval()
+        if self.ckpt is not None and self.ckpt.exists():
+            self.ckpt.unlink()  # the stage's result is checkpointed by the runner from here on
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -206,119 +311,36 @@ def fit(
     `ctx.history` as a row named `tag`, with the accuracy on `val` (x, y) when given. Raises
     NanLoss on a non-finite loss and Cancelled (via ctx) between batches.
     """
+    run = _Training(model, loss_fn, features, cfg, ctx, len(x), tag)
+    start_epoch, seconds_before = run.resume(ctx, tag)
     device = ctx.device
-    model.to(device).train()
-    loss_fn.to(device)
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    if features is not None:
-        params += list(features.loss.parameters())
-        features.loss.to(device)
-    # The fused kernel updates every parameter in one launch on CUDA (PyTorch's own advice
-    # for GPU training); the CPU keeps the default implementation.
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        fused=True if device.type == "cuda" else None,
-    )
-    steps_per_epoch = max(1, math.ceil(len(x) / cfg.batch_size))
-    total_steps = max(1, cfg.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15
-    )
-    autocast, amp_dtype = _amp_context(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    g = torch.Generator().manual_seed(cfg.seed)
-    aug_g = torch.Generator().manual_seed(cfg.seed + 1)
-    start_epoch, seconds_before = 0, 0.0
-    ckpt = ctx.checkpoint_dir / f"{tag}.pt" if ctx.checkpoint_dir is not None else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None and ckpt.exists():
-        try:
-            # Our own file, still loaded with the safe (weights-only) unpickler.
-            state = torch.load(ckpt, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            loss_fn.load_state_dict(state["loss"])
-            if features is not None:
-                features.loss.load_state_dict(state["features"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            g.set_state(state["rng"])
-            aug_g.set_state(state["aug_rng"])
-            start_epoch = int(state["epoch"]) + 1
-            seconds_before = float(state.get("seconds", 0.0))  # the history's clock goes on
-            ctx.log(f"resumed {tag} after epoch {start_epoch}")
-        except Exception as e:  # unreadable: start the stage over rather than fail the job
-            ctx.log(f"ignored an unreadable {tag} checkpoint ({type(e).__name__}); starting over")
-            start_epoch, seconds_before = 0, 0.0
-    y_dev = y.to(device)
-    x_dev = x.to(device)
-    logits_dev = teacher_logits.to(device) if teacher_logits is not None else None
+    x, y, logits = (t.to(device) if t is not None else None for t in (x, y, teacher_logits))
     # One forward pass over the validation split per epoch (a tenth of the data by default, no
     # backward): cheap beside the epoch, and only paid when someone keeps the history.
-    val_dev = (val[0].to(device), val[1].to(device)) if val and ctx.wants_history else None
+    val = (val[0].to(device), val[1].to(device)) if val and ctx.wants_history else None
     lo, hi = progress_span
-    parts_mean: dict[str, float] = {}
+    parts: dict[str, float] = {}
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(len(x), generator=g).to(device)
-        # Loss parts stay on the device and are read every SYNC_EVERY batches: reading one per
-        # batch waits for the GPU to finish it, which for a small model is most of a step.
+        order = torch.randperm(len(x), generator=run.order_g).to(device)
         losses = _LossLog(tag, epoch)
-        for b in range(steps_per_epoch):
+        for b in range(run.steps_per_epoch):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             if len(idx) < 2:  # batch norm cannot train on a single sample
                 continue
             ctx.check_cancel()
-            xb, yb = x_dev[idx], y_dev[idx]
-            if cfg.augment:
-                xb = augment_batch(xb.cpu(), aug_g).to(device)
-            with autocast:
-                if logits_dev is not None:
-                    tb = logits_dev[idx]
-                elif teacher is not None:
-                    with torch.no_grad():
-                        tb = teacher(xb)
-                else:
-                    tb = None
-                out = model(xb)
-                parts = loss_fn(out, tb, yb)
-                if features is not None:
-                    feat = features.loss(features.student.value, features.teacher.value)
-                    parts["feature_loss"] = feat
-                    parts["loss"] = parts["loss"] + features.weight * feat
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.add(b, parts)
-        parts_mean = losses.means()  # raises NanLoss before a diverged epoch is checkpointed
+            xb = augment_batch(x[idx].cpu(), run.augment_g).to(device) if cfg.augment else x[idx]
+            tb = logits[idx] if logits is not None else run.teacher_logits(teacher, xb)
+            losses.add(b, run.step(xb, y[idx], tb))
+        parts = losses.means()  # raises NanLoss before a diverged epoch is checkpointed
         seconds = seconds_before + time.perf_counter() - started
         # Recorded before the checkpoint: an epoch that a crash makes run again replaces its row.
-        ctx.history(_epoch_row(tag, epoch, scheduler, parts_mean, model, val_dev, seconds))
-        if ckpt is not None:
-            _save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "features": features.loss.state_dict() if features is not None else {},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": g.get_state(),
-                    "aug_rng": aug_g.get_state(),
-                    "epoch": epoch,
-                    "seconds": seconds,
-                },
-                ckpt,
-            )
-        msg = " ".join(f"{k}={v:.4f}" for k, v in parts_mean.items())
+        ctx.history(_epoch_row(tag, epoch, run.scheduler, parts, model, val, seconds))
+        run.save(epoch, seconds)
+        msg = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
         ctx.progress(
             lo + (hi - lo) * (epoch + 1) / cfg.epochs, f"{tag} epoch {epoch + 1}/{cfg.epochs} {msg}"
         )
-    model.eval()
-    if ckpt is not None and ckpt.exists():
-        ckpt.unlink()  # the stage's result is checkpointed by the runner from here on
-    parts_mean["train_seconds"] = time.perf_counter() - started
-    return parts_mean
+    run.done()
+    parts["train_seconds"] = time.perf_counter() - started
+    return parts

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import metrics_scraper
+from app.core.errors import MetricsDisabled, Unauthorized, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -89,3 +93,20 @@ async def readyz(request: Request) -> Response:
         status_code=200 if ok else 503,
         headers={} if ok else {"Retry-After": "5"},
     )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}},
+        **error_responses(Unauthorized, MetricsDisabled),
+    },
+    dependencies=[Depends(metrics_scraper)],
+)
+def prometheus(request: Request) -> Response:
+    """Prometheus text format: requests, jobs by status, stage durations. The job counts span
+    every tenant: it needs `Authorization: Bearer <METRICS_TOKEN>`, and answers 404
+    `metrics_disabled` while the API runs without METRICS_TOKEN."""
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

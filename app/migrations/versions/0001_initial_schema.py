@@ -14,6 +14,8 @@ branch_labels = None
 depends_on = None
 
 
+# One function, as Alembic generated it: the whole initial schema, table by table; split up
+# it would read no better.
 def upgrade() -> None:
     op.create_table(
         "tenants",

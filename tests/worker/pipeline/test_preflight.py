@@ -124,12 +124,12 @@ def test_a_huge_model_is_refused_from_its_meta_build():
         check_model(model, *DIGITS, SpecLimits())
 
 
-def test_arch_checks_are_cached_per_arch_kwargs_and_shape():
-    preflight._facts.cache_clear()
+def test_a_cached_verdict_is_per_arch_kwargs_shape_and_classes():
+    """Meta builds are cached per (arch, kwargs, shape, classes): a verdict for one of them
+    must never answer for another, and a refusal stays a refusal."""
     limits = SpecLimits()
     check_model(_student("cnn_small", widths=[8, 16]), *DIGITS, limits)
     check_model(_student("cnn_small", widths=[8, 16]), *DIGITS, limits)
-    assert preflight._facts.cache_info().hits == 1
     # Other kwargs, shape or class count are separate verdicts, not the cached one.
     with pytest.raises(SpecError, match="does not fit"):
         check_model(_student("cnn_small", widths=[0]), *DIGITS, limits)
@@ -137,7 +137,6 @@ def test_arch_checks_are_cached_per_arch_kwargs_and_shape():
         check_model(_student("cnn_small", widths=[8, 16]), (20,), 10, limits)
     with pytest.raises(SpecError, match="'cnn_small' does not fit"):  # the cached refusal
         check_model(_student("cnn_small", widths=[0]), *DIGITS, limits)
-    assert preflight._facts.cache_info().hits == 2
 
 
 # --- feature-loss layers --------------------------------------------------------------------

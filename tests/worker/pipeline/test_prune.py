@@ -6,9 +6,9 @@ import torch
 from worker.pipeline import distill, prune
 from worker.pipeline.archs import build_model, count_params
 from worker.pipeline.context import StageContext
-from worker.pipeline.evaluate import latency_ms, measure
+from worker.pipeline.evaluate import measure
 from worker.pipeline.export import export_onnx
-from worker.pipeline.spec import DistillSpec, EvaluateSpec, PruneSpec, StudentSpec
+from worker.pipeline.spec import DistillSpec, PruneSpec, StudentSpec
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +58,28 @@ def test_channel_pruning_really_shrinks_the_model(
     assert small["accuracy"] > 0.5
 
 
-def test_pruned_latency_is_lower_on_a_wide_model(digits, tmp_path):
-    """Structured pruning must buy measured speed, not just a smaller parameter count."""
+def _conv_work(path) -> int:
+    """Multiply-adds per output pixel of every Conv in an ONNX file, read from its weights:
+    out x in x kh x kw, summed (the maps keep their sizes when channels go)."""
+    import math
+
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    return sum(math.prod(weights[n.input[1]]) for n in graph.node if n.op_type == "Conv")
+
+
+def test_channel_pruning_removes_the_work_from_the_exported_graph(digits, tmp_path):
+    """Structured pruning must shrink what the runtime computes, not just zero weights: the
+    exported ONNX convolutions really have fewer channels. (That this is also faster on the
+    runtime is measured in bench/, not timed here.)"""
     model = build_model("cnn_large", digits.input_shape, digits.num_classes).eval()
     before = export_onnx(model, digits.x_test, tmp_path / "before.onnx")
     fake_signal = distill.TeacherSignal(
         logits=torch.zeros(len(digits.x_train), digits.num_classes), online=None
     )
-    pruned, _ = prune.run(
+    pruned, metrics = prune.run(
         model,
         digits,
         PruneSpec(amount=0.75, finetune_epochs=0),
@@ -75,12 +89,9 @@ def test_pruned_latency_is_lower_on_a_wide_model(digits, tmp_path):
         seed=0,
     )
     after = export_onnx(pruned, digits.x_test, tmp_path / "after.onnx")
-    spec = EvaluateSpec(latency_runs=60, latency_warmup=10)
-    sample = digits.x_test[:1].numpy()
-    assert (
-        latency_ms(after, sample, spec)["latency_ms"]
-        < 0.7 * latency_ms(before, sample, spec)["latency_ms"]
-    )
+    # A quarter of the channels on both sides of inner convolutions: ~1/16 of their work.
+    assert _conv_work(after) < 0.15 * _conv_work(before)
+    assert metrics["flops_after"] < 0.15 * metrics["flops_before"]
 
 
 def test_magnitude_pruning_reaches_the_asked_sparsity(digits, student_and_signal):
