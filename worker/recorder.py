@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.jobs import lifecycle
 from app.jobs.states import StageStatus
 from worker.presence import JobHeartbeat
-from worker.runtime import Runtime, retry_db
+from worker.runtime import Runtime
 
 log = logging.getLogger("distillery.worker")
 
@@ -32,20 +32,10 @@ class Recorder:
         }
 
     def __call__(self, e: dict[str, Any]) -> None:
-        if e["type"] == "history":
-            self._history.append(e["row"])
-            try:
-                self._store_history()
-            except Exception:  # kept: they go with the next row, or at the end
-                log.warning("could not record history of %s yet", self.job_id, exc_info=True)
-            return
-        if e["type"] == "done":
-            # Rows a database blip held back are stored before the job is recorded as
-            # finished, riding out the outage as recording the end does.
-            try:
-                retry_db(self._store_history, what=f"recording the history of {self.job_id}")
-            except Exception:
-                log.warning("lost history rows of %s", self.job_id, exc_info=True)
+        if e["type"] in ("history", "done"):
+            if e["type"] == "history":
+                self._history.append(e["row"])
+            self._store_history()
             return
         write = self._writers.get(e["type"])
         if write is None or self._throttled(e):
@@ -57,14 +47,19 @@ class Recorder:
             log.warning("could not record %s event for %s", e["type"], self.job_id, exc_info=True)
 
     def _store_history(self) -> None:
-        """Store the rows not stored yet (every row: the history is never throttled)."""
+        """Store the pending rows; rows a database blip held back go with the next row (or at
+        the end of the job) instead of being lost."""
         if not self._history:
             return
-        with self.runtime.db.session() as s:
-            job_id, worker_id, rows = self.job_id, self.worker_id, self._history
-            if not lifecycle.record_history(s, job_id=job_id, worker_id=worker_id, rows=rows):
-                self.hb.lost.set()  # another attempt owns the job now
-        self._history = []
+        try:
+            with self.runtime.db.session() as s:
+                if not lifecycle.record_history(
+                    s, job_id=self.job_id, worker_id=self.worker_id, rows=self._history
+                ):
+                    self.hb.lost.set()
+            self._history = []
+        except Exception:
+            log.warning("could not record history for %s; retrying", self.job_id, exc_info=True)
 
     def _throttled(self, e: dict[str, Any]) -> bool:
         """At most one progress write per PROGRESS_THROTTLE_SECONDS within a stage; the end

@@ -221,6 +221,31 @@ def test_a_dataset_uploaded_with_progress_goes_into_the_spec(web, served):
     p.locator("#dataset-list li code").get_by_text(dataset_id).wait_for()
 
 
+def test_a_teacher_uploaded_from_the_page_becomes_the_specs_teacher(
+    web, served, finished_job, tmp_path
+):
+    """The finished job's own ONNX model, uploaded back as a teacher through the page."""
+    with client(served[0], served[1]) as c:
+        onnx = c.get(f"/v1/jobs/{finished_job['id']}/artifacts/model.onnx").content
+    (tmp_path / "teacher.onnx").write_bytes(onnx)
+    web.sign_in(served[1])
+    p = web.page
+    p.goto("/#/submit")
+    p.get_by_label("Teacher model file (.pt,.onnx,.safetensors)").set_input_files(
+        str(tmp_path / "teacher.onnx")
+    )
+    p.get_by_label("Input shape (C,H,W or D)").fill("1,8,8")
+    p.get_by_role("button", name="Upload model").click()
+    status = p.locator("#model-status")
+    status.get_by_text("Uploaded: mdl_").wait_for()
+    model_id = status.inner_text().removeprefix("Uploaded: ")
+    listed = p.locator("#model-list li")
+    assert model_id in listed.inner_text() and "onnx, input [1,8,8]" in listed.inner_text()
+    listed.get_by_role("button", name=f"Use as teacher: {model_id}").click()
+    spec = json.loads(p.get_by_label("Job spec (JSON)").input_value())
+    assert spec["teacher"] == {"source": "upload", "id": model_id}
+
+
 def _line_of(text: str, needle: str) -> int:
     return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 

@@ -213,7 +213,9 @@ export function jobView(root, { id }) {
 
   async function refresh() {
     const [job, history] = await Promise.all([getJSON(path), getJSON(`${path}/history`)]);
-    ctx.history = history.data;
+    // Rows only grow while a job runs: a reply shorter than what the event stream has added
+    // since it was asked for is the older of the two.
+    if (history.data.length >= ctx.history.length || TERMINAL.has(job.status)) ctx.history = history.data;
     render(job);
     drawCurves();
     if (TERMINAL.has(job.status)) await loadArtifacts();
