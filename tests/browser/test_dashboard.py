@@ -89,7 +89,8 @@ def test_the_jobs_list_pages_filters_and_updates_itself(web, served):
             ids.append(c.post("/v1/jobs", json={**TINY_SPEC, "name": f"queued-{k}"}).json()["id"])
             c.post(f"/v1/jobs/{ids[-1]}/cancel")
         for job_id in ids:  # one a worker had already taken stops at its next batch
-            wait_for_status(c, job_id, {"cancelled"}, timeout=60)
+            ended = wait_for_status(c, job_id, TERMINAL, timeout=120)
+            assert ended["status"] == "cancelled", ended
     web.sign_in(key)
     p = web.page
     p.get_by_label("Status").select_option("cancelled")
