@@ -65,6 +65,7 @@ class Outcome:
     browser: str = ""
     cold: list[Load] = field(default_factory=list)
     warm: list[Load] = field(default_factory=list)
+    load_avg: float = 0.0  # the machine's 1-minute load average when the loads began
 
 
 def asset_sizes() -> list[tuple[str, int, int]]:
@@ -113,6 +114,7 @@ def newest_job(conninfo: str, tenant_id: str) -> str:
 def browse(url: str, key: str, newest: str, repeats: int, out: Outcome) -> None:
     from playwright.sync_api import sync_playwright
 
+    out.load_avg = os.getloadavg()[0]  # a shared machine: say how busy it was
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM)
         out.browser = f"Chromium {browser.version} (Debian), headless, Playwright"
@@ -215,7 +217,8 @@ def section(command: str, out: Outcome, where: str, repeats: int) -> str:
             f"- Browser: {out.browser}, viewport 1280×800",
             f"- Date: {utc_now()}",
             f"- Data: {out.jobs:,} jobs of one tenant (filled in {out.fill_s:.1f} s), "
-            f"{repeats} repeats after one warm-up load",
+            f"{repeats} repeats after one warm-up load; the machine's load average was "
+            f"{out.load_avg:.1f} when they began (other processes share its 2 CPUs)",
             "",
             tables(out),
             "",
