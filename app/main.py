@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import dashboard
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.routes import health, jobs, uploads
 from app.core.body_limit import BodyLimitMiddleware, LimitFor
@@ -153,6 +154,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
+    dashboard.mount(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(settings))
     # Outermost: counts the 413s too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

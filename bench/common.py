@@ -20,6 +20,7 @@ BENCHMARKS = (
     "search",
     "service_overhead",
     "api_load",
+    "dashboard",
 )
 
 DOC_INTRO = (

@@ -79,6 +79,24 @@ def cli(*args: str, env: dict[str, str], **kw) -> subprocess.Popen:
     )
 
 
+def keys_create(home: Path, tenant: str) -> str:
+    """A new key of `tenant` made by `distillery keys create` against the embedded database
+    of `distillery serve` run with DISTILLERY_HOME=`home`."""
+    env = {"DISTILLERY_HOME": str(home), "DATABASE_URL": "", "BROKER_URL": ""}
+    made = cli(
+        "keys",
+        "create",
+        "--tenant",
+        tenant,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = made.communicate(timeout=120)
+    assert made.returncode == 0, stderr
+    return stdout.decode().strip()
+
+
 def post_declaring(
     url: str, path: str, *, key: str, length: int, content_type: str
 ) -> httpx.Response:

@@ -20,6 +20,7 @@ from app.models import utcnow
 from worker.celery_app import JOB_TASK, make_enqueue, make_queue_size
 from worker.pipeline.errors import Cancelled, PipelineError
 from worker.pipeline.files import sha256_file
+from worker.pipeline.history import log_path, read_rows
 from worker.pipeline.spec import JobSpec
 from worker.presence import JobHeartbeat, Presence, attempt_id
 from worker.recorder import Recorder
@@ -193,6 +194,9 @@ def _record(runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome) -> 
             {**a, "path": runtime.storage.relative(out / a["name"])}
             for a in [*outcome.report["artifacts"], report_json]
         ]
+    # The pipeline's own log of every epoch: rows the recorder could not write (a database
+    # outage) are not lost.
+    history = read_rows(log_path(runtime.storage.job_dir(job_id)))
     with runtime.db.session() as s:
         return lifecycle.finish(
             s,
@@ -202,6 +206,7 @@ def _record(runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome) -> 
             report=outcome.report,
             artifacts=artifacts,
             error=outcome.error,
+            history=history or None,
         )
 
 

@@ -253,9 +253,13 @@ def record_history(
                 JobHistory.epoch >= row["epoch"],
             )
         )
-        session.add(JobHistory(job_id=job_id, **{k: row.get(k) for k in HISTORY_COLUMNS}))
+        session.add(_history_row(job_id, row))
         add_event(session, job_id=job_id, type="history", data=row)
     return True
+
+
+def _history_row(job_id: str, row: dict[str, Any]) -> JobHistory:
+    return JobHistory(job_id=job_id, **{k: row.get(k) for k in HISTORY_COLUMNS})
 
 
 def finish(
@@ -267,10 +271,13 @@ def finish(
     report: dict[str, Any] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
     error: tuple[str, str] | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> bool:
     """Move an owned job to a terminal status. `report` (the pipeline's) brings the metrics,
     the gates and the stage records, which settle every stage row even if a progress write
-    was lost; `artifacts` replace any earlier attempt's rows."""
+    was lost; `artifacts` replace any earlier attempt's rows; `history` (the pipeline's own
+    log of every epoch) replaces the rows recorded as it ran, bringing back any a database
+    outage kept from being written."""
     assert status in TERMINAL
     job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
     if job is None:
@@ -293,6 +300,9 @@ def finish(
     if artifacts is not None:
         session.execute(delete(Artifact).where(Artifact.job_id == job_id))
         session.add_all(Artifact(job_id=job_id, **a) for a in artifacts)
+    if history is not None:
+        session.execute(delete(JobHistory).where(JobHistory.job_id == job_id))
+        session.add_all(_history_row(job_id, row) for row in history)
     if status != JobStatus.SUCCEEDED:
         ended = StageStatus.CANCELLED if status == JobStatus.CANCELLED else StageStatus.FAILED
         session.execute(

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 
-from tests.service_support import TINY_SPEC, cli, client, wait_until
+from tests.service_support import TINY_SPEC, cli, client, keys_create, wait_until
 
 
 def test_serve_runs_a_job_and_serves_the_int8_model(served, tmp_path):
@@ -42,18 +42,7 @@ def test_serve_runs_a_job_and_serves_the_int8_model(served, tmp_path):
 def test_keys_create_makes_a_working_key_for_a_new_tenant(served):
     url, default_key, home = served
     env = {"DISTILLERY_HOME": str(home / "home"), "DATABASE_URL": "", "BROKER_URL": ""}
-    out = cli(
-        "keys",
-        "create",
-        "--tenant",
-        "acme",
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    stdout, stderr = out.communicate(timeout=120)
-    assert out.returncode == 0, stderr
-    key = stdout.decode().strip()
+    key = keys_create(home / "home", "acme")
     assert key.startswith("dk_") and key != default_key
     with client(url, key) as c:
         r = c.get("/v1/jobs")

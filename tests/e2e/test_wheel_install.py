@@ -1,6 +1,7 @@
 """`pip install .` installs a wheel, not this checkout: everything the service reads at run
-time (the Alembic migrations) must be inside it. Build the wheel, unpack it as pip would,
-and run `distillery serve` from it, outside the repository, until it is ready."""
+time (the Alembic migrations, the dashboard's files) must be inside it. Build the wheel,
+unpack it as pip would, and run `distillery serve` from it, outside the repository, until it
+is ready and serves the dashboard."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def test_a_wheel_install_migrates_and_serves(tmp_path):
         f"app/migrations/versions/{v.name}" for v in versions
     ]:
         assert name in names, sorted(names)
+    static = REPO / "app/dashboard/static"
+    assets = [f.relative_to(static).as_posix() for f in static.rglob("*") if f.is_file()]
+    assert "js/main.js" in assets and "vendor/uplot/uPlot.iife.min.js" in assets
+    missing = [a for a in assets if f"app/dashboard/static/{a}" not in names]
+    assert not missing, missing  # the dashboard's every file travels in the wheel
     entry_points = zipfile.ZipFile(wheel).read("distillery-0.1.0.dist-info/entry_points.txt")
     assert b"distillery = app.cli:main" in entry_points
 
@@ -91,6 +97,10 @@ def test_a_wheel_install_migrates_and_serves(tmp_path):
 
     try:
         wait_until(ready, 120, what="distillery serve from the wheel")
+        base = f"http://127.0.0.1:{port}"
+        assert "<title>Distillery</title>" in httpx.get(f"{base}/").text
+        for asset in assets:
+            assert httpx.get(f"{base}/dashboard/{asset}").status_code == 200, asset
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -69,6 +69,13 @@ def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
         assert any(k == "log" and "resumed distill after epoch" in d["message"] for k, d in events)
         names = [a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
         assert len(names) == len(set(names)) and set(names) == TINY_ARTIFACTS
+        # One history row per epoch, though the attempts overlapped on the distill stage.
+        history = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
+        assert [(r["run"], r["epoch"]) for r in history] == [
+            *(("teacher", k) for k in (1, 2)),
+            *((run, k) for run in ("baseline", "distill") for k in range(1, 301)),
+            ("finetune1", 1),
+        ]
 
 
 def test_a_job_whose_worker_never_comes_back_fails_as_worker_lost(stack):
@@ -329,4 +336,13 @@ def test_the_database_briefly_unreachable(tmp_path):
                 assert all(s["status"] == "succeeded" for s in done["stages"])
                 names = {a["name"] for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
                 assert names == TINY_ARTIFACTS
+                # The rows written while the database was away were kept and stored after.
+                history = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
+                assert [r["run"] for r in history] == ["teacher"] * 2 + [
+                    "baseline",
+                    "baseline",
+                    "distill",
+                    "distill",
+                    "finetune1",
+                ]
                 assert c.get("/readyz").status_code == 200

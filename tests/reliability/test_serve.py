@@ -102,6 +102,15 @@ def test_a_killed_embedded_worker_is_restarted_and_its_job_resumes(tmp_path):
             artifacts = c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
             names = [a["name"] for a in artifacts]
             assert len(names) == len(set(names)) and set(names) == TINY_ARTIFACTS  # one set
+            # Every epoch once: the one the kill cut short ran again and replaced its row.
+            history = c.get(f"/v1/jobs/{job['id']}/history").json()["data"]
+            assert [(r["run"], r["epoch"]) for r in history] == [
+                *(("teacher", k) for k in (1, 2)),
+                *(("distill", k) for k in range(1, 301)),
+                ("finetune1", 1),
+            ]
+            csv = c.get(f"/v1/jobs/{job['id']}/history", headers={"Accept": "text/csv"}).text
+            assert c.get(f"/v1/jobs/{job['id']}/artifacts/history.csv").text == csv
             for a in artifacts:
                 body = c.get(a["url"]).content
                 assert hashlib.sha256(body).hexdigest() == a["sha256"], a["name"]

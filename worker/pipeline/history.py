@@ -47,19 +47,30 @@ def to_csv(rows: Iterable[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def log_path(out: Path) -> Path:
+    """Where run_pipeline keeps the rows of the job whose output folder is `out`."""
+    return out / ".work" / "history.jsonl"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows a HistoryLog file holds, as it holds them (none when there is no file)."""
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows = replace_from(rows, json.loads(line))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-write
+    return rows
+
+
 class HistoryLog:
     """The rows of one job, appended to a JSON-lines file as they come (a crash loses none
     that were written), replayed on a resume."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = []
-        text = path.read_text() if path.exists() else ""
-        for line in text.splitlines():
-            try:
-                self.rows = replace_from(self.rows, json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash mid-write
+        self.rows = read_rows(path)
+        text = path.read_text() if path.is_file() else ""
         if text and not text.endswith("\n"):
             with open(path, "a") as f:  # end the cut line, or the next row would extend it
                 f.write("\n")

@@ -22,7 +22,7 @@ import torch
 from worker.pipeline import preflight, report
 from worker.pipeline.context import StageContext, resolve_device
 from worker.pipeline.data import load_dataset
-from worker.pipeline.history import HistoryLog
+from worker.pipeline.history import HistoryLog, log_path
 from worker.pipeline.limits import SpecLimits
 from worker.pipeline.spec import JobSpec
 from worker.pipeline.stages import STAGES, Stage, StageStatus
@@ -64,7 +64,7 @@ def run_pipeline(
     out = _output_folder(Path(out_dir), resume)
     plan = STAGES.plan(spec)
     progress = _Progress(spec, plan, emit)
-    history = HistoryLog(out / ".work" / "history.jsonl")  # a resumed job keeps its rows
+    history = HistoryLog(log_path(out))  # a resumed job keeps its rows
     state = start_state(
         spec,
         out,

@@ -1,0 +1,279 @@
+// One job: summary and cancel, error, stage timeline, training curves, results (metrics and
+// gates), artifacts. Live over the job's event stream until it ends.
+//
+// The page is a list of sections, and "results" a grid of panels: a later panel (a search
+// job's candidates) is one more entry in RESULT_PANELS, beside the metrics table.
+
+import { ApiError, download, getJSON, postJSON, streamEvents } from "../api.js";
+import { stageChart } from "../charts.js";
+import {
+  announce, fmtBytes, fmtDuration, fmtInt, fmtNum, fmtTime, h, progressBar, replace, statusBadge, table,
+} from "../dom.js";
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const MODELS = ["teacher", "baseline", "student", "pruned", "quantized", "final"];
+const TRAINING_STAGES = ["teacher", "baseline", "distill", "prune"];
+
+// --- summary --------------------------------------------------------------------------------
+
+function summary(job, ctx) {
+  const cancellable = job.status === "queued" || job.status === "running";
+  const cancel = h("button", {
+    type: "button", class: "danger", id: "cancel-job",
+    disabled: !cancellable, onclick: () => ctx.cancel(),
+  }, job.status === "cancelling" ? "Cancelling…" : "Cancel job");
+  ctx.progress = progressBar(job.progress, "Job progress");
+  ctx.stageText = h("span", { id: "job-stage" }, job.stage || "—");
+  return [
+    h("div", { class: "view-head" },
+      h("h1", {}, job.name, " ", statusBadge(job.status)),
+      TERMINAL.has(job.status) ? null : h("div", { class: "controls" }, cancel)),
+    h("dl", { class: "facts" }, [
+      ["Stage", ctx.stageText],
+      ["Progress", ctx.progress],
+      ["Created", fmtTime(job.created_at)],
+      ["Finished", job.finished_at ? fmtTime(job.finished_at) : "—"],
+      ["ID", h("code", {}, job.id)],
+      ["Queue", job.queue],
+      ["Attempts", String(job.attempts)],
+    ].map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value)))),
+  ];
+}
+
+function errorBox(job) {
+  if (!job.error) return null;
+  return h("div", { class: "error-box", role: "alert", id: "job-error" },
+    h("strong", {}, "Error "), h("code", { class: "code" }, job.error.code), ": ", job.error.message);
+}
+
+// --- stage timeline -------------------------------------------------------------------------
+
+function timeline(job) {
+  const now = Date.now();
+  const starts = job.stages.filter((s) => s.started_at).map((s) => Date.parse(s.started_at));
+  const origin = starts.length ? Math.min(...starts) : now;
+  const ends = job.stages.map((s) => (s.finished_at ? Date.parse(s.finished_at) : s.started_at ? now : origin));
+  const span = Math.max(...ends, origin + 1) - origin;
+  const rows = job.stages.map((s) => {
+    const start = s.started_at ? Date.parse(s.started_at) : null;
+    const end = s.finished_at ? Date.parse(s.finished_at) : start !== null ? now : null;
+    const seconds = s.seconds ?? (start !== null ? (end - start) / 1000 : null);
+    const bar = h("span", { class: `bar s-${s.status}` });
+    if (start !== null) {
+      bar.style.left = `${((start - origin) / span) * 100}%`;
+      bar.style.width = `${Math.max(((end - start) / span) * 100, 0.5)}%`;
+    }
+    return h("tr", { dataset: { stage: s.name } },
+      h("th", { scope: "row" }, s.name),
+      h("td", {}, statusBadge(s.status)),
+      h("td", {}, start === null ? "—" : `+${fmtDuration((start - origin) / 1000)}`),
+      h("td", {}, seconds === null ? "—" : fmtDuration(seconds)),
+      h("td", { class: "track", "aria-hidden": "true" }, bar));
+  });
+  return table(["Stage", "State", "Start", "Duration", "Timeline"], rows, { className: "timeline" });
+}
+
+// --- results: metrics and gates --------------------------------------------------------------
+
+function interval(m) {
+  const ci = m.accuracy_ci;
+  if (!ci) return null;
+  const [lo, hi] = Array.isArray(ci) ? ci : [ci.low ?? ci.lo, ci.high ?? ci.hi];
+  return h("span", { class: "ci" }, ` (95% CI ${fmtNum(lo)}–${fmtNum(hi)})`);
+}
+
+function metricsPanel(job) {
+  const m = job.metrics || {};
+  const teacher = m.teacher;
+  const rows = MODELS.filter((k) => m[k]).map((k) => {
+    const x = m[k];
+    const own = k === "final";
+    const drop = own ? x.accuracy_drop : teacher && k !== "teacher" ? teacher.accuracy - x.accuracy : null;
+    const size = own ? x.size_ratio : teacher && k !== "teacher" ? teacher.size_bytes / x.size_bytes : null;
+    const speed = own ? x.speedup : teacher && k !== "teacher" ? teacher.latency_ms / x.latency_ms : null;
+    return h("tr", { dataset: { model: k } },
+      h("th", { scope: "row" }, own && x.model ? `final (${x.model})` : k),
+      h("td", {}, fmtNum(x.accuracy), interval(x)),
+      h("td", {}, fmtInt(x.params)),
+      h("td", {}, fmtBytes(x.size_bytes)),
+      h("td", {}, `${fmtNum(x.latency_ms, 3)} ms`),
+      h("td", {}, drop === null ? "" : `${(drop * 100).toFixed(2)} pt`),
+      h("td", {}, size === null ? "" : `${size.toFixed(1)}×`),
+      h("td", {}, speed === null ? "" : `${speed.toFixed(1)}×`));
+  });
+  const body = rows.length
+    ? table(["Model", "Accuracy", "Params", "Size", "Latency", "Accuracy drop", "Smaller", "Faster"], rows,
+      { caption: "Measured on ONNX Runtime (CPU, batch 1); drop and ratios against the teacher", className: "metrics" })
+    : h("p", { class: "muted" }, "No model measured yet.");
+  return h("section", { class: "panel", id: "metrics", "aria-labelledby": "metrics-title" },
+    h("h2", { id: "metrics-title" }, "Metrics"), body);
+}
+
+function gatesPanel(job) {
+  const gates = job.gates || [];
+  let body;
+  if (gates.length) {
+    const verdict = job.gates_passed
+      ? h("p", { class: "pass", id: "gates-verdict" }, "✓ Every gate passed")
+      : h("p", { class: "fail", id: "gates-verdict" }, `✗ ${gates.filter((g) => !g.passed).length} of ${gates.length} gates failed`);
+    body = [verdict, table(["Gate", "Value", "Verdict"], gates.map((g) => h("tr", {},
+      h("td", {}, h("code", {}, g.gate)),
+      h("td", {}, g.value === null ? "not measured" : fmtNum(g.value)),
+      h("td", { class: g.passed ? "pass" : "fail" }, g.passed ? "✓ pass" : "✗ fail"))))];
+  } else {
+    const asked = Object.entries(job.spec?.gates || {}).filter(([, v]) => v !== null);
+    body = h("p", { class: "muted" }, asked.length
+      ? `${asked.map(([k, v]) => `${k} ${v}`).join(", ")}: checked when the job succeeds.`
+      : "This spec sets no gates.");
+  }
+  return h("section", { class: "panel", id: "gates", "aria-labelledby": "gates-title" },
+    h("h2", { id: "gates-title" }, "Gates"), body);
+}
+
+export const RESULT_PANELS = [metricsPanel, gatesPanel];
+
+// --- artifacts ------------------------------------------------------------------------------
+
+function artifactsTable(artifacts) {
+  if (!artifacts.length) return h("p", { class: "muted" }, "No artifacts.");
+  return table(["Name", "Format", "Size", "SHA-256", ""], artifacts.map((a) => {
+    const status = h("span", { class: "muted", "aria-live": "polite" });
+    const button = h("button", {
+      type: "button", "aria-label": `Download ${a.name}`,
+      onclick: async () => {
+        button.disabled = true;
+        status.textContent = "downloading…";
+        try {
+          const verified = await download(a);
+          status.textContent = verified ? "saved, sha256 verified" : "saved";
+        } catch (e) {
+          status.textContent = e.message;
+        } finally {
+          button.disabled = false;
+        }
+      },
+    }, "Download");
+    return h("tr", { dataset: { artifact: a.name } },
+      h("td", {}, a.name), h("td", {}, a.format), h("td", {}, fmtBytes(a.bytes)),
+      h("td", {}, h("code", { class: "sha" }, a.sha256)),
+      h("td", {}, button, " ", status));
+  }), { className: "artifacts" });
+}
+
+// --- the page -------------------------------------------------------------------------------
+
+function mergeRow(rows, row) {
+  // As the service stores them: a row replaces its run's rows from its epoch on.
+  return [...rows.filter((r) => !(r.run === row.run && r.epoch >= row.epoch)), row];
+}
+
+export function jobView(root, { id }) {
+  const abort = new AbortController();
+  const path = `/v1/jobs/${encodeURIComponent(id)}`;
+  const ctx = { job: null, history: [], charts: new Map(), progress: null, stageText: null };
+  const parts = {
+    summary: h("div", {}), error: h("div", {}),
+    timeline: h("section", { "aria-labelledby": "timeline-title" }),
+    curves: h("section", { id: "curves", "aria-labelledby": "curves-title" }),
+    results: h("div", { class: "results" }),
+    artifacts: h("section", { id: "artifacts", "aria-labelledby": "artifacts-title", hidden: true }),
+  };
+  const chartsBox = h("div", { class: "charts" });
+  const noCurves = h("p", { class: "muted" }, "No epoch finished yet.");
+  replace(parts.curves, h("h2", { id: "curves-title" }, "Training curves"),
+    h("p", { class: "muted" }, "Mean loss parts per epoch (left axis) and accuracy on the validation split after each epoch (right axis)."),
+    noCurves, chartsBox);
+  replace(root, Object.values(parts));
+
+  function drawCurves() {
+    for (const stage of TRAINING_STAGES) {
+      const rows = ctx.history.filter((r) => r.stage === stage);
+      if (!rows.length) continue;
+      if (!ctx.charts.has(stage)) {
+        const chart = stageChart(stage, rows);
+        ctx.charts.set(stage, chart);
+        chartsBox.append(chart.element);
+      } else {
+        ctx.charts.get(stage).update(rows);
+      }
+    }
+    noCurves.hidden = ctx.history.length > 0;
+  }
+
+  function render(job) {
+    const was = ctx.job?.status;
+    ctx.job = job;
+    document.title = `${job.name} · Distillery`;
+    replace(parts.summary, summary(job, ctx));
+    replace(parts.error, errorBox(job));
+    replace(parts.timeline, h("h2", { id: "timeline-title" }, "Stages"), timeline(job));
+    replace(parts.results, RESULT_PANELS.map((panel) => panel(job)));
+    if (was && was !== job.status) announce(`Job ${job.status}`);
+  }
+
+  async function refresh() {
+    const [job, history] = await Promise.all([getJSON(path), getJSON(`${path}/history`)]);
+    // Rows only grow while a job runs: a reply shorter than what the event stream has added
+    // since it was asked for is the older of the two.
+    if (history.data.length >= ctx.history.length || TERMINAL.has(job.status)) ctx.history = history.data;
+    render(job);
+    drawCurves();
+    if (TERMINAL.has(job.status)) await loadArtifacts();
+    return job;
+  }
+
+  async function loadArtifacts() {
+    const { data } = await getJSON(`${path}/artifacts`);
+    replace(parts.artifacts, h("h2", { id: "artifacts-title" }, "Artifacts"), artifactsTable(data));
+    parts.artifacts.hidden = false;
+  }
+
+  let pending = null;
+  function refreshSoon() {
+    clearTimeout(pending);
+    pending = setTimeout(() => refresh().catch(() => {}), 250);
+  }
+
+  function onEvent(event) {
+    const d = event.data;
+    if (event.type === "history") {
+      ctx.history = mergeRow(ctx.history, d);
+      drawCurves();
+    } else if (event.type === "progress" && ctx.job && d.progress !== undefined) {
+      replace(ctx.progress, ...progressBar(d.progress, "Job progress").childNodes);
+      ctx.stageText.textContent = d.stage || "—";
+      replace(parts.timeline, h("h2", { id: "timeline-title" }, "Stages"), timeline(ctx.job));
+    } else if (event.type === "end") {
+      clearTimeout(pending);
+      refresh().catch(() => {});
+    } else if (["status", "stage", "metrics"].includes(event.type)) {
+      refreshSoon();
+    }
+  }
+
+  ctx.cancel = async () => {
+    if (!confirm(`Cancel job ${ctx.job.name}? A running job stops at its next batch.`)) return;
+    try {
+      render(await postJSON(`${path}/cancel`));
+    } catch (e) {
+      announce(`Could not cancel: ${e.message}`);
+      refreshSoon();
+    }
+  };
+
+  refresh().then((job) => {
+    if (!TERMINAL.has(job.status)) streamEvents(id, onEvent, { signal: abort.signal });
+  }).catch((e) => {
+    const text = e instanceof ApiError && e.status === 404
+      ? `No job ${id} here: it does not exist, or it belongs to another tenant.`
+      : `Could not load job ${id}: ${e.message}`;
+    replace(root, h("h1", {}, "Job not found"), h("p", { class: "error-text", role: "alert", id: "job-missing" }, text),
+      h("p", {}, h("a", { href: "#/jobs" }, "Back to the jobs")));
+  });
+
+  return () => {
+    abort.abort();
+    clearTimeout(pending);
+    for (const chart of ctx.charts.values()) chart.destroy();
+  };
+}
