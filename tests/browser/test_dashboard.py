@@ -83,12 +83,15 @@ def test_the_jobs_list_pages_filters_and_updates_itself(web, served):
     new job shows up at the top and reaches succeeded in the list, with no reload."""
     url = served[0]
     key = keys_create(served[2] / "home", f"lister-{uuid.uuid4().hex[:6]}")
+    # On a queue no worker consumes: each stays queued until its cancel ends it (on the
+    # default queue a tiny job could finish before its worker's heartbeat saw the cancel).
+    parked = {**TINY_SPEC, "queue": "parked"}
     with client(url, key) as c:
         ids = []
         for k in range(21):
-            ids.append(c.post("/v1/jobs", json={**TINY_SPEC, "name": f"queued-{k}"}).json()["id"])
+            ids.append(c.post("/v1/jobs", json={**parked, "name": f"queued-{k}"}).json()["id"])
             c.post(f"/v1/jobs/{ids[-1]}/cancel")
-        for job_id in ids:  # one a worker had already taken stops at its next batch
+        for job_id in ids:
             ended = wait_for_status(c, job_id, TERMINAL, timeout=120)
             assert ended["status"] == "cancelled", ended
     web.sign_in(key)
@@ -182,7 +185,8 @@ def test_the_results_show_each_model_against_the_teacher_and_each_gate(web, serv
     final = p.locator("#metrics tr[data-model=final] td")
     final.first.wait_for()
     cells = [final.nth(i).inner_text() for i in range(final.count())]
-    assert cells[0] == f"{metrics['final']['accuracy']:.4f}"
+    lo, hi = metrics["final"]["accuracy_ci"]
+    assert cells[0] == f"{metrics['final']['accuracy']:.4f} (95% CI {lo:.4f}–{hi:.4f})"
     assert cells[1] == f"{metrics['final']['params']:,}"
     assert cells[-2] == f"{metrics['final']['size_ratio']:.1f}×"
     assert cells[-1] == f"{metrics['final']['speedup']:.1f}×"

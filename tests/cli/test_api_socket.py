@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 from app.cli import listen_socket
 from tests.service_support import api_up, running_stack, wait_until
@@ -32,7 +33,10 @@ def _nodelay_of_accepted(sock: socket.socket) -> int:
         server.close()
         await server.wait_closed()
 
-    asyncio.run(main())
+    # In a thread of its own: another test's Playwright may hold an event loop in this one.
+    runner = threading.Thread(target=lambda: asyncio.run(main()))
+    runner.start()
+    runner.join(timeout=30)
     return seen[0]
 
 
