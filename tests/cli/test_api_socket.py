@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from app.cli import listen_socket
+from app.cli_server import listen_socket
 from tests.service_support import api_up, running_stack, wait_until
 
 

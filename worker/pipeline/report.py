@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from distillery.gates import check_all, spec_gates
 from worker.pipeline.files import sha256_file
-from worker.pipeline.gates import check_all, spec_gates
 from worker.pipeline.stages import STAGES
 from worker.pipeline.state import JobState
 
