@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Redis redelivers an unacknowledged message after this; it must outlast the longest stage.
     VISIBILITY_TIMEOUT_SECONDS: int = 12 * 3600
     PROGRESS_THROTTLE_SECONDS: float = 1.0
+    # An Idempotency-Key names its job for this long (like Stripe's 24 h); after it, the same
+    # key makes a new job (a CI re-run must not replay a failed job forever).
+    IDEMPOTENCY_TTL_SECONDS: float = 24 * 3600.0
 
     LOG_LEVEL: str = Field("INFO")
 

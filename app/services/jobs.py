@@ -7,9 +7,10 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -23,7 +24,16 @@ from app.core.errors import (
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
 from app.jobs.states import StageStatus
-from app.models import Artifact, Dataset, Job, JobEvent, JobHistory, JobStage, UploadedModel
+from app.models import (
+    Artifact,
+    Dataset,
+    Job,
+    JobEvent,
+    JobHistory,
+    JobStage,
+    UploadedModel,
+    utcnow,
+)
 from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
 from worker.pipeline import preflight
 from worker.pipeline.errors import SpecError
@@ -199,8 +209,22 @@ def request_hash(spec: JobSpec) -> str:
     ).hexdigest()
 
 
-def _existing_for_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+def _existing_for_key(
+    session: Session, tenant_id: str, key: str, digest: str, ttl: float
+) -> Job | None:
+    """The live job an Idempotency-Key names, or None. A key older than `ttl` seconds is
+    released (its job keeps existing, without the key), so the unique (tenant, key) lets a
+    new job take it; two requests releasing it at once both succeed, and insert_if_absent
+    lets one of them make the job."""
     job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.created_at < utcnow() - timedelta(seconds=ttl):
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.idempotency_key == key)
+            .values(idempotency_key=None)
+            .execution_options(synchronize_session=False)
+        )
+        return None
     if job is not None and job.request_hash != digest:
         raise IdempotencyConflict(
             f"Idempotency-Key {key!r} was used for a different request (job {job.id}); use a new key"
@@ -221,9 +245,9 @@ def create_job(
     key, the same key and body return the first job, even when the requests race."""
     from worker.pipeline.stages import STAGES
 
-    digest = request_hash(spec)
+    digest, ttl = request_hash(spec), settings.IDEMPOTENCY_TTL_SECONDS
     if idempotency_key is not None:
-        existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
+        existing = _existing_for_key(session, tenant_id, idempotency_key, digest, ttl)
         if existing is not None:
             return existing, False
     resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
@@ -239,7 +263,7 @@ def create_job(
     )
     if job is None:  # a concurrent request with the same key made it first
         assert idempotency_key is not None
-        existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
+        existing = _existing_for_key(session, tenant_id, idempotency_key, digest, ttl)
         assert existing is not None
         return existing, False
     send_job(session, job_id=job.id, queue=job.queue, enqueue=enqueue)
