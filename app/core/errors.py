@@ -80,6 +80,10 @@ class JobStateConflict(AppError):
     status_code, code = 409, "job_state_conflict"
 
 
+class UploadInUse(AppError):
+    status_code, code = 409, "upload_in_use"
+
+
 class IdempotencyConflict(AppError):
     status_code, code = 409, "idempotency_key_reused"
 

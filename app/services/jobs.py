@@ -6,14 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import after_commit
 from app.core.errors import (
     ArtifactNotFound,
     IdempotencyConflict,
@@ -21,9 +21,10 @@ from app.core.errors import (
     JobStateConflict,
     SpecInvalid,
 )
+from app.core.storage import Storage
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
-from app.jobs.states import StageStatus
+from app.jobs.states import TERMINAL, StageStatus
 from app.models import (
     Artifact,
     Dataset,
@@ -51,32 +52,7 @@ from worker.pipeline.spec import (
 
 log = logging.getLogger("distillery.jobs")
 
-# --- enqueue after commit --------------------------------------------------------------------
-
-
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    """Run `callback` once the session's transaction has committed (never before, never on
-    rollback): a message must not reference a row that is not there yet.
-
-    It runs when the transaction has ended and given its connection back to the pool, not in
-    SQLAlchemy's after_commit hook, which fires while the connection is still checked out: a
-    callback that writes through the engine would then hold two connections per request, and
-    a burst of submissions as large as the pool waits on itself until the pool times out."""
-    session.info.setdefault("after_commit", []).append(callback)
-
-
-@event.listens_for(Session, "after_commit")
-def _commit_callbacks(session: Session) -> None:
-    if not session.in_nested_transaction():  # a released savepoint commits nothing yet
-        session.info["committed"] = session.info.pop("after_commit", [])
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _run_committed_callbacks(session: Session, transaction) -> None:
-    if transaction.parent is None:  # the root: its connection is back in the pool
-        session.info.pop("after_commit", None)  # it ended without a commit: never run these
-        for callback in session.info.pop("committed", []):
-            callback()
+# --- enqueue after commit ---------------------------------------------------------------------
 
 
 def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> None:
@@ -110,8 +86,11 @@ def _shape_of_dataset(
 
     ds = spec.dataset
     if isinstance(ds, UploadedDataset):
+        # FOR SHARE: a concurrent DELETE of the upload waits for this job, then sees it.
         row = session.scalar(
-            select(Dataset).where(Dataset.id == ds.id, Dataset.tenant_id == tenant_id)
+            select(Dataset)
+            .where(Dataset.id == ds.id, Dataset.tenant_id == tenant_id)
+            .with_for_update(read=True)
         )
         if row is None:
             raise SpecInvalid(
@@ -176,9 +155,9 @@ def _uploaded_teacher(
     teacher = spec.teacher
     assert isinstance(teacher, UploadedTeacher)
     model = session.scalar(
-        select(UploadedModel).where(
-            UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id
-        )
+        select(UploadedModel)
+        .where(UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id)
+        .with_for_update(read=True)
     )
     if model is None:
         raise SpecInvalid(f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models")
@@ -342,6 +321,29 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     if not lifecycle.cancel(session, job=job):
         raise JobStateConflict(f"job {job_id} already {job.status}")
     return job
+
+
+def delete_job(session: Session, *, tenant_id: str, job_id: str, storage: Storage) -> None:
+    """Delete a finished job with everything recorded about it (stages, events, history,
+    artifacts, a search's branches) and, once that has committed, its files. 409 while it is
+    queued or running: cancel it first."""
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
+    )
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    if job.status not in TERMINAL:
+        raise JobStateConflict(f"job {job_id} is {job.status}; cancel it, or wait for it to end")
+    branches = list(session.scalars(select(Job.id).where(Job.parent_id == job_id)))
+    session.execute(delete(Job).where(Job.parent_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+    folders = [storage.relative(storage.job_dir(j)) for j in (job_id, *branches)]
+
+    def remove_files() -> None:
+        for folder in folders:
+            storage.remove(folder)
+
+    after_commit(session, remove_files)
 
 
 def events_after(
