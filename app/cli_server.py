@@ -233,11 +233,18 @@ def run_uvicorn(host: str, port: int, workers: int = 1) -> None:
     default=None,
     help="comma-separated queues to consume (default: DEFAULT_QUEUE)",
 )
+@click.option(
+    "--pool",
+    type=click.Choice(["solo", "threads"]),
+    default=None,
+    help="solo (default): one job at a time in this process; threads: for WEBHOOK_QUEUE "
+    "(the default when it is the only queue)",
+)
+@click.option("--concurrency", type=int, default=8, show_default=True, help="threads pool size")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str | None, loglevel: str) -> None:
-    """Run a worker: one job at a time in this process (start as many as the host takes)."""
-    import os
-
+def worker(queues: str | None, pool: str | None, concurrency: int, loglevel: str) -> None:
+    """Run a worker: one job at a time in this process (start as many as the host takes), or,
+    with -Q webhooks, the webhook deliveries, many at once on threads."""
     from app.core.migrate import upgrade
 
     s = _settings()
@@ -245,13 +252,18 @@ def worker(queues: str | None, loglevel: str) -> None:
     upgrade(s.database_url)
     from worker.celery_app import make_celery
 
+    queues = queues or s.DEFAULT_QUEUE
+    # A job runs in the worker's own process (SIGKILL takes it down too); deliveries are
+    # short HTTP calls that wait on the network, many at a time.
+    pool = pool or ("threads" if queues == s.WEBHOOK_QUEUE else "solo")
     make_celery(s).worker_main(
         [
             "worker",
             "-Q",
-            queues or s.DEFAULT_QUEUE,
+            queues,
             "--pool",
-            "solo",  # the job runs in this process: SIGKILL takes it down too
+            pool,
+            *(["--concurrency", str(concurrency)] if pool == "threads" else []),
             "--loglevel",
             loglevel,
             "-n",
@@ -295,21 +307,38 @@ def serve(host: str, port: int, queues: str | None) -> None:
     resumed from its last checkpoint."""
     from app.core.migrate import upgrade
     from app.supervisor import WorkerSupervisor, serve_log
-    from worker.celery_app import make_celery, make_enqueue
+    from app.webhooks.outbox import SEND_WEBHOOK
+    from worker.celery_app import make_celery, make_enqueue, make_send_webhook
 
     s = _settings()
     s.home.mkdir(parents=True, exist_ok=True)
     upgrade(s.database_url)
     key = _embedded_key(s)
     env = {**os.environ, "DISTILLERY_HOME": str(s.home)}
-    cmd = [sys.executable, "-m", "distillery", "worker"] + (["-Q", queues] if queues else [])
-
-    supervisor = WorkerSupervisor(cmd, env, s, make_enqueue(make_celery(s)), serve_log)
-    supervisor.start()
+    worker_cmd = [sys.executable, "-m", "distillery", "worker"]
+    celery = make_celery(s)
+    info = {SEND_WEBHOOK: make_send_webhook(celery)}  # a job it fails tells its webhooks
+    supervisors = [
+        WorkerSupervisor(
+            worker_cmd + (["-Q", queues] if queues else []),
+            env,
+            s,
+            make_enqueue(celery),
+            serve_log,
+            db_info=info,
+        ),
+        # Deliveries have a worker of their own: the job worker runs one job at a time.
+        WorkerSupervisor(
+            worker_cmd + ["-Q", s.WEBHOOK_QUEUE], env, s, make_enqueue(celery), serve_log
+        ),
+    ]
+    for supervisor in supervisors:
+        supervisor.start()
     click.echo(f"Distillery on http://{host}:{port}  (home: {s.home})", err=True)
     click.echo(f"API key: {key}", err=True)
     click.echo(f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True)
     try:
         run_uvicorn(host, port)
     finally:
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.stop()

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -36,7 +36,7 @@ from app.models import (
     utcnow,
 )
 from app.schemas.jobs import ErrorPublic, JobPublic, StagePublic
-from worker.pipeline import preflight
+from app.webhooks import targets
 from worker.pipeline.errors import SpecError
 from worker.pipeline.spec import (
     ImageFolderDataset,
@@ -49,6 +49,9 @@ from worker.pipeline.spec import (
     UploadedDataset,
     UploadedTeacher,
 )
+
+if TYPE_CHECKING:
+    from worker.pipeline import preflight
 
 log = logging.getLogger("distillery.jobs")
 
@@ -121,6 +124,15 @@ def validate_for_service(
             f"teacher.source: {spec.teacher.source!r} reads a path on the server; upload the model "
             'with POST /v1/models and use {"source": "upload", "id": "<model id>"}'
         )
+    if spec.webhook is not None:
+        try:
+            targets.check(
+                spec.webhook.url,
+                allow_http=settings.WEBHOOK_ALLOW_HTTP,
+                allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
+            )
+        except targets.UnsafeTarget as e:
+            raise SpecInvalid(f"webhook.url: {e}") from None
     if isinstance(ds, TorchvisionDataset):
         if ds.download and not settings.ALLOW_DATASET_DOWNLOAD:
             raise SpecInvalid(
@@ -129,6 +141,10 @@ def validate_for_service(
         spec = spec.model_copy(
             update={"dataset": ds.model_copy(update={"root": str(settings.data_root)})}
         )
+
+    # Imported here: the preflight builds models with torch, and the webhook worker, which
+    # reads jobs through this module, has no use for it.
+    from worker.pipeline import preflight
 
     limits = settings.spec_limits()
     teacher = preflight.teacher_of(spec)
@@ -175,7 +191,9 @@ def _uploaded_teacher(
             )
     if model.format == "safetensors" and model.arch:
         kwargs_field = f"teacher.id: model {model.id}'s arch_kwargs"
-        return preflight.ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
+        from worker.pipeline.preflight import ArchRef
+
+        return ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
     return None
 
 

@@ -6,6 +6,7 @@ supervisor can have done it). Stopping serve stops the worker too."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -38,9 +39,10 @@ def _readyz(url: str) -> int:
 
 
 def _worker_pid(home: Path) -> int | None:
+    """The job worker's pid (serve also runs a worker for webhook deliveries)."""
     with sqlite3.connect(home / "distillery.db") as db:
-        row = db.execute("SELECT pid FROM workers").fetchone()
-    return row[0] if row else None
+        rows = db.execute("SELECT pid, queues FROM workers").fetchall()
+    return next((pid for pid, queues in rows if "default" in json.loads(queues)), None)
 
 
 def _alive(pid: int) -> bool:
