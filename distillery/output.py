@@ -152,8 +152,8 @@ class PlainLines:
         elif e.type == "log" and d.get("message"):
             self.echo(f"{at} {d.get('stage') or 'job'}: {d['message']}")
         elif e.type == "progress" and self._due(_when(d.get("at"))):
-            message = f" {d['message']}" if d.get("message") else ""
-            self.echo(f"{at} progress {d['progress'] * 100:.0f}% {d['stage']}:{message}")
+            message = f": {d['message']}" if d.get("message") else ""
+            self.echo(f"{at} progress {d['progress'] * 100:.0f}% {d['stage']}{message}")
 
     def _due(self, when: float | None) -> bool:
         if when is None:

@@ -2,37 +2,20 @@
 
 import hashlib
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
 from app.testing import LEARNING_SPEC
-from tests.service_support import REPO, TINY_SPEC, cli, client, free_port, wait_until
-
-
-def run_cli(served, *args, timeout=300, url=None, key=None, stdin=None):
-    base, default_key, _ = served
-    env = {
-        "DISTILLERY_URL": url or base,
-        "DISTILLERY_API_KEY": key or default_key,
-        "DISTILLERY_HOME": "/nonexistent",
-    }
-    p = cli(
-        *args,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    out, err = p.communicate(stdin or "", timeout=timeout)
-    return p.returncode, out, err
-
-
-def result_of(out: str) -> dict:
-    """`--wait --json` prints the events as JSON lines, then the result: the last line."""
-    return json.loads(out.strip().splitlines()[-1])
+from tests.service_support import (
+    REPO,
+    TINY_SPEC,
+    client,
+    free_port,
+    result_of,
+    run_cli,
+    wait_until,
+)
 
 
 def job_ids(served) -> set[str]:
