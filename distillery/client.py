@@ -484,7 +484,7 @@ class Client(_Base):
                         yield event
                         if event.type == "end" or _past(deadline):
                             return
-                    return  # the server ended the stream: the job has ended
+                    raise _ended_early()  # a proxy cut it, or the server restarted: reconnect
             except httpx.ReadTimeout:
                 continue  # quiet for longer than the deadline allows: check it, reconnect
             except (httpx.TransportError, SSEError):
@@ -644,6 +644,11 @@ def _deliveries_path(webhook_id: str | None, job_id: str | None) -> str:
     return f"/v1/jobs/{job_id}/webhook-deliveries"
 
 
+def _ended_early() -> httpx.TransportError:
+    """The stream always ends with an `end` event: one that stops before was cut somewhere."""
+    return httpx.RemoteProtocolError("the event stream ended before the job did")
+
+
 def _read_timeout(deadline: float | None) -> float | None:
     """How long a stream may stay silent: the server sends a keep-alive every 15 s, so 30 s of
     silence is a dead connection; with a deadline, no longer than what is left of it."""
@@ -776,7 +781,7 @@ class AsyncClient(_Base):
                         yield event
                         if event.type == "end" or _past(deadline):
                             return
-                    return
+                    raise _ended_early()
             except httpx.ReadTimeout:
                 continue
             except (httpx.TransportError, SSEError):
