@@ -34,7 +34,7 @@ def _public(ip: IpAddress) -> bool:
 def _resolve(host: str, port: int) -> tuple[str, ...]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
+    except (socket.gaierror, UnicodeError, ValueError) as e:  # ValueError: a NUL in the host
         raise UnsafeTarget(f"cannot resolve {host!r} ({e})") from None
     return tuple(dict.fromkeys(str(info[4][0]) for info in infos))
 
