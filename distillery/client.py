@@ -261,10 +261,12 @@ class Calls:
         return Call("POST", f"/v1/{kind}", _model(model), kwargs)
 
     @staticmethod
-    def create_webhook(body: WebhookCreate) -> Call[WebhookCreated]:
-        return Call(
-            "POST", "/v1/webhooks", _model(WebhookCreated), {"json": body.model_dump(mode="json")}
-        )
+    def create_webhook(
+        url: str, events: list[str] | None, description: str
+    ) -> Call[WebhookCreated]:
+        fields = {"url": url, "description": description, **({"events": events} if events else {})}
+        body = WebhookCreate.model_validate(fields).model_dump(mode="json")
+        return Call("POST", "/v1/webhooks", _model(WebhookCreated), {"json": body})
 
     @staticmethod
     def webhooks() -> Call[list[WebhookPublic]]:
@@ -448,11 +450,9 @@ class Client(_Base):
             job = self.get(job_id)
             if on_update is not None:
                 on_update(job)
-            if job.status in TERMINAL:
+            left = _until_next_poll(job, deadline, poll, timeout)
+            if left is None:
                 return job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(job, timeout or 0)
-            left = poll if deadline is None else min(poll, max(deadline - time.monotonic(), 0.0))
             self.sleep(left)
 
     def events(
@@ -608,10 +608,7 @@ class Client(_Base):
         self, url: str, *, events: list[str] | None = None, description: str = ""
     ) -> WebhookCreated:
         """Register an endpoint for every job of the tenant; its `secret` is shown only here."""
-        body = WebhookCreate.model_validate(
-            {"url": url, "description": description, **({"events": events} if events else {})}
-        )
-        return self.call(Calls.create_webhook(body))
+        return self.call(Calls.create_webhook(url, events, description))
 
     def webhooks(self) -> list[WebhookPublic]:
         return self.call(Calls.webhooks())
@@ -647,6 +644,18 @@ def _deliveries_path(webhook_id: str | None, job_id: str | None) -> str:
 def _ended_early() -> httpx.TransportError:
     """The stream always ends with an `end` event: one that stops before was cut somewhere."""
     return httpx.RemoteProtocolError("the event stream ended before the job did")
+
+
+def _until_next_poll(
+    job: JobPublic, deadline: float | None, poll: float, timeout: float | None
+) -> float | None:
+    """After a poll: None when the job has ended, else how long to sleep before the next;
+    WaitTimeout once the deadline has passed."""
+    if job.status in TERMINAL:
+        return None
+    if deadline is not None and time.monotonic() >= deadline:
+        raise WaitTimeout(job, timeout or 0)
+    return poll if deadline is None else min(poll, max(deadline - time.monotonic(), 0.0))
 
 
 def _read_timeout(deadline: float | None) -> float | None:
@@ -748,11 +757,9 @@ class AsyncClient(_Base):
             job = await self.get(job_id)
             if on_update is not None:
                 on_update(job)
-            if job.status in TERMINAL:
+            left = _until_next_poll(job, deadline, poll, timeout)
+            if left is None:
                 return job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(job, timeout or 0)
-            left = poll if deadline is None else min(poll, max(deadline - time.monotonic(), 0.0))
             await self.sleep(left)
 
     async def events(
@@ -874,10 +881,7 @@ class AsyncClient(_Base):
     async def create_webhook(
         self, url: str, *, events: list[str] | None = None, description: str = ""
     ) -> WebhookCreated:
-        body = WebhookCreate.model_validate(
-            {"url": url, "description": description, **({"events": events} if events else {})}
-        )
-        return await self.call(Calls.create_webhook(body))
+        return await self.call(Calls.create_webhook(url, events, description))
 
     async def webhooks(self) -> list[WebhookPublic]:
         return await self.call(Calls.webhooks())

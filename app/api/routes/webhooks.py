@@ -32,6 +32,12 @@ After = Annotated[
 ]
 
 
+def _page(data: list, has_more: bool) -> DeliveriesPublic:
+    return DeliveriesPublic(
+        data=data, has_more=has_more, next_after=data[-1].id if has_more and data else None
+    )
+
+
 @router.post(
     "/v1/webhooks",
     status_code=201,
@@ -99,9 +105,7 @@ def webhook_deliveries(
     data, has_more = webhooks_service.list_deliveries(
         session, tenant_id=tenant.id, webhook_id=webhook_id, limit=limit, after=after
     )
-    return DeliveriesPublic(
-        data=data, has_more=has_more, next_after=data[-1].id if has_more and data else None
-    )
+    return _page(data, has_more)
 
 
 @router.get(
@@ -122,6 +126,4 @@ def job_webhook_deliveries(
     data, has_more = webhooks_service.list_deliveries(
         session, tenant_id=tenant.id, job_id=job_id, limit=limit, after=after
     )
-    return DeliveriesPublic(
-        data=data, has_more=has_more, next_after=data[-1].id if has_more and data else None
-    )
+    return _page(data, has_more)
