@@ -144,11 +144,14 @@ def tenant_secret(session: Session, *, tenant_id: str) -> str:
     """The secret that signs the webhooks a tenant's jobs name; made on first use."""
     from app.webhooks.sender import new_secret
 
-    tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).one()
-    if tenant.webhook_secret is None:
-        tenant.webhook_secret = new_secret()
-        session.flush()
-    return tenant.webhook_secret
+    # Set only where none is: of two first uses at once, one secret wins and both read it.
+    session.execute(
+        update(Tenant)
+        .where(Tenant.id == tenant_id, Tenant.webhook_secret.is_(None))
+        .values(webhook_secret=new_secret())
+        .execution_options(synchronize_session=False)
+    )
+    return session.scalars(select(Tenant.webhook_secret).where(Tenant.id == tenant_id)).one()
 
 
 def freeze_payload(session: Session, *, delivery_id: str, payload: dict[str, Any]) -> None:
@@ -195,6 +198,9 @@ def record_attempt(
     backoff while within `retry_for` of the event, failed after. Returns the seconds until the
     next attempt (its task is sent after commit), or None when the delivery is settled."""
     now = utcnow()
+    d = session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == claimed.id))
+    if d is None:  # deleted meanwhile, with its endpoint or its job
+        return None
     session.add(
         WebhookAttempt(
             delivery_id=claimed.id,
@@ -206,7 +212,6 @@ def record_attempt(
             seconds=outcome.seconds,
         )
     )
-    d = session.scalars(select(WebhookDelivery).where(WebhookDelivery.id == claimed.id)).one()
     d.attempts = claimed.attempt
     if outcome.ok:
         d.status, d.next_attempt_at = "succeeded", None

@@ -22,26 +22,37 @@ def _size(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def _clean_env() -> dict[str, str]:
+    # Nothing of this checkout on the path: pip would take a distillery.egg-info found there
+    # for an installed distillery and skip the wheel.
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def _thin_venv(tmp_path: Path) -> tuple[Path, float]:
     wheel = build_wheel(tmp_path)
     venv = tmp_path / "venv"
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run(
-        [venv / "bin/pip", "install", "-q", "--no-cache-dir", str(wheel)],
-        check=True,
+        [sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=_clean_env()
+    )
+    pip = subprocess.run(
+        [venv / "bin/pip", "install", "--no-cache-dir", str(wheel)],
         timeout=600,
         capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=tmp_path,
     )
+    assert pip.returncode == 0, pip.stderr
+    assert "Successfully installed" in pip.stdout and "distillery-0.2.0" in pip.stdout
     return venv, time.monotonic() - started
 
 
 def _in_venv(venv: Path, *args: str, env: dict[str, str] | None = None, **kw):
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return subprocess.run(
         [str(a) for a in args],
-        env={**clean, **(env or {})},
-        cwd=venv.parent,  # not this checkout: nothing of it on the path
+        env={**_clean_env(), **(env or {})},
+        cwd=venv.parent,  # not this checkout
         capture_output=True,
         text=True,
         **kw,
