@@ -4,6 +4,7 @@ load only when called, saying which extra to install when this install lacks it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -193,20 +194,15 @@ def _follow(client, job_id: str, timeout: float | None, as_json: bool, interval:
 
     deadline = None if timeout is None else time.monotonic() + timeout
     if as_json:
-        show, display = JsonLines(), None
+        show, live = JsonLines(), contextlib.nullcontext()
     elif sys.stderr.isatty():
-        display = Bar(job_id)
-        show = display
+        show = live = Bar(job_id)
     else:
-        show, display = PlainLines(interval, lambda line: click.echo(line, err=True)), None
-    if display is not None:
-        display.__enter__()
-    try:
+        show = PlainLines(interval, lambda line: click.echo(line, err=True))
+        live = contextlib.nullcontext()
+    with live:
         for event in client.events(job_id, timeout=timeout):
             show(event)
-    finally:
-        if display is not None:
-            display.__exit__(None, None, None)
     job = client.get(job_id)
     if job.status not in ("succeeded", "failed", "cancelled"):
         if deadline is None or time.monotonic() < deadline:  # the stream ended early: poll

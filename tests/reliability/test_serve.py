@@ -119,5 +119,6 @@ def test_a_killed_embedded_worker_is_restarted_and_its_job_resumes(tmp_path):
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
         stop_group(serve)
-    # Stopping serve stopped the worker it started.
-    assert not _alive(second)
+    # Stopping serve stopped the worker it started (a killed process may take a moment to go
+    # under load: seen once in the full suite).
+    wait_until(lambda: not _alive(second), 15, what="the worker to stop")
