@@ -9,6 +9,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
+COPY distillery distillery
 COPY app app
 COPY worker worker
 COPY examples examples
@@ -16,7 +17,7 @@ COPY examples examples
 # torch==2.14.1 from PyPI is the CUDA build (for GPU workers). For CPU-only images:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 ARG TORCH_INDEX_URL=
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -e .
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -e '.[all]'
 
 RUN useradd --create-home distillery && mkdir -p /data /artifacts \
     && chown distillery /data /artifacts

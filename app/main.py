@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import dashboard
 from app.api.metrics import Metrics, MetricsMiddleware
-from app.api.routes import health, jobs, uploads
+from app.api.routes import health, jobs, uploads, webhooks
 from app.core.body_limit import BodyLimitMiddleware, LimitFor
 from app.core.config import Settings
 from app.core.db import Database
@@ -131,12 +131,15 @@ def create_app(
     settings: Settings | None = None, *, enqueue: Enqueue | None = None, start_reaper: bool = True
 ) -> FastAPI:
     """Build the API. `enqueue` defaults to sending a Celery message on the configured broker."""
-    from worker.celery_app import make_celery, make_enqueue, make_queue_size
+    from app.webhooks.outbox import SEND_WEBHOOK
+    from worker.celery_app import make_celery, make_enqueue, make_queue_size, make_send_webhook
 
     settings = settings or Settings()
     celery = make_celery(settings)
     send = enqueue or make_enqueue(celery)
-    db = Database(settings.database_url)
+    # Job changes the API makes (a cancel) record webhook deliveries; their tasks go out after
+    # the commit through this.
+    db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)})
     storage = Storage(settings.storage_dir)
     reaper = Reaper(db, settings, send, make_queue_size(celery)) if start_reaper else None
     app = FastAPIOffline(
@@ -154,6 +157,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
+    app.include_router(webhooks.router)
     dashboard.mount(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(settings))
     # Outermost: counts the 413s too.

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from app.core.config import Settings
 from app.core.db import Database
@@ -51,13 +52,16 @@ class WorkerSupervisor:
         settings: Settings,
         enqueue: Callable[[str, str], None],
         log: Callable[[str], None],
+        *,
+        db_info: dict[str, Any] | None = None,
     ) -> None:
         self.cmd, self.env, self.settings, self.enqueue, self.log = cmd, env, settings, enqueue, log
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name="supervisor")
-        self._db = Database(settings.database_url)
+        # db_info: what its sessions need, e.g. to send the webhooks of a job it fails.
+        self._db = Database(settings.database_url, info=db_info)
 
     def start(self) -> None:
         self.proc = self._spawn()

@@ -44,6 +44,11 @@ def served(tmp_path_factory):
         "BROKER_URL": "",
         "DISTILLERY_API_KEY": "",
         "STORAGE_DIR": "",
+        # Webhook tests send to a receiver on loopback, over http, retrying fast and briefly.
+        "WEBHOOK_ALLOW_HTTP": "true",
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+        "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+        "WEBHOOK_RETRY_FOR_SECONDS": "30",
     }
     proc = cli("serve", "--port", str(port), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

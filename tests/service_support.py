@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -259,8 +260,6 @@ def wait_for_status(c: httpx.Client, job_id: str, statuses: set[str], timeout: f
 
 def sse_events(c: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
     """A finished job's whole event stream as (type, data) pairs."""
-    import json
-
     text = c.get(f"/v1/jobs/{job_id}/events", timeout=120).text
     out = []
     for block in text.strip().split("\n\n"):
@@ -276,3 +275,31 @@ def assert_no_server_path(message: str, settings) -> None:
     for root in (settings.home, settings.storage_dir):
         assert str(root) not in message, message
     assert not re.search(r"(^|[\s'\"(=])/[\w.-]+/", message), message
+
+
+def run_cli(served, *args, timeout=300, url=None, key=None, stdin=None, env=None):
+    """`distillery ARGS` against the `served` service, as a CI job runs it: stdout and stderr
+    piped (not a terminal). Returns (exit code, stdout, stderr)."""
+    base, default_key, _ = served
+    env = {
+        "DISTILLERY_URL": url or base,
+        "DISTILLERY_API_KEY": key or default_key,
+        "DISTILLERY_HOME": "/nonexistent",
+        "GITHUB_STEP_SUMMARY": "",  # even when the suite itself runs in GitHub Actions
+        **(env or {}),
+    }
+    p = cli(
+        *args,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = p.communicate(stdin or "", timeout=timeout)
+    return p.returncode, out, err
+
+
+def result_of(out: str) -> dict:
+    """`--wait --json` prints the events as JSON lines, then the result: the last line."""
+    return json.loads(out.strip().splitlines()[-1])

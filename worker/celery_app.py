@@ -11,11 +11,13 @@ from worker.broker import broker_settings
 
 # The task that runs one job, by the name on the wire (kept: queued messages carry it).
 JOB_TASK = "distillery.run_job"
+# The task that makes one attempt of a webhook delivery (worker/webhooks.py).
+WEBHOOK_TASK = "distillery.deliver_webhook"
 
 
 def make_celery(s: Settings) -> Celery:
     broker, transport = broker_settings(s.broker_url)
-    app = Celery("distillery", broker=broker, include=["worker.tasks"])
+    app = Celery("distillery", broker=broker, include=["worker.tasks", "worker.webhooks"])
     app.distillery_settings = s  # what worker.runtime.runtime_of builds the worker's runtime from
     app.conf.update(
         broker_transport=transport,
@@ -64,6 +66,24 @@ def make_enqueue(app: Celery):
         )
 
     return enqueue
+
+
+def make_send_webhook(app: Celery):
+    queue = app.distillery_settings.WEBHOOK_QUEUE
+
+    def send_webhook(delivery_id: str, countdown: float = 0.0) -> None:
+        """Send a delivery's task, due in `countdown` seconds; fails fast when the broker is
+        down (the delivery stays pending and the reaper sends it later)."""
+        app.send_task(
+            WEBHOOK_TASK,
+            args=[delivery_id],
+            queue=queue,
+            countdown=countdown or None,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        )
+
+    return send_webhook
 
 
 def make_queue_size(app: Celery):

@@ -26,15 +26,22 @@ class Runtime:
     storage: Storage
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
-        return cls(settings, Database(settings.database_url), Storage(settings.storage_dir))
+    def from_settings(cls, settings: Settings, *, db_info: dict | None = None) -> Runtime:
+        db = Database(settings.database_url, info=db_info)
+        return cls(settings, db, Storage(settings.storage_dir))
 
 
 def runtime_of(app: Celery) -> Runtime:
-    """The runtime of the worker that runs `app` (made by worker.celery_app.make_celery)."""
+    """The runtime of the worker that runs `app` (made by worker.celery_app.make_celery):
+    its sessions send the webhook deliveries their job changes record."""
+    from app.webhooks.outbox import SEND_WEBHOOK
+    from worker.celery_app import make_send_webhook
+
     runtime = getattr(app, "distillery_runtime", None)
     if runtime is None:
-        runtime = app.distillery_runtime = Runtime.from_settings(app.distillery_settings)
+        runtime = app.distillery_runtime = Runtime.from_settings(
+            app.distillery_settings, db_info={SEND_WEBHOOK: make_send_webhook(app)}
+        )
     return runtime
 
 

@@ -57,6 +57,23 @@ class Settings(BaseSettings):
     # Redis redelivers an unacknowledged message after this; it must outlast the longest stage.
     VISIBILITY_TIMEOUT_SECONDS: int = 12 * 3600
     PROGRESS_THROTTLE_SECONDS: float = 1.0
+    # An Idempotency-Key names its job for this long (like Stripe's 24 h); after it, the same
+    # key makes a new job (a CI re-run must not replay a failed job forever).
+    IDEMPOTENCY_TTL_SECONDS: float = 24 * 3600.0
+
+    # Webhooks (docs/service.md#webhooks). Safe by default: https only, and never a private,
+    # loopback or link-local address (checked after DNS, at registration and at every send).
+    WEBHOOK_ALLOW_HTTP: bool = False
+    WEBHOOK_ALLOW_PRIVATE: bool = False
+    WEBHOOK_QUEUE: str = "webhooks"  # consumed by `distillery worker -Q webhooks --pool threads`
+    WEBHOOK_TIMEOUT_SECONDS: float = 10.0  # connect + answer, per attempt
+    # Retries: base * 4^(n-1), each within +-25 %, at most RETRY_MAX apart (below the Redis
+    # VISIBILITY_TIMEOUT_SECONDS, which would otherwise redeliver the waiting message), for
+    # RETRY_FOR after the event: about ten attempts over a day with the defaults.
+    WEBHOOK_RETRY_BASE_SECONDS: float = 5.0
+    WEBHOOK_RETRY_MAX_SECONDS: float = 6 * 3600.0
+    WEBHOOK_RETRY_FOR_SECONDS: float = 24 * 3600.0
+    MAX_WEBHOOKS_PER_TENANT: int = 20
 
     LOG_LEVEL: str = Field("INFO")
 

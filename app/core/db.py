@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -32,10 +33,13 @@ def make_engine(url: str) -> Engine:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, info: dict[str, Any] | None = None) -> None:
+        """`info` lands in every session's `Session.info`: what a process gives the code that
+        writes through it, e.g. how to send a webhook's task once a change has committed."""
         self.url = url
+        self.info = dict(info or {})
         self.engine = make_engine(url)
-        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False, info=self.info)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -75,3 +79,31 @@ def insert_if_absent(session: Session, model: type[Base], values: dict, unique: 
         .returning(*table.primary_key.columns)
     )
     return session.execute(stmt).first() is not None
+
+
+# --- work to do once a transaction has committed ------------------------------------------
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the session's transaction has committed (never before, never on
+    rollback): a message must not reference a row that is not there yet.
+
+    It runs when the transaction has ended and given its connection back to the pool, not in
+    SQLAlchemy's after_commit hook, which fires while the connection is still checked out: a
+    callback that writes through the engine would then hold two connections per request, and
+    a burst of submissions as large as the pool waits on itself until the pool times out."""
+    session.info.setdefault("after_commit", []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _commit_callbacks(session: Session) -> None:
+    if not session.in_nested_transaction():  # a released savepoint commits nothing yet
+        session.info["committed"] = session.info.pop("after_commit", [])
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _run_committed_callbacks(session: Session, transaction) -> None:
+    if transaction.parent is None:  # the root: its connection is back in the pool
+        session.info.pop("after_commit", None)  # it ended without a commit: never run these
+        for callback in session.info.pop("committed", []):
+            callback()

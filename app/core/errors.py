@@ -76,8 +76,16 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class WebhookNotFound(NotFound):
+    code = "webhook_not_found"
+
+
 class JobStateConflict(AppError):
     status_code, code = 409, "job_state_conflict"
+
+
+class UploadInUse(AppError):
+    status_code, code = 409, "upload_in_use"
 
 
 class IdempotencyConflict(AppError):
@@ -90,6 +98,10 @@ class PayloadTooLarge(AppError):
 
 class SpecInvalid(AppError):
     status_code, code = 422, "invalid_spec"
+
+
+class WebhookInvalid(AppError):
+    status_code, code = 422, "invalid_webhook"
 
 
 class UploadInvalid(AppError):

@@ -31,6 +31,7 @@ from app.models import (
     new_id,
     utcnow,
 )
+from app.webhooks import outbox
 from worker.pipeline.history import HISTORY_COLUMNS
 
 log = logging.getLogger("distillery.lifecycle")
@@ -43,11 +44,13 @@ def add_event(session: Session, *, job_id: str, type: str, data: dict[str, Any])
 
 
 def _move(session: Session, job: Job, to: JobStatus, *, now: datetime, **event: Any) -> None:
-    """The one place a loaded job changes status: checked, timestamped, and announced."""
+    """The one place a loaded job changes status: checked, timestamped, and announced (an
+    event, and for an end the webhooks, recorded in this same transaction)."""
     check_transition(job.id, job.status, to)
     job.status, job.updated_at = to, now
     if to in TERMINAL:
         job.finished_at = now
+        outbox.record(session, job=job, event=outbox.TERMINAL_EVENTS[to.value])
     add_event(session, job_id=job.id, type="status", data={"status": to.value, **event})
 
 
@@ -206,11 +209,15 @@ def set_stage(
     seconds: float | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> None:
-    if session.scalar(select(Job.id).where(_owned(job_id, worker_id))) is None:
+    job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
+    if job is None:
         return
     stage = session.scalar(select(JobStage).where(JobStage.job_id == job_id, JobStage.name == name))
     if stage is None:
         return
+    outbox.record(
+        session, job=job, event="job.stage", detail={"stage": name, "status": status.value}
+    )
     now = utcnow()
     stage.status = status
     if status == StageStatus.RUNNING:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 from app.core.config import Settings
 from app.core.db import Database
 from app.jobs import lifecycle
+from app.models import utcnow
+from app.webhooks import outbox
 
 log = logging.getLogger("distillery.reaper")
 
@@ -29,7 +32,7 @@ class Reaper(threading.Thread):
 
     def run_once(self) -> dict[str, int]:
         with self.database.session() as s:
-            return lifecycle.reap(
+            counts = lifecycle.reap(
                 s,
                 heartbeat_timeout=self.settings.HEARTBEAT_TIMEOUT_SECONDS,
                 max_attempts=self.settings.MAX_ATTEMPTS,
@@ -37,6 +40,11 @@ class Reaper(threading.Thread):
                 queue_size=self.queue_size,
                 resend_after=self.settings.RESEND_AFTER_SECONDS,
             )
+        with self.database.session() as s:
+            # Webhook deliveries overdue by RESEND_AFTER_SECONDS lost their task: send again.
+            older = utcnow() - timedelta(seconds=self.settings.RESEND_AFTER_SECONDS)
+            counts["webhooks"] = len(outbox.resend_lost(s, older_than=older))
+        return counts
 
     def run(self) -> None:
         while not self._stop.wait(self.settings.REAPER_INTERVAL_SECONDS):

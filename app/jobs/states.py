@@ -1,11 +1,9 @@
-"""A job's statuses and the moves between them, as data. Pure Python: the CLI and the client
-read these names too, without the database."""
+"""A job's statuses and the moves between them, as data. The statuses themselves live in the
+thin client package (distillery.states): the CLI and the client read them without the service."""
 
 from __future__ import annotations
 
-from enum import StrEnum
-
-from worker.pipeline.stages import StageStatus
+from distillery.states import TERMINAL, JobStatus, StageStatus
 
 __all__ = [
     "ACTIVE",
@@ -18,16 +16,6 @@ __all__ = [
 ]
 
 
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    CANCELLING = "cancelling"  # a cancel was asked for; the worker stops at the next batch
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 ACTIVE = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})  # a worker owns the job
 
 # Every move a job may make. Anything else is a bug, and raises IllegalTransition.

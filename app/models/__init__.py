@@ -58,6 +58,9 @@ class Tenant(Base):
     __tablename__ = "tenants"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Signs the deliveries of the webhooks its jobs name in their spec (made on first use;
+    # GET /v1/webhooks/default/secret shows it). Registered endpoints have their own.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -201,6 +204,7 @@ class Artifact(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(String(255))
@@ -219,6 +223,7 @@ class UploadedModel(Base):
     """A teacher a tenant uploaded (POST /v1/models); not to be confused with a model a job makes."""
 
     __tablename__ = "models"
+    __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(String(255))
@@ -244,3 +249,65 @@ class Worker(Base):
     queues: Mapped[list[str]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A URL a tenant registered (POST /v1/webhooks) to hear about all of its jobs."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("we"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(64))  # whsec_…: the receiver verifies with it
+    description: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one URL: sent at least once, every attempt with the same id (the
+    `webhook-id` header) and, from the first attempt on, the same body."""
+
+    __tablename__ = "webhook_deliveries"
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)  # msg_…
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # NULL for the webhook a job names in its spec.
+    endpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded, job.stage, …
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # e.g. the stage's move
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # frozen at the first attempt
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due (a claimed attempt pushes it past its own timeout); NULL
+    # once the delivery has succeeded or given up.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_seq", "endpoint_id", "seq"),
+        Index("ix_webhook_deliveries_job_seq", "job_id", "seq"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: what the receiver answered (the start of it), or why not."""
+
+    __tablename__ = "webhook_attempts"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[str] = mapped_column(String(256), default="")  # a prefix, never more
+    seconds: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "attempt"),)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import after_commit
 from app.core.errors import (
     ArtifactNotFound,
     IdempotencyConflict,
@@ -20,6 +21,7 @@ from app.core.errors import (
     JobStateConflict,
     SpecInvalid,
 )
+from app.core.storage import Storage
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
 from app.jobs.states import ACTIVE, TERMINAL, StageStatus
@@ -32,9 +34,10 @@ from app.models import (
     JobHistory,
     JobStage,
     UploadedModel,
+    utcnow,
 )
 from app.schemas.jobs import BranchPublic, ErrorPublic, JobPublic, StagePublic
-from worker.pipeline import preflight
+from app.webhooks import targets
 from worker.pipeline.errors import SpecError
 from worker.pipeline.spec import (
     ImageFolderDataset,
@@ -48,34 +51,12 @@ from worker.pipeline.spec import (
     UploadedTeacher,
 )
 
+if TYPE_CHECKING:
+    from worker.pipeline import preflight
+
 log = logging.getLogger("distillery.jobs")
 
-# --- enqueue after commit --------------------------------------------------------------------
-
-
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    """Run `callback` once the session's transaction has committed (never before, never on
-    rollback): a message must not reference a row that is not there yet.
-
-    It runs when the transaction has ended and given its connection back to the pool, not in
-    SQLAlchemy's after_commit hook, which fires while the connection is still checked out: a
-    callback that writes through the engine would then hold two connections per request, and
-    a burst of submissions as large as the pool waits on itself until the pool times out."""
-    session.info.setdefault("after_commit", []).append(callback)
-
-
-@event.listens_for(Session, "after_commit")
-def _commit_callbacks(session: Session) -> None:
-    if not session.in_nested_transaction():  # a released savepoint commits nothing yet
-        session.info["committed"] = session.info.pop("after_commit", [])
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _run_committed_callbacks(session: Session, transaction) -> None:
-    if transaction.parent is None:  # the root: its connection is back in the pool
-        session.info.pop("after_commit", None)  # it ended without a commit: never run these
-        for callback in session.info.pop("committed", []):
-            callback()
+# --- enqueue after commit ---------------------------------------------------------------------
 
 
 def send_job(session: Session, *, job_id: str, queue: str, enqueue: Enqueue) -> None:
@@ -109,8 +90,11 @@ def _shape_of_dataset(
 
     ds = spec.dataset
     if isinstance(ds, UploadedDataset):
+        # FOR SHARE: a concurrent DELETE of the upload waits for this job, then sees it.
         row = session.scalar(
-            select(Dataset).where(Dataset.id == ds.id, Dataset.tenant_id == tenant_id)
+            select(Dataset)
+            .where(Dataset.id == ds.id, Dataset.tenant_id == tenant_id)
+            .with_for_update(read=True)
         )
         if row is None:
             raise SpecInvalid(
@@ -141,6 +125,15 @@ def validate_for_service(
             f"teacher.source: {spec.teacher.source!r} reads a path on the server; upload the model "
             'with POST /v1/models and use {"source": "upload", "id": "<model id>"}'
         )
+    if spec.webhook is not None:
+        try:
+            targets.check(
+                spec.webhook.url,
+                allow_http=settings.WEBHOOK_ALLOW_HTTP,
+                allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
+            )
+        except targets.UnsafeTarget as e:
+            raise SpecInvalid(f"webhook.url: {e}") from None
     if isinstance(ds, TorchvisionDataset):
         if ds.download and not settings.ALLOW_DATASET_DOWNLOAD:
             raise SpecInvalid(
@@ -149,6 +142,10 @@ def validate_for_service(
         spec = spec.model_copy(
             update={"dataset": ds.model_copy(update={"root": str(settings.data_root)})}
         )
+
+    # Imported here: the preflight builds models with torch, and the webhook worker, which
+    # reads jobs through this module, has no use for it.
+    from worker.pipeline import preflight
 
     limits = settings.spec_limits()
     teacher = preflight.teacher_of(spec)
@@ -176,9 +173,9 @@ def _uploaded_teacher(
     teacher = spec.teacher
     assert isinstance(teacher, UploadedTeacher)
     model = session.scalar(
-        select(UploadedModel).where(
-            UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id
-        )
+        select(UploadedModel)
+        .where(UploadedModel.id == teacher.id, UploadedModel.tenant_id == tenant_id)
+        .with_for_update(read=True)
     )
     if model is None:
         raise SpecInvalid(f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models")
@@ -196,7 +193,9 @@ def _uploaded_teacher(
             )
     if model.format == "safetensors" and model.arch:
         kwargs_field = f"teacher.id: model {model.id}'s arch_kwargs"
-        return preflight.ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
+        from worker.pipeline.preflight import ArchRef
+
+        return ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
     return None
 
 
@@ -209,8 +208,22 @@ def request_hash(spec: JobSpec) -> str:
     ).hexdigest()
 
 
-def _existing_for_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+def _existing_for_key(
+    session: Session, tenant_id: str, key: str, digest: str, ttl: float
+) -> Job | None:
+    """The live job an Idempotency-Key names, or None. A key older than `ttl` seconds is
+    released (its job keeps existing, without the key), so the unique (tenant, key) lets a
+    new job take it; two requests releasing it at once both succeed, and insert_if_absent
+    lets one of them make the job."""
     job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.created_at < utcnow() - timedelta(seconds=ttl):
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.idempotency_key == key)
+            .values(idempotency_key=None)
+            .execution_options(synchronize_session=False)
+        )
+        return None
     if job is not None and job.request_hash != digest:
         raise IdempotencyConflict(
             f"Idempotency-Key {key!r} was used for a different request (job {job.id}); use a new key"
@@ -231,9 +244,9 @@ def create_job(
     key, the same key and body return the first job, even when the requests race."""
     from worker.pipeline.stages import stage_names
 
-    digest = request_hash(spec)
+    digest, ttl = request_hash(spec), settings.IDEMPOTENCY_TTL_SECONDS
     if idempotency_key is not None:
-        existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
+        existing = _existing_for_key(session, tenant_id, idempotency_key, digest, ttl)
         if existing is not None:
             return existing, False
     resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
@@ -249,7 +262,7 @@ def create_job(
     )
     if job is None:  # a concurrent request with the same key made it first
         assert idempotency_key is not None
-        existing = _existing_for_key(session, tenant_id, idempotency_key, digest)
+        existing = _existing_for_key(session, tenant_id, idempotency_key, digest, ttl)
         assert existing is not None
         return existing, False
     send_job(session, job_id=job.id, queue=job.queue, enqueue=enqueue)
@@ -389,6 +402,29 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     if not lifecycle.cancel(session, job=job):
         raise JobStateConflict(f"job {job_id} already {job.status}")
     return job
+
+
+def delete_job(session: Session, *, tenant_id: str, job_id: str, storage: Storage) -> None:
+    """Delete a finished job with everything recorded about it (stages, events, history,
+    artifacts, a search's branches) and, once that has committed, its files. 409 while it is
+    queued or running: cancel it first."""
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
+    )
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    if job.status not in TERMINAL:
+        raise JobStateConflict(f"job {job_id} is {job.status}; cancel it, or wait for it to end")
+    branches = list(session.scalars(select(Job.id).where(Job.parent_id == job_id)))
+    session.execute(delete(Job).where(Job.parent_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+    folders = [storage.relative(storage.job_dir(j)) for j in (job_id, *branches)]
+
+    def remove_files() -> None:
+        for folder in folders:
+            storage.remove(folder)
+
+    after_commit(session, remove_files)
 
 
 def events_after(

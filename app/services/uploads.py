@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import DatasetNotFound, ModelNotFound, UploadInvalid
+from app.core.db import after_commit
+from app.core.errors import DatasetNotFound, ModelNotFound, NotFound, UploadInUse, UploadInvalid
 from app.core.storage import Storage, safe_filename
-from app.models import Dataset, UploadedModel
+from app.jobs.states import TERMINAL
+from app.models import Dataset, Job, UploadedModel
 from worker.pipeline.errors import PipelineError, SpecError
 from worker.pipeline.files import sha256_file
 from worker.pipeline.limits import SpecLimits, check_structure
@@ -379,3 +381,83 @@ def get_model(session: Session, *, tenant_id: str, model_id: str) -> UploadedMod
     if row is None:
         raise ModelNotFound(f"no model {model_id!r}")
     return row
+
+
+# --- list and delete -------------------------------------------------------------------------
+
+# Per kind of upload: its storage folder, the spec field that names it, its noun, and the
+# error for an id that is not there.
+_KINDS: dict[type, tuple[str, str, str, type[NotFound]]] = {
+    Dataset: ("datasets", "dataset", "dataset", DatasetNotFound),
+    UploadedModel: ("models", "teacher", "model", ModelNotFound),
+}
+
+
+def list_uploads(
+    session: Session,
+    *,
+    model: type[Dataset] | type[UploadedModel],
+    tenant_id: str,
+    limit: int,
+    after: str | None,
+    sha256: str | None = None,
+) -> tuple[list[Any], bool]:
+    """A tenant's uploads newest first, `limit` per page, `after` the id of the previous
+    page's last; keyset on (created_at, id). `sha256` finds uploads of the same bytes."""
+    query = select(model).where(model.tenant_id == tenant_id)
+    if sha256 is not None:
+        query = query.where(model.sha256 == sha256.lower())
+    if after is not None:
+        cursor = session.execute(
+            select(model.created_at, model.id).where(
+                model.id == after, model.tenant_id == tenant_id
+            )
+        ).first()
+        if cursor is None:
+            _, _, noun, not_found = _KINDS[model]
+            raise not_found(f"no {noun} {after!r} to page after")
+        query = query.where(tuple_(model.created_at, model.id) < tuple(cursor))
+    order = (model.created_at.desc(), model.id.desc())
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def jobs_using(session: Session, *, tenant_id: str, field: str, upload_id: str) -> list[str]:
+    """Queued or running jobs of the tenant whose spec names the upload in `field`."""
+    rows = session.execute(
+        select(Job.id, Job.spec).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL))
+    ).all()
+    return [
+        job_id
+        for job_id, spec in rows
+        if isinstance(block := (spec or {}).get(field), dict)
+        and block.get("source") == "upload"
+        and block.get("id") == upload_id
+    ]
+
+
+def delete_upload(
+    session: Session,
+    *,
+    model: type[Dataset] | type[UploadedModel],
+    tenant_id: str,
+    upload_id: str,
+    storage: Storage,
+) -> None:
+    """Delete an upload and, once that has committed, its file. Refused (409) while a
+    queued or running job names it; a finished job keeps its record and artifacts."""
+    kind, field, noun, not_found = _KINDS[model]
+    row = session.scalar(
+        select(model).where(model.id == upload_id, model.tenant_id == tenant_id).with_for_update()
+    )
+    if row is None:
+        raise not_found(f"no {noun} {upload_id!r}")
+    users = jobs_using(session, tenant_id=tenant_id, field=field, upload_id=upload_id)
+    if users:
+        raise UploadInUse(
+            f"{upload_id} is used by {len(users)} job(s) not finished yet ({', '.join(users[:5])}); "
+            "cancel them or wait for them to end"
+        )
+    session.execute(delete(model).where(model.id == upload_id))
+    folder = storage.relative(storage.upload_dir(tenant_id, kind, upload_id))
+    after_commit(session, lambda: storage.remove(folder))

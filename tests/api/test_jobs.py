@@ -126,6 +126,31 @@ def test_idempotency_key_returns_the_same_job_and_refuses_a_different_body(api):
         )
 
 
+def test_an_expired_idempotency_key_makes_a_new_job(api):
+    """A CI re-run that reuses its key a day later gets a fresh job, not the old failed one
+    replayed forever; within the TTL the key still replays."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.models import Job, utcnow
+
+    headers = {"Idempotency-Key": "nightly-" + api.settings.DEFAULT_QUEUE}
+    with api.client() as c:
+        old = c.post("/v1/jobs", json=TINY_SPEC, headers=headers).json()
+        stale = utcnow() - timedelta(seconds=api.settings.IDEMPOTENCY_TTL_SECONDS + 60)
+        with api.db.session() as s:
+            s.execute(update(Job).where(Job.id == old["id"]).values(created_at=stale))
+        other = copy.deepcopy(TINY_SPEC)
+        other["seed"] = 3  # a different body is no conflict once the key has expired
+        fresh = c.post("/v1/jobs", json=other, headers=headers)
+        assert fresh.status_code == 201 and "Idempotent-Replayed" not in fresh.headers
+        assert fresh.json()["id"] != old["id"]
+        again = c.post("/v1/jobs", json=other, headers=headers)
+        assert again.status_code == 200 and again.json()["id"] == fresh.json()["id"]
+        assert c.get(f"/v1/jobs/{old['id']}").status_code == 200  # the old job stays
+
+
 def test_concurrent_posts_with_one_idempotency_key_make_one_job(api):
     key = "race-" + api.settings.DEFAULT_QUEUE
     api.key("racer")  # the tenant exists before the race

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service_support import post_declaring
+from tests.service_support import TINY_SPEC, post_declaring
 from worker.pipeline.archs import build_model
 from worker.pipeline.export import export_onnx, export_safetensors, export_torchscript
 
@@ -209,3 +209,76 @@ def test_a_job_whose_teacher_and_dataset_disagree_is_refused(api, teacher_files)
             },
         }
         assert c.post("/v1/jobs", json=ok).status_code == 201
+
+
+def _upload_rows(c, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x, y = rng.random((20, 1, 8, 8), dtype=np.float32), np.arange(20) % 2
+        r = c.post("/v1/datasets", files={"file": (f"d{i}.npz", _npz(x, y))})
+        assert r.status_code == 201, r.text
+        out.append(r.json())
+    return out
+
+
+def test_datasets_list_newest_first_in_pages_filtered_by_sha256_per_tenant(api):
+    with api.client("lister") as c:
+        made = _upload_rows(c, 3, seed=1)
+        first = c.get("/v1/datasets", params={"limit": 2}).json()
+        assert [d["id"] for d in first["data"]] == [made[2]["id"], made[1]["id"]]
+        assert first["has_more"] and first["next_after"] == made[1]["id"]
+        rest = c.get("/v1/datasets", params={"limit": 2, "after": first["next_after"]}).json()
+        assert [d["id"] for d in rest["data"]] == [made[0]["id"]] and not rest["has_more"]
+        same = c.get("/v1/datasets", params={"sha256": made[1]["sha256"]}).json()["data"]
+        assert [d["id"] for d in same] == [made[1]["id"]]
+        r = c.get("/v1/datasets", params={"sha256": "xyz"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    with api.client("bob") as c:
+        ids = {d["id"] for d in c.get("/v1/datasets", params={"limit": 200}).json()["data"]}
+        assert not ids & {d["id"] for d in made}
+        assert c.delete(f"/v1/datasets/{made[0]['id']}").status_code == 404
+
+
+def test_a_dataset_a_live_job_uses_cannot_be_deleted_then_can(api):
+    with api.client() as c:
+        (ds,) = _upload_rows(c, 1, seed=2)
+        folder = api.settings.storage_dir / "uploads"
+        assert any(p.name == ds["id"] for p in folder.rglob(ds["id"]))
+        spec = {**TINY_SPEC, "dataset": {"source": "upload", "id": ds["id"]}}
+        job = c.post("/v1/jobs", json=spec).json()
+        r = c.delete(f"/v1/datasets/{ds['id']}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "upload_in_use"
+        assert job["id"] in r.json()["error"]["message"]
+        c.post(f"/v1/jobs/{job['id']}/cancel")
+        assert c.delete(f"/v1/datasets/{ds['id']}").status_code == 204
+        assert c.get(f"/v1/datasets/{ds['id']}").status_code == 404
+        assert not list(folder.rglob(ds["id"]))  # the file went with the row
+        assert c.delete(f"/v1/datasets/{ds['id']}").status_code == 404
+
+
+def test_models_list_and_delete(api, tmp_path):
+    model = build_model("mlp", (6,), 3).eval()
+    export_onnx(model, torch.zeros(1, 6), tmp_path / "t.onnx")
+    with api.client("modeller") as c:
+        up = c.post("/v1/models", files={"file": ("t.onnx", (tmp_path / "t.onnx").read_bytes())})
+        assert up.status_code == 201, up.text
+        listed = c.get("/v1/models").json()
+        assert [m["id"] for m in listed["data"]] == [up.json()["id"]]
+        assert c.delete(f"/v1/models/{up.json()['id']}").status_code == 204
+        assert c.get("/v1/models").json()["data"] == []
+
+
+def test_a_finished_job_is_deleted_with_its_files_a_live_one_is_not(api):
+    with api.client() as c:
+        job = c.post("/v1/jobs", json=TINY_SPEC).json()
+        r = c.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "job_state_conflict"
+        c.post(f"/v1/jobs/{job['id']}/cancel")
+        folder = api.settings.storage_dir / "jobs" / job["id"]
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"x")  # what a worker would have left
+        assert c.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert c.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert not folder.exists()
+        assert c.delete(f"/v1/jobs/{job['id']}").status_code == 404

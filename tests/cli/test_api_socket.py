@@ -8,7 +8,7 @@ import asyncio
 import socket
 import threading
 
-from app.cli import listen_socket
+from app.cli_server import listen_socket
 from tests.service_support import api_up, running_stack, wait_until
 
 

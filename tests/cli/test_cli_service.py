@@ -2,32 +2,20 @@
 
 import hashlib
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
 from app.testing import LEARNING_SPEC
-from tests.service_support import REPO, TINY_SPEC, cli, client, free_port, wait_until
-
-
-def run_cli(served, *args, timeout=300, url=None, key=None, stdin=None):
-    base, default_key, _ = served
-    env = {
-        "DISTILLERY_URL": url or base,
-        "DISTILLERY_API_KEY": key or default_key,
-        "DISTILLERY_HOME": "/nonexistent",
-    }
-    p = cli(
-        *args,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    out, err = p.communicate(stdin or "", timeout=timeout)
-    return p.returncode, out, err
+from tests.service_support import (
+    REPO,
+    TINY_SPEC,
+    client,
+    free_port,
+    result_of,
+    run_cli,
+    wait_until,
+)
 
 
 def job_ids(served) -> set[str]:
@@ -60,7 +48,7 @@ def finished_job(served, tmp_path_factory):
         "final.accuracy_drop<=0.25",
     )
     assert code == 0, err
-    return json.loads(out)
+    return result_of(out)
 
 
 def test_submit_wait_passes_gates_and_exits_0(finished_job):
@@ -90,7 +78,7 @@ def test_a_failed_job_exits_2_with_its_error_and_logs_end_with_it(served, spec_f
     path.write_text(json.dumps(bad))
     code, out, err = run_cli(served, "submit", str(path), "--wait", "--json")
     assert code == 2
-    job = json.loads(out)["job"]
+    job = result_of(out)["job"]
     assert (
         job["error"]["code"] == "invalid_dataset" and "MNIST not found" in job["error"]["message"]
     )
@@ -114,7 +102,7 @@ def test_the_specs_gates_and_the_flags_are_one_verdict(served, tmp_path):
     assert sum("FAIL" in line for line in gate_lines) == 1
     job_id = next(line.split()[0] for line in out.splitlines() if line.startswith("job_"))
     code, out, _ = run_cli(served, "wait", job_id, "--json")
-    result = json.loads(out)
+    result = result_of(out)
     assert code == 1 and result["gates_passed"] is False
     assert result["job"]["gates_passed"] is False
     assert [g["gate"] for g in result["gates"]] == [
@@ -136,7 +124,7 @@ def test_timeout_exits_3_and_the_job_can_be_cancelled(served, tmp_path):
     path.write_text(json.dumps(slow))
     code, out, err = run_cli(served, "submit", str(path), "--wait", "--timeout", "2", "--json")
     assert code == 3 and "timeout" in err
-    job_id = json.loads(out)["job"]["id"]
+    job_id = result_of(out)["job"]["id"]
     code, out, _ = run_cli(served, "cancel", job_id)
     assert code == 0 and job_id in out
     with client(served[0], served[1]) as c:
@@ -306,7 +294,7 @@ def test_uploads_from_the_cli_feed_a_job(served, tmp_path):
         "--json",
     )
     assert code == 0, (out, err)
-    assert json.loads(out)["job"]["metrics"]["teacher"]["params"] > 0
+    assert result_of(out)["job"]["metrics"]["teacher"]["params"] > 0
 
 
 def test_repo_examples_are_valid_specs():

@@ -20,10 +20,11 @@ from alembic.script import ScriptDirectory
 from tests.service_support import REPO, free_port, wait_until
 
 
-def _build_wheel(tmp_path: Path) -> Path:
-    # From a copy: setuptools leaves build/ and *.egg-info beside the sources it builds.
+def build_wheel(tmp_path: Path) -> Path:
+    """The project's wheel, built from a copy (setuptools leaves build/ and *.egg-info beside
+    the sources it builds), without build isolation (no network needed)."""
     src = tmp_path / "src"
-    for package in ("app", "worker"):
+    for package in ("distillery", "app", "worker"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
@@ -39,7 +40,7 @@ def _build_wheel(tmp_path: Path) -> Path:
 
 
 def test_a_wheel_install_migrates_and_serves(tmp_path):
-    wheel = _build_wheel(tmp_path)
+    wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     versions = sorted((REPO / "app/migrations/versions").glob("*.py"))
     assert versions
@@ -52,8 +53,8 @@ def test_a_wheel_install_migrates_and_serves(tmp_path):
     assert "js/main.js" in assets and "vendor/uplot/uPlot.iife.min.js" in assets
     missing = [a for a in assets if f"app/dashboard/static/{a}" not in names]
     assert not missing, missing  # the dashboard's every file travels in the wheel
-    entry_points = zipfile.ZipFile(wheel).read("distillery-0.1.0.dist-info/entry_points.txt")
-    assert b"distillery = app.cli:main" in entry_points
+    entry_points = zipfile.ZipFile(wheel).read("distillery-0.2.0.dist-info/entry_points.txt")
+    assert b"distillery = distillery.cli:main" in entry_points
 
     site, run = tmp_path / "site", tmp_path / "run"
     zipfile.ZipFile(wheel).extractall(site)  # what pip does with a pure-Python wheel

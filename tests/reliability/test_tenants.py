@@ -32,7 +32,13 @@ def owned(api):
                 build_model("mlp", (3,), 2).eval(), torch.zeros(1, 3), Path(tmp) / "m.onnx"
             )
             model = c.post("/v1/models", files={"file": ("m.onnx", path.read_bytes())}).json()
-    return {"job": job["id"], "dataset": ds["id"], "model": model["id"]}
+        # A loopback receiver needs the operator's settings (read per request).
+        api.settings.WEBHOOK_ALLOW_HTTP = api.settings.WEBHOOK_ALLOW_PRIVATE = True
+        try:
+            hook = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}).json()
+        finally:
+            api.settings.WEBHOOK_ALLOW_HTTP = api.settings.WEBHOOK_ALLOW_PRIVATE = False
+    return {"job": job["id"], "dataset": ds["id"], "model": model["id"], "webhook": hook["id"]}
 
 
 ROUTES = [
@@ -41,8 +47,15 @@ ROUTES = [
     ("GET", "/v1/jobs/{job}/events"),
     ("GET", "/v1/jobs/{job}/artifacts"),
     ("GET", "/v1/jobs/{job}/artifacts/model.onnx"),
+    ("GET", "/v1/jobs/{job}/history"),
+    ("GET", "/v1/jobs/{job}/webhook-deliveries"),
+    ("DELETE", "/v1/jobs/{job}"),
     ("GET", "/v1/datasets/{dataset}"),
+    ("DELETE", "/v1/datasets/{dataset}"),
     ("GET", "/v1/models/{model}"),
+    ("DELETE", "/v1/models/{model}"),
+    ("GET", "/v1/webhooks/{webhook}/deliveries"),
+    ("DELETE", "/v1/webhooks/{webhook}"),
 ]
 
 
@@ -73,15 +86,25 @@ def test_another_tenant_sees_none_of_it_in_lists_or_specs(api, owned):
         assert (
             r.status_code == 422 and f"no model {owned['model']!r}" in r.json()["error"]["message"]
         )
+        for kind in ("datasets", "models", "webhooks"):
+            listed = c.get(f"/v1/{kind}").json()["data"]
+            assert owned[kind[:-1]] not in {x["id"] for x in listed}, kind
     with api.client("owner") as c:  # and the owner still has it all
         assert c.get(f"/v1/jobs/{owned['job']}").status_code == 200
+        assert c.get(f"/v1/datasets/{owned['dataset']}").status_code == 200
+        assert [h["id"] for h in c.get("/v1/webhooks").json()["data"]] == [owned["webhook"]]
 
 
 ALL_ROUTES = ROUTES + [
     ("GET", "/v1/jobs"),
     ("POST", "/v1/jobs"),
     ("POST", "/v1/datasets"),
+    ("GET", "/v1/datasets"),
     ("POST", "/v1/models"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/webhooks"),
+    ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/default/secret"),
 ]
 
 

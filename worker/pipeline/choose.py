@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.pipeline.gates import Gate, check
+from distillery.gates import Gate, check
 
 # The metric each objective minimises (accuracy: maximised), and the one breaking ties.
 OBJECTIVES: dict[str, tuple[str, str]] = {

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from distillery.gates import spec_gates
 from worker.pipeline import report as reports
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.errors import PipelineError
-from worker.pipeline.gates import spec_gates
 from worker.pipeline.history import HistoryLog
 from worker.pipeline.search import (
     EventFn,

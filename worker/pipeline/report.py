@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from distillery.gates import spec_gates
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.files import sha256_file
-from worker.pipeline.gates import spec_gates
 from worker.pipeline.stages import STAGES
 from worker.pipeline.state import JobState
 

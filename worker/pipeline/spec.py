@@ -327,6 +327,19 @@ class GatesSpec(_Spec):
 
 
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage"]
+
+
+class WebhookSpec(_Spec):
+    """Service only (the pipeline ignores it): where to tell about this job. Deliveries are
+    signed per Standard Webhooks with the tenant's secret (GET /v1/webhooks/default/secret)."""
+
+    url: str = Field(max_length=2000, description="https URL on a public address")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"],
+        min_length=1,
+        max_length=4,
+    )
 
 # What "best" means when choosing the final model: the smallest file, the fastest at batch 1
 # or 32 (ONNX Runtime, CPU), or the most accurate; always among the models passing the gates.
@@ -389,6 +402,7 @@ class JobSpec(_Spec):
     queue: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="worker queue (service only), e.g. gpu"
     )
+    webhook: WebhookSpec | None = Field(None, description="service only: told when the job ends")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

@@ -17,24 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from distillery.states import StageStatus  # noqa: F401  (stages are named with it here too)
 from worker.pipeline.registry import UnknownName
 from worker.pipeline.spec import JobSpec, TrainedTeacher
 
 if TYPE_CHECKING:
     from worker.pipeline.context import StageContext
     from worker.pipeline.state import JobState
-
-
-class StageStatus(StrEnum):
-    PENDING = "pending"  # planned, not started
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
 
 
 StageFn = Callable[["JobState", "StageContext", bool], dict[str, Any]]

@@ -105,6 +105,21 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     return jobs_service.publish(session, [job])[0]
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(*AUTH, JobNotFound, JobStateConflict),
+)
+def delete_job(
+    job_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep
+) -> Response:
+    """Delete a finished job: its record, events, history and artifacts (files too). 409
+    while it is queued or running: cancel it first."""
+    jobs_service.delete_job(session, tenant_id=tenant.id, job_id=job_id, storage=storage)
+    return Response(status_code=204)
+
+
 @router.post(
     "/{job_id}/cancel",
     status_code=202,

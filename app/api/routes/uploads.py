@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -10,10 +12,12 @@ from app.core.errors import (
     ModelNotFound,
     PayloadTooLarge,
     Unauthorized,
+    UploadInUse,
     UploadInvalid,
     error_responses,
 )
-from app.schemas.uploads import DatasetPublic, ModelPublic
+from app.models import Dataset, UploadedModel
+from app.schemas.uploads import DatasetPublic, DatasetsPublic, ModelPublic, ModelsPublic
 from app.services import uploads as uploads_service
 
 router = APIRouter(tags=["uploads"])
@@ -88,6 +92,58 @@ async def upload_dataset(
     return DatasetPublic.model_validate(row)
 
 
+Limit = Annotated[int, Query(ge=1, le=200)]
+After = Annotated[
+    str | None, Query(max_length=64, description="id of the last item of the previous page")
+]
+Sha256 = Annotated[
+    str | None,
+    Query(pattern="^[0-9a-fA-F]{64}$", description="only uploads of the bytes with this sha256"),
+]
+
+
+@router.get(
+    "/v1/datasets",
+    response_model=DatasetsPublic,
+    responses=error_responses(Unauthorized, DatasetNotFound),
+)
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Limit = 20,
+    after: After = None,
+    sha256: Sha256 = None,
+) -> DatasetsPublic:
+    """The tenant's datasets, newest first; page with `after`=`next_after`. `sha256` finds an
+    upload of the same bytes (the CLI reuses it instead of uploading again)."""
+    rows, has_more = uploads_service.list_uploads(
+        session, model=Dataset, tenant_id=tenant.id, limit=limit, after=after, sha256=sha256
+    )
+    data = [DatasetPublic.model_validate(r) for r in rows]
+    return DatasetsPublic(data=data, has_more=has_more, next_after=_next(data, has_more))
+
+
+def _next(data: list, has_more: bool) -> str | None:
+    return data[-1].id if has_more and data else None
+
+
+@router.delete(
+    "/v1/datasets/{dataset_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(Unauthorized, DatasetNotFound, UploadInUse),
+)
+def delete_dataset(
+    dataset_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep
+) -> Response:
+    """Delete a dataset and its file. 409 `upload_in_use` while a queued or running job names
+    it; finished jobs keep their records and artifacts."""
+    uploads_service.delete_upload(
+        session, model=Dataset, tenant_id=tenant.id, upload_id=dataset_id, storage=storage
+    )
+    return Response(status_code=204)
+
+
 @router.get(
     "/v1/datasets/{dataset_id}",
     response_model=DatasetPublic,
@@ -129,6 +185,42 @@ async def upload_model(
             limits=settings.spec_limits(),
         )
     return ModelPublic.model_validate(row)
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelsPublic,
+    responses=error_responses(Unauthorized, ModelNotFound),
+)
+def list_models(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Limit = 20,
+    after: After = None,
+    sha256: Sha256 = None,
+) -> ModelsPublic:
+    """The tenant's uploaded teachers, newest first; paged and filtered like datasets."""
+    rows, has_more = uploads_service.list_uploads(
+        session, model=UploadedModel, tenant_id=tenant.id, limit=limit, after=after, sha256=sha256
+    )
+    data = [ModelPublic.model_validate(r) for r in rows]
+    return ModelsPublic(data=data, has_more=has_more, next_after=_next(data, has_more))
+
+
+@router.delete(
+    "/v1/models/{model_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(Unauthorized, ModelNotFound, UploadInUse),
+)
+def delete_model(
+    model_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep
+) -> Response:
+    """Delete an uploaded teacher and its file; 409 `upload_in_use` while a live job uses it."""
+    uploads_service.delete_upload(
+        session, model=UploadedModel, tenant_id=tenant.id, upload_id=model_id, storage=storage
+    )
+    return Response(status_code=204)
 
 
 @router.get(

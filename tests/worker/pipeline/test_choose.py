@@ -2,8 +2,8 @@
 
 import pytest
 
+from distillery.gates import spec_gates
 from worker.pipeline.choose import choose, pareto_front
-from worker.pipeline.gates import spec_gates
 
 
 def m(acc, size, lat, **extra):

@@ -1,6 +1,6 @@
 import pytest
 
-from worker.pipeline.gates import check, parse_gate, spec_gates
+from distillery.gates import check, parse_gate, spec_gates
 
 METRICS = {
     "final": {"accuracy": 0.97, "accuracy_drop": 0.012, "size_ratio": 25.0},

@@ -1,7 +1,8 @@
 """Gates over the metrics contract: `final.accuracy_drop<=0.01`, `final.size_ratio>=20`.
 
 One evaluator for both kinds: a spec's `gates` block (checked by the runner, recorded in the
-report and on the job) and the CLI's `--gate` flags. No torch here: the client imports it.
+report and on the job) and the CLI's `--gate` flags. Pure Python, in the thin package: the
+client and the CLI check gates with it, and worker/pipeline/report.py imports it from here.
 """
 
 from __future__ import annotations
