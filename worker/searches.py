@@ -29,7 +29,7 @@ from worker.celery_app import JOB_TASK, make_celery, make_enqueue
 from worker.pipeline.spec import JobSpec
 from worker.recorder import Recorder
 from worker.runtime import Runtime, retry_db
-from worker.tasks import Claimed, Outcome, _record, claimed_of, heartbeating, run_work
+from worker.tasks import Claimed, Outcome, claimed_of, heartbeating, record_outcome, run_work
 from worker.uploads import resolve_uploads
 
 # Where each phase sits in the search's progress, 0..1.
@@ -72,7 +72,7 @@ def start(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | None
         if outcome is None:
             return "lost"
         if outcome.status != JobStatus.SUCCEEDED:
-            _record(runtime, job_id, claimed.worker_id, outcome)
+            record_outcome(runtime, job_id, claimed.worker_id, outcome)
             return outcome.status.value
     count = len(plan(JobSpec.model_validate(claimed.spec)).students)
     to_send = retry_db(
@@ -128,7 +128,7 @@ def branch(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | Non
     outcome = heartbeating(runtime, job_id, claimed, work, recorder)
     if outcome is None:
         return "lost"
-    retry_db(lambda: _record(runtime, job_id, claimed.worker_id, outcome), what=job_id)
+    retry_db(lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome), what=job_id)
     with runtime.db.session() as s:
         ended = lifecycle.branches_ended(s, job_id=parent)
     if ended:
@@ -161,7 +161,7 @@ def finish(runtime: Runtime, job_id: str, claimed: Claimed) -> str:
 
     if claimed.status == JobStatus.CANCELLING:
         cancelled = Outcome(JobStatus.CANCELLED, ("cancelled", "cancelled during the search"))
-        retry_db(lambda: _record(runtime, job_id, claimed.worker_id, cancelled), what=job_id)
+        retry_db(lambda: record_outcome(runtime, job_id, claimed.worker_id, cancelled), what=job_id)
         return JobStatus.CANCELLED.value
 
     def work(should_cancel, recorder: Recorder) -> dict[str, Any]:

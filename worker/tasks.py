@@ -103,7 +103,7 @@ def run_work(
     if outcome is None:
         return "lost"
     done = retry_db(
-        lambda: _record(runtime, job_id, claimed.worker_id, outcome),
+        lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome),
         what=f"recording the end of {job_id}",
     )
     return outcome.status.value if done else "lost"
@@ -179,7 +179,7 @@ def _guarded(
         return Outcome(JobStatus.FAILED, ("internal_error", f"{type(e).__name__}: {e}"))
 
 
-def _record(runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome) -> bool:
+def record_outcome(runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome) -> bool:
     artifacts = None
     if outcome.report is not None and "artifacts" in outcome.report:
         out = runtime.storage.job_dir(job_id)

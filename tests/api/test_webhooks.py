@@ -55,7 +55,7 @@ def test_a_jobs_webhook_is_checked_at_submit(api):
         assert r.json()["error"]["message"].startswith("webhook.url: 192.168.1.10 resolves to")
         bad = {**TINY_SPEC, "webhook": {"url": "https://x.example", "events": ["job.done"]}}
         r = c.post("/v1/jobs", json=bad)
-        assert r.status_code == 422 and "webhook.events.0" in r.json()["error"]["message"]
+        assert r.status_code == 422 and "webhook.events[0]" in r.json()["error"]["message"]
 
 
 def test_endpoints_are_listed_without_their_secret_and_deleted_per_tenant(api):

@@ -75,7 +75,7 @@ def test_impossible_gates_exit_1_and_still_hand_over_a_model(served, tmp_path):
     proc = cli("submit", str(path), "--wait", "--json", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err
-    result = json.loads(out)
+    result = json.loads(out.strip().splitlines()[-1])  # JSON lines: the events, then this
     assert result["job"]["status"] == "succeeded" and result["gates_passed"] is False
     (gate,) = result["gates"]
     assert gate["passed"] is False and gate["missed_by"] > 0

@@ -110,6 +110,33 @@ def _flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
+def _finetune(model, data, spec, distill, signal, ctx, seed, epochs, span, tag) -> dict:
+    """KD fine-tuning after a pruning step, with the distillation's settings and the prune
+    stage's learning rate."""
+    cfg = TrainConfig(
+        epochs,
+        spec.lr,
+        distill.weight_decay,
+        distill.batch_size,
+        distill.augment,
+        distill.amp,
+        seed,
+    )
+    return fit(
+        model,
+        data.x_train,
+        data.y_train,
+        cfg=cfg,
+        loss_fn=build_kd_loss(distill),
+        ctx=ctx,
+        teacher=signal.online,
+        teacher_logits=signal.logits,
+        progress_span=span,
+        tag=tag,
+        val=data.val,
+    )
+
+
 def run(
     model: nn.Module,
     data: DataBundle,
@@ -127,7 +154,6 @@ def run(
     example = data.x_train[:1].to(device)
     before = {"params_before": count_params(model), "flops_before": _flops(model, example)}
     step = PRUNERS.get(spec.method)(model, example, spec.amount, spec.steps, data.num_classes)
-    loss_fn = build_kd_loss(distill)
     per_step = [spec.finetune_epochs // spec.steps] * spec.steps
     per_step[-1] += spec.finetune_epochs - sum(per_step)
     metrics: dict[str, float] = {}
@@ -139,27 +165,18 @@ def run(
             f"pruned step {k + 1}/{spec.steps}: {count_params(model)} params",
         )
         if per_step[k] > 0:
-            cfg = TrainConfig(
-                per_step[k],
-                spec.lr,
-                distill.weight_decay,
-                distill.batch_size,
-                distill.augment,
-                distill.amp,
-                seed + k,
-            )
-            parts = fit(
+            span = ((k + 0.1) / spec.steps, (k + 1) / spec.steps)
+            parts = _finetune(
                 model,
-                data.x_train,
-                data.y_train,
-                cfg=cfg,
-                loss_fn=loss_fn,
-                ctx=ctx,
-                teacher=signal.online,
-                teacher_logits=signal.logits,
-                progress_span=((k + 0.1) / spec.steps, (k + 1) / spec.steps),
-                tag=f"{tag}{k + 1}",
-                val=data.val,
+                data,
+                spec,
+                distill,
+                signal,
+                ctx,
+                seed + k,
+                per_step[k],
+                span,
+                f"{tag}{k + 1}",
             )
             metrics.update({f"finetune_{n}": v for n, v in parts.items()})
     _finalize(model)

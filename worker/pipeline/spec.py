@@ -341,6 +341,7 @@ class WebhookSpec(_Spec):
         max_length=4,
     )
 
+
 # What "best" means when choosing the final model: the smallest file, the fastest at batch 1
 # or 32 (ONNX Runtime, CPU), or the most accurate; always among the models passing the gates.
 Objective = Literal["size", "latency", "latency_b32", "accuracy"]
