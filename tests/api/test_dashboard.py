@@ -29,6 +29,7 @@ def test_the_editors_examples_are_the_repositorys_as_the_service_takes_them():
     assert shipped == {
         "tiny": TINY_SPEC,
         "digits": _example("digits"),
+        "search": _example("search_digits"),
         "defaults": {},
         "tabular": tabular,
         "own-teacher": own,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_search_service import SEARCH
 from tests.service_support import TINY_SPEC, client, wait_for_status
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -100,11 +101,31 @@ SMALL_SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def finished_job(served) -> dict:
+def _run(served, spec: dict, timeout: float) -> dict:
+    """`spec` submitted as the served default tenant and run to success."""
     url, key, _ = served
     with client(url, key) as c:
-        job = c.post("/v1/jobs", json=SMALL_SPEC).json()
-        done = wait_for_status(c, job["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
+        job = c.post("/v1/jobs", json=spec).json()
+        done = wait_for_status(c, job["id"], {"succeeded", "failed", "cancelled"}, timeout)
     assert done["status"] == "succeeded", done["error"]
     return done
+
+
+@pytest.fixture(scope="module")
+def finished_job(served) -> dict:
+    return _run(served, SMALL_SPEC, timeout=240)
+
+
+# The service tests' small search (2 students x 2 prune amounts) with the int8 model of each:
+# 8 candidates, some of them off the front, in 10 to 20 s.
+SEARCH_SPEC = {
+    **SEARCH,
+    "name": "search-small",
+    "search": {**SEARCH["search"], "quantize.method": [None, "int8_dynamic"]},
+}
+
+
+@pytest.fixture(scope="session")
+def finished_search(served) -> dict:
+    """SEARCH_SPEC, finished; shared by every module that looks at one."""
+    return _run(served, SEARCH_SPEC, timeout=300)

@@ -199,7 +199,8 @@ def test_the_results_show_each_model_against_the_teacher_and_each_gate(web, serv
     by_gate = {gates.nth(i).locator("td").first.inner_text(): gates.nth(i) for i in range(2)}
     assert by_gate["final.accuracy_drop<=1"].locator("td").last.inner_text() == "✓ pass"
     size = by_gate["final.size_ratio>=1000"].locator("td")
-    assert size.last.inner_text() == "✗ fail"
+    missed = next(g for g in finished_job["gates"] if not g["passed"])["missed_by"]
+    assert size.last.inner_text() == f"✗ fail (missed by {float(f'{missed:.4g}'):g})"
     assert size.nth(1).inner_text() == f"{metrics['final']['size_ratio']:.4f}"
     assert p.locator("#gates-verdict").inner_text() == "✗ 1 of 2 gates failed"
 
@@ -340,7 +341,9 @@ def test_another_tenant_sees_none_of_the_first_tenants_jobs(web, served, finishe
 
 
 @pytest.mark.parametrize("viewport", ["desktop", "phone"])
-def test_every_page_fits_the_screen_and_labels_every_control(web, served, finished_job, viewport):
+def test_every_page_fits_the_screen_and_labels_every_control(
+    web, served, finished_job, finished_search, viewport
+):
     if viewport == "phone":
         web.page.set_viewport_size(PHONE)
     web.sign_in(served[1])
@@ -352,6 +355,7 @@ def test_every_page_fits_the_screen_and_labels_every_control(web, served, finish
     for name, route, ready in (
         ("jobs", "/#/jobs", "#jobs-body tr"),
         ("job", f"/#/jobs/{finished_job['id']}", "#artifacts tr[data-artifact]"),
+        ("search", f"/#/jobs/{finished_search['id']}", "#search-candidates tr[data-final=true]"),
         ("submit", "/#/submit", "#spec"),
     ):
         p.goto(route)

@@ -1,18 +1,24 @@
-// One job: summary and cancel, error, stage timeline, training curves, results (metrics and
-// gates), artifacts. Live over the job's event stream until it ends.
+// One job: summary and cancel, error, stage timeline, training curves, results (a search's
+// front and candidates, metrics, gates), artifacts. Live over the job's event stream until it
+// ends; a search's branches, whose events are their own, are polled while it runs.
 //
-// The page is a list of sections, and "results" a grid of panels: a later panel (a search
-// job's candidates) is one more entry in RESULT_PANELS, beside the metrics table.
+// The page is a list of sections, and "results" a grid of panels (RESULT_PANELS).
 
-import { ApiError, download, getJSON, postJSON, streamEvents } from "../api.js";
+import { ApiError, getJSON, postJSON, streamEvents } from "../api.js";
 import { stageChart } from "../charts.js";
 import {
   announce, fmtBytes, fmtDuration, fmtInt, fmtNum, fmtTime, h, progressBar, replace, statusBadge, table,
 } from "../dom.js";
+import { artifactsTable } from "./artifacts.js";
+import { searchPanel } from "./search.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const MODELS = ["teacher", "baseline", "student", "pruned", "quantized", "final"];
 const TRAINING_STAGES = ["teacher", "baseline", "distill", "prune"];
+const SEARCH_POLL_MS = 2000;
+
+// A search itself; its branches carry the same spec and a parent_id.
+const isSearch = (job) => Boolean(job.spec?.search) && !job.parent_id;
 
 // --- summary --------------------------------------------------------------------------------
 
@@ -36,7 +42,8 @@ function summary(job, ctx) {
       ["ID", h("code", {}, job.id)],
       ["Queue", job.queue],
       ["Attempts", String(job.attempts)],
-    ].map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value)))),
+      job.parent_id ? ["Branch of search", h("a", { href: `#/jobs/${encodeURIComponent(job.parent_id)}`, id: "parent-search" }, h("code", {}, job.parent_id))] : null,
+    ].filter(Boolean).map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value)))),
   ];
 }
 
@@ -119,45 +126,37 @@ function gatesPanel(job) {
     body = [verdict, table(["Gate", "Value", "Verdict"], gates.map((g) => h("tr", {},
       h("td", {}, h("code", {}, g.gate)),
       h("td", {}, g.value === null ? "not measured" : fmtNum(g.value)),
-      h("td", { class: g.passed ? "pass" : "fail" }, g.passed ? "✓ pass" : "✗ fail"))))];
+      h("td", { class: g.passed ? "pass" : "fail" }, g.passed ? "✓ pass" : "✗ fail",
+        g.missed_by !== null && g.missed_by !== undefined
+          ? h("span", { class: "ci" }, ` (missed by ${Number(g.missed_by.toPrecision(4))})`) : null))))];
   } else {
     const asked = Object.entries(job.spec?.gates || {}).filter(([, v]) => v !== null);
     body = h("p", { class: "muted" }, asked.length
-      ? `${asked.map(([k, v]) => `${k} ${v}`).join(", ")}: checked when the job succeeds.`
+      ? `${asked.map(([k, v]) => `${k} ${v}`).join(", ")}: checked when the ${job.parent_id ? "search" : "job"} succeeds.`
       : "This spec sets no gates.");
   }
   return h("section", { class: "panel", id: "gates", "aria-labelledby": "gates-title" },
     h("h2", { id: "gates-title" }, "Gates"), body);
 }
 
-export const RESULT_PANELS = [metricsPanel, gatesPanel];
+// A search's panel is made once and updated in place (see refresh), so a refresh keeps the
+// table's sort and the focus inside it.
+function searchResult(job, ctx) {
+  if (!isSearch(job)) return null;
+  ctx.search ??= searchPanel();
+  return ctx.search.element;
+}
 
-// --- artifacts ------------------------------------------------------------------------------
+export const RESULT_PANELS = [searchResult, metricsPanel, gatesPanel];
 
-function artifactsTable(artifacts) {
-  if (!artifacts.length) return h("p", { class: "muted" }, "No artifacts.");
-  return table(["Name", "Format", "Size", "SHA-256", ""], artifacts.map((a) => {
-    const status = h("span", { class: "muted", "aria-live": "polite" });
-    const button = h("button", {
-      type: "button", "aria-label": `Download ${a.name}`,
-      onclick: async () => {
-        button.disabled = true;
-        status.textContent = "downloading…";
-        try {
-          const verified = await download(a);
-          status.textContent = verified ? "saved, sha256 verified" : "saved";
-        } catch (e) {
-          status.textContent = e.message;
-        } finally {
-          button.disabled = false;
-        }
-      },
-    }, "Download");
-    return h("tr", { dataset: { artifact: a.name } },
-      h("td", {}, a.name), h("td", {}, a.format), h("td", {}, fmtBytes(a.bytes)),
-      h("td", {}, h("code", { class: "sha" }, a.sha256)),
-      h("td", {}, button, " ", status));
-  }), { className: "artifacts" });
+// Put the panels in `box`, leaving in place those already there (a focused element that is
+// taken out of the page loses the focus).
+function placePanels(box, panels) {
+  const keep = new Set(panels);
+  for (const old of [...box.children]) if (!keep.has(old)) old.remove();
+  panels.forEach((panel, i) => {
+    if (box.children[i] !== panel) box.insertBefore(panel, box.children[i] ?? null);
+  });
 }
 
 // --- the page -------------------------------------------------------------------------------
@@ -170,7 +169,10 @@ function mergeRow(rows, row) {
 export function jobView(root, { id }) {
   const abort = new AbortController();
   const path = `/v1/jobs/${encodeURIComponent(id)}`;
-  const ctx = { job: null, history: [], charts: new Map(), progress: null, stageText: null };
+  const ctx = {
+    job: null, history: [], charts: new Map(), progress: null, stageText: null,
+    search: null, artifacts: new Map(),
+  };
   const parts = {
     summary: h("div", {}), error: h("div", {}),
     timeline: h("section", { "aria-labelledby": "timeline-title" }),
@@ -207,8 +209,17 @@ export function jobView(root, { id }) {
     replace(parts.summary, summary(job, ctx));
     replace(parts.error, errorBox(job));
     replace(parts.timeline, h("h2", { id: "timeline-title" }, "Stages"), timeline(job));
-    replace(parts.results, RESULT_PANELS.map((panel) => panel(job)));
+    placePanels(parts.results, RESULT_PANELS.map((panel) => panel(job, ctx)).filter(Boolean));
+    // A search's front comes before its (many) training curves.
+    if (ctx.search && parts.curves.previousElementSibling !== parts.results) parts.results.after(parts.curves);
     if (was && was !== job.status) announce(`Job ${job.status}`);
+  }
+
+  // A search's candidates, asked for after the job itself: an ended job's list is then final.
+  async function loadCandidates(job) {
+    if (!isSearch(job)) return;
+    const { data } = await getJSON(`${path}/candidates`, { signal: abort.signal });
+    ctx.search.update(job, data, ctx.artifacts);
   }
 
   async function refresh() {
@@ -219,13 +230,42 @@ export function jobView(root, { id }) {
     render(job);
     drawCurves();
     if (TERMINAL.has(job.status)) await loadArtifacts();
+    await loadCandidates(job);
     return job;
   }
 
   async function loadArtifacts() {
     const { data } = await getJSON(`${path}/artifacts`);
+    ctx.artifacts = new Map(data.map((a) => [a.name, a]));
     replace(parts.artifacts, h("h2", { id: "artifacts-title" }, "Artifacts"), artifactsTable(data));
     parts.artifacts.hidden = false;
+  }
+
+  // A running search: its branches' progress and candidates, which its own event stream does
+  // not carry. The summary is redrawn only when the status or stage changed (redrawing it
+  // would take the focus off the Cancel button).
+  let poll = null;
+  function pollSearch() {
+    clearTimeout(poll);
+    if (abort.signal.aborted || !ctx.job || !isSearch(ctx.job) || TERMINAL.has(ctx.job.status)) return;
+    poll = setTimeout(async () => {
+      try {
+        if (!document.hidden) await pollOnce();
+      } catch { /* the next poll tries again */ }
+      pollSearch();
+    }, SEARCH_POLL_MS);
+  }
+
+  async function pollOnce() {
+    const job = await getJSON(path, { signal: abort.signal });
+    if (TERMINAL.has(job.status)) { await refresh(); return; }
+    if (job.status !== ctx.job.status || job.stage !== ctx.job.stage) render(job);
+    else {
+      ctx.job = job;
+      replace(ctx.progress, ...progressBar(job.progress, "Job progress").childNodes);
+      replace(parts.timeline, h("h2", { id: "timeline-title" }, "Stages"), timeline(job));
+    }
+    await loadCandidates(job);
   }
 
   let pending = null;
@@ -263,6 +303,7 @@ export function jobView(root, { id }) {
 
   refresh().then((job) => {
     if (!TERMINAL.has(job.status)) streamEvents(id, onEvent, { signal: abort.signal });
+    pollSearch();
   }).catch((e) => {
     const text = e instanceof ApiError && e.status === 404
       ? `No job ${id} here: it does not exist, or it belongs to another tenant.`
@@ -274,6 +315,8 @@ export function jobView(root, { id }) {
   return () => {
     abort.abort();
     clearTimeout(pending);
+    clearTimeout(poll);
+    ctx.search?.destroy();
     for (const chart of ctx.charts.values()) chart.destroy();
   };
 }
