@@ -150,7 +150,9 @@ def claim_finish(runtime: Runtime, job_id: str) -> Claimed | None:
 
     worker_id = attempt_id()
     with runtime.db.session() as s:
-        job = lifecycle.claim_finish(s, job_id=job_id, worker_id=worker_id)
+        job = lifecycle.claim_finish(
+            s, job_id=job_id, worker_id=worker_id, progress=SHARE["export"][0]
+        )
         return None if job is None else claimed_of(runtime, job, worker_id)
 
 

@@ -378,9 +378,13 @@ def branches_ended(session: Session, *, job_id: str) -> bool:
     return bool(statuses) and all(s in TERMINAL for s in statuses)
 
 
-def claim_finish(session: Session, *, job_id: str, worker_id: str) -> Job | None:
+def claim_finish(
+    session: Session, *, job_id: str, worker_id: str, progress: float
+) -> Job | None:
     """Take a waiting search whose branches have all ended, to choose and export (or, if it
-    was cancelled meanwhile, to end it). One conditional UPDATE: one worker wins."""
+    was cancelled meanwhile, to end it). One conditional UPDATE: one worker wins. `progress` is
+    where the export starts, so the search's progress does not fall back between its branches'
+    end and the export's first event."""
     children = select(Job.id).where(Job.parent_id == job_id)
     running = children.where(Job.status.not_in(TERMINAL))
     now = utcnow()
@@ -393,7 +397,7 @@ def claim_finish(session: Session, *, job_id: str, worker_id: str) -> Job | None
             children.exists(),
             ~running.exists(),
         )
-        .values(worker_id=worker_id, heartbeat_at=now, updated_at=now)
+        .values(worker_id=worker_id, heartbeat_at=now, updated_at=now, progress=progress)
         .execution_options(synchronize_session=False)
     ).rowcount
     return session.scalar(select(Job).where(Job.id == job_id)) if claimed else None

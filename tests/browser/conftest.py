@@ -19,7 +19,10 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="session")
+# Module scope (a launch is about a second): Playwright's sync API keeps an event loop
+# running in the main thread while it is open, and tests after tests/browser (the async
+# client's) call asyncio.run there. A package-scoped fixture lived to the session's end.
+@pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
         pytest.fail("tests/browser need Debian's chromium: apt-get install -y chromium")
