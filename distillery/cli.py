@@ -173,7 +173,11 @@ def _finish(client, job, gates, as_json: bool, *, replayed: bool = False) -> Non
 
     results = verdict(job, gates)
     passed = all(r["passed"] for r in results)
-    table = [c.model_dump(mode="json") for c in client.candidates(job.id)] if job.candidates_total else []
+    table = (
+        [c.model_dump(mode="json") for c in client.candidates(job.id)]
+        if job.candidates_total
+        else []
+    )
     if as_json:
         result = {"job": job.model_dump(mode="json"), "gates": results, "gates_passed": passed}
         if table:

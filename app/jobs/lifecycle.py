@@ -378,9 +378,7 @@ def branches_ended(session: Session, *, job_id: str) -> bool:
     return bool(statuses) and all(s in TERMINAL for s in statuses)
 
 
-def claim_finish(
-    session: Session, *, job_id: str, worker_id: str, progress: float
-) -> Job | None:
+def claim_finish(session: Session, *, job_id: str, worker_id: str, progress: float) -> Job | None:
     """Take a waiting search whose branches have all ended, to choose and export (or, if it
     was cancelled meanwhile, to end it). One conditional UPDATE: one worker wins. `progress` is
     where the export starts, so the search's progress does not fall back between its branches'
