@@ -83,6 +83,26 @@ def test_impossible_gates_exit_1_and_still_hand_over_a_model(served, tmp_path):
     assert sum(c["final"] for c in result["candidates"]) == 1
 
 
+def test_a_search_through_distillery_run_prints_its_front_and_writes_its_artifacts(tmp_path):
+    spec = tmp_path / "search.json"
+    spec.write_text(json.dumps(SEARCH))
+    out_dir = tmp_path / "out"
+    env = {"COLUMNS": "200"}
+    proc = cli("run", str(spec), "--out", str(out_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out, err)
+    # The display goes to stderr (stdout is --json's).
+    assert "4 candidates, objective size: * on the Pareto front, >> the final model" in err
+    rows = [line for line in err.splitlines() if line.startswith("│") and "-d0-p" in line]
+    assert len(rows) == 4 and sum(">>" in r for r in rows) == 1
+    assert "gate final.accuracy_drop<=0.15:" in err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert json.loads((out_dir / "candidates.json").read_text()) == report["candidates"]
+    assert (out_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for cand in report["candidates"]:
+        assert (out_dir / f"candidate-{cand['key']}.onnx").exists() == cand["on_front"]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     # A lost worker is noticed after 15 s without heartbeat: long enough that a busy shared
