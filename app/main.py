@@ -19,8 +19,8 @@ from app.api.routes import health, jobs, uploads, webhooks
 from app.core.body_limit import BodyLimitMiddleware, LimitFor
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.errors import AppError
-from app.core.storage import Storage
+from app.core.errors import AppError, StorageUnavailable
+from app.core.storage import Storage, StorageError, open_storage
 from app.jobs.lifecycle import Enqueue
 from app.jobs.reaper import Reaper
 from worker.pipeline.spec import field_path
@@ -91,6 +91,14 @@ def install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": "5"},
         )
 
+    @app.exception_handler(StorageError)
+    async def store_down(_: Request, exc: StorageError) -> JSONResponse:
+        # Nothing was written: an upload's row rolled back with its file, a download gave
+        # nothing. The message says what failed, never the bucket or a path.
+        log.warning("store error: %s", exc)
+        err = StorageUnavailable(f"{exc}; retry shortly", headers={"Retry-After": "5"})
+        return _error(err.status_code, err.code, err.message, err.headers)
+
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
@@ -140,7 +148,7 @@ def create_app(
     # Job changes the API makes (a cancel) record webhook deliveries; their tasks go out after
     # the commit through this.
     db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)})
-    storage = Storage(settings.storage_dir)
+    storage = open_storage(settings)
     reaper = Reaper(db, settings, send, make_queue_size(celery)) if start_reaper else None
     app = FastAPIOffline(
         title="Distillery",

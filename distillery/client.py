@@ -539,7 +539,12 @@ class Client(_Base):
                 return
             try:
                 with self.http.stream(
-                    "GET", artifact.url, headers=headers, timeout=httpx.Timeout(60, connect=10)
+                    "GET",
+                    artifact.url,
+                    headers=headers,
+                    timeout=httpx.Timeout(60, connect=10),
+                    # A bucket's presigned URL: httpx drops the API key on the way there.
+                    follow_redirects=True,
                 ) as r:
                     _check_download(r)
                     if r.status_code >= 400:
@@ -826,7 +831,12 @@ class AsyncClient(_Base):
                 return
             try:
                 async with self.http.stream(
-                    "GET", artifact.url, headers=headers, timeout=httpx.Timeout(60, connect=10)
+                    "GET",
+                    artifact.url,
+                    headers=headers,
+                    timeout=httpx.Timeout(60, connect=10),
+                    # A bucket's presigned URL: httpx drops the API key on the way there.
+                    follow_redirects=True,
                 ) as r:
                     _check_download(r)
                     if r.status_code >= 400:

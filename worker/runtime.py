@@ -1,5 +1,5 @@
 """What a worker process works with, built from Settings once per process: the database and
-the storage. Tasks get it from their Celery app (`runtime_of`), never from a module global."""
+the store. Tasks get it from their Celery app (`runtime_of`), never from a module global."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from celery import Celery
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.storage import Storage
+from app.core.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from worker.jobfolder import JobFolder
 
 log = logging.getLogger("distillery.worker")
 T = TypeVar("T")
@@ -28,7 +31,14 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, *, db_info: dict | None = None) -> Runtime:
         db = Database(settings.database_url, info=db_info)
-        return cls(settings, db, Storage(settings.storage_dir))
+        return cls(settings, db, open_storage(settings))
+
+    def job_folder(self, job_id: str, *, at: str | None = None) -> JobFolder:
+        """Job `job_id`'s folder on this worker (worker/jobfolder.py)."""
+        from worker.jobfolder import job_folder
+
+        sync = self.settings.CHECKPOINT_SYNC_SECONDS
+        return job_folder(self.storage, self.settings.work_dir, job_id, sync_every=sync, at=at)
 
 
 def runtime_of(app: Celery) -> Runtime:

@@ -29,7 +29,15 @@ from worker.celery_app import JOB_TASK, make_celery, make_enqueue
 from worker.pipeline.spec import JobSpec
 from worker.recorder import Recorder
 from worker.runtime import Runtime, retry_db
-from worker.tasks import Claimed, Outcome, claimed_of, heartbeating, record_outcome, run_work
+from worker.tasks import (
+    Claimed,
+    Outcome,
+    artifact_names,
+    claimed_of,
+    heartbeating,
+    record_outcome,
+    run_work,
+)
 from worker.uploads import resolve_uploads
 
 # Where each phase sits in the search's progress, 0..1.
@@ -46,34 +54,16 @@ def _app(runtime: Runtime, celery: Celery | None) -> Celery:
 
 def start(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | None) -> str:
     """The teacher, then the branches (made once; sent again if a re-run finds them queued)."""
-    from worker.pipeline.search import plan, run_teacher
+    from worker.pipeline.search import plan
 
     with runtime.db.session() as s:
         made, ended = lifecycle.branches_of(s, job_id), lifecycle.branches_ended(s, job_id=job_id)
     if made and ended:  # the finish was lost with its worker: do it now
         return finish(runtime, job_id, claimed)
     if not made:
-
-        def teacher(should_cancel, recorder: Recorder) -> dict[str, Any]:
-            spec = _spec(runtime, claimed)
-            limits = runtime.settings.spec_limits()
-            out = runtime.storage.job_dir(job_id)
-            return run_teacher(
-                spec,
-                out,
-                on_event=recorder,
-                should_cancel=should_cancel,
-                public_spec=claimed.spec,
-                limits=limits,
-            )
-
-        recorder = Recorder(runtime, job_id, claimed.worker_id, None, span=SHARE["teacher"])
-        outcome = heartbeating(runtime, job_id, claimed, teacher, recorder)
-        if outcome is None:
-            return "lost"
-        if outcome.status != JobStatus.SUCCEEDED:
-            record_outcome(runtime, job_id, claimed.worker_id, outcome)
-            return outcome.status.value
+        ended = _run_teacher(runtime, job_id, claimed)
+        if ended is not None:
+            return ended
     count = len(plan(JobSpec.model_validate(claimed.spec)).students)
     to_send = retry_db(
         lambda: _wait(runtime, job_id, claimed.worker_id, count), what=f"branching {job_id}"
@@ -82,6 +72,39 @@ def start(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | None
         return "lost"
     send_branches(runtime, _app(runtime, celery), to_send)
     return "waiting"
+
+
+def _run_teacher(runtime: Runtime, job_id: str, claimed: Claimed) -> str | None:
+    """The search's teacher, shared with its branches under `.work/shared` in its folder.
+    None when it is there; else how the search ended."""
+    from worker.pipeline.search import run_teacher
+
+    folder = runtime.job_folder(job_id)
+
+    def work(should_cancel, recorder: Recorder) -> dict[str, Any]:
+        folder.pull(".work", skip=(".work/branches/",))
+        report = run_teacher(
+            _spec(runtime, claimed),
+            folder.path,
+            on_event=folder.watching(recorder),
+            should_cancel=should_cancel,
+            public_spec=claimed.spec,
+            limits=runtime.settings.spec_limits(),
+        )
+        folder.push()
+        return report
+
+    recorder = Recorder(runtime, job_id, claimed.worker_id, None, span=SHARE["teacher"])
+    try:
+        outcome = heartbeating(runtime, job_id, claimed, work, recorder)
+        if outcome is None:
+            return "lost"
+        if outcome.status != JobStatus.SUCCEEDED:
+            record_outcome(runtime, job_id, claimed.worker_id, outcome, folder)
+            return outcome.status.value
+        return None
+    finally:
+        folder.discard()
 
 
 def _wait(runtime: Runtime, job_id: str, worker_id: str, count: int):
@@ -108,18 +131,23 @@ def branch(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | Non
 
     parent, index = claimed.parent_id, claimed.branch
     assert parent is not None and index is not None
+    # The branch's own copy of the search's folder: the teacher, and its own part.
+    folder, mine = runtime.job_folder(parent, at=job_id), f".work/branches/{index}"
 
     def work(should_cancel, recorder: Recorder) -> dict[str, Any]:
         started = time.perf_counter()
         recorder({"type": "stage", "stage": "branch", "status": StageStatus.RUNNING})
+        folder.pull(".work/shared")
+        folder.pull(mine)
         records = run_branch(
             _spec(runtime, claimed),
-            runtime.storage.job_dir(parent),
+            folder.path,
             index,
-            on_event=recorder,
+            on_event=folder.watching(recorder, under=mine),
             should_cancel=should_cancel,
             limits=runtime.settings.spec_limits(),
         )
+        folder.push(mine)
         seconds = time.perf_counter() - started
         stage = {"name": "branch", "seconds": seconds, "metrics": {"candidates": len(records)}}
         return {"metrics": {"candidates": len(records)}, "gates": [], "stages": [stage]}
@@ -128,7 +156,8 @@ def branch(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | Non
     outcome = heartbeating(runtime, job_id, claimed, work, recorder)
     if outcome is None:
         return "lost"
-    retry_db(lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome), what=job_id)
+    retry_db(lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome, None), what=job_id)
+    folder.discard()
     with runtime.db.session() as s:
         ended = lifecycle.branches_ended(s, job_id=parent)
     if ended:
@@ -163,19 +192,26 @@ def finish(runtime: Runtime, job_id: str, claimed: Claimed) -> str:
 
     if claimed.status == JobStatus.CANCELLING:
         cancelled = Outcome(JobStatus.CANCELLED, ("cancelled", "cancelled during the search"))
-        retry_db(lambda: record_outcome(runtime, job_id, claimed.worker_id, cancelled), what=job_id)
+        retry_db(
+            lambda: record_outcome(runtime, job_id, claimed.worker_id, cancelled, None),
+            what=job_id,
+        )
         return JobStatus.CANCELLED.value
+
+    folder = runtime.job_folder(job_id)
 
     def work(should_cancel, recorder: Recorder) -> dict[str, Any]:
         recorder({"type": "stage", "stage": "search", "status": StageStatus.SUCCEEDED})
         recorder({"type": "stage", "stage": "export", "status": StageStatus.RUNNING})
         started = time.perf_counter()
+        folder.pull()  # the teacher's record and every branch's candidates
         report = finalize(
             _spec(runtime, claimed),
-            runtime.storage.job_dir(job_id),
+            folder.path,
             on_event=recorder,
             public_spec=claimed.spec,
         )
+        folder.publish(artifact_names(report))
         seconds = time.perf_counter() - started
         report["stages"] = [
             *report["stages"],
@@ -185,4 +221,4 @@ def finish(runtime: Runtime, job_id: str, claimed: Claimed) -> str:
         return report
 
     recorder = Recorder(runtime, job_id, claimed.worker_id, None, span=SHARE["export"])
-    return run_work(runtime, job_id, claimed, work, recorder)
+    return run_work(runtime, job_id, claimed, work, folder, recorder)

@@ -13,11 +13,13 @@ from typing import Any
 from celery import Celery, current_app, shared_task
 from celery.signals import worker_ready, worker_shutting_down
 
+from app.core.storage import StorageError
 from app.jobs import lifecycle
 from app.jobs.reaper import Reaper
 from app.jobs.states import JobStatus
 from app.models import utcnow
 from worker.celery_app import JOB_TASK, make_enqueue, make_queue_size
+from worker.jobfolder import JobFolder
 from worker.pipeline.errors import Cancelled, PipelineError
 from worker.pipeline.files import sha256_file
 from worker.pipeline.history import log_path, read_rows
@@ -75,37 +77,51 @@ def execute_job(runtime: Runtime, job_id: str, *, celery: Celery | None = None) 
         return searches.branch(runtime, job_id, claimed, celery)
     if claimed.spec.get("search") is not None:
         return searches.start(runtime, job_id, claimed, celery)
-    return run_work(runtime, job_id, claimed, _pipeline(runtime, job_id, claimed))
+    folder = runtime.job_folder(job_id)
+    return run_work(runtime, job_id, claimed, _pipeline(runtime, claimed, folder), folder)
 
 
-def _pipeline(runtime: Runtime, job_id: str, claimed: Claimed) -> Work:
+def _pipeline(runtime: Runtime, claimed: Claimed, folder: JobFolder) -> Work:
     from worker.pipeline.runner import run_pipeline
 
     def work(should_cancel: Callable[[], bool], recorder: Recorder) -> dict[str, Any]:
+        folder.pull(".work")  # what an earlier attempt, maybe on another host, checkpointed
         spec = resolve_uploads(runtime, JobSpec.model_validate(claimed.spec), claimed.tenant_id)
-        return run_pipeline(
+        report = run_pipeline(
             spec,
-            runtime.storage.job_dir(job_id),
-            on_event=recorder,
+            folder.path,
+            on_event=folder.watching(recorder),
             should_cancel=should_cancel,
             public_spec=claimed.spec,
             limits=runtime.settings.spec_limits(),
         )
+        folder.publish(artifact_names(report))
+        return report
 
     return work
 
 
+def artifact_names(report: dict[str, Any]) -> list[str]:
+    return [*(a["name"] for a in report["artifacts"]), "report.json"]
+
+
 def run_work(
-    runtime: Runtime, job_id: str, claimed: Claimed, work: Work, recorder: Recorder | None = None
+    runtime: Runtime,
+    job_id: str,
+    claimed: Claimed,
+    work: Work,
+    folder: JobFolder,
+    recorder: Recorder | None = None,
 ) -> str:
     """Run `work` under the job's heartbeat and record how it ended."""
     outcome = heartbeating(runtime, job_id, claimed, work, recorder)
     if outcome is None:
         return "lost"
     done = retry_db(
-        lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome),
+        lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome, folder),
         what=f"recording the end of {job_id}",
     )
+    folder.discard()
     return outcome.status.value if done else "lost"
 
 
@@ -174,15 +190,22 @@ def _guarded(
         return Outcome(JobStatus.CANCELLED, ("cancelled", e.message))
     except PipelineError as e:
         return Outcome(JobStatus.FAILED, (e.code, e.message))
+    except StorageError as e:  # boto3 retried already; the job's files are not safe to use
+        log.warning("job %s: %s", job_id, e)
+        return Outcome(JobStatus.FAILED, ("storage_error", str(e)))
     except Exception as e:  # a bug: the job fails with a message, the trace goes to the log
         log.exception("job %s crashed", job_id)
         return Outcome(JobStatus.FAILED, ("internal_error", f"{type(e).__name__}: {e}"))
 
 
-def record_outcome(runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome) -> bool:
+def record_outcome(
+    runtime: Runtime, job_id: str, worker_id: str, outcome: Outcome, folder: JobFolder | None
+) -> bool:
+    """`folder`: the job's, with its report and training log (None: a branch, whose rows
+    went to its search, or a search that ends with no work of its own left)."""
     artifacts = None
-    if outcome.report is not None and "artifacts" in outcome.report:
-        out = runtime.storage.job_dir(job_id)
+    if folder is not None and outcome.report is not None and "artifacts" in outcome.report:
+        out = folder.path
         # The report lists (and hashed) every artifact once; only report.json is new here.
         report_json = {
             "name": "report.json",
@@ -191,12 +214,12 @@ def record_outcome(runtime: Runtime, job_id: str, worker_id: str, outcome: Outco
             "sha256": sha256_file(out / "report.json"),
         }
         artifacts = [
-            {**a, "path": runtime.storage.relative(out / a["name"])}
+            {**a, "path": f"{folder.key}/{a['name']}"}
             for a in [*outcome.report["artifacts"], report_json]
         ]
     # The pipeline's own log of every epoch: rows the recorder could not write (a database
     # outage) are not lost.
-    history = read_rows(log_path(runtime.storage.job_dir(job_id)))
+    history = read_rows(log_path(folder.path)) if folder is not None else []
     with runtime.db.session() as s:
         return lifecycle.finish(
             s,

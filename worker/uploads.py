@@ -7,6 +7,7 @@ from typing import Any
 from app.core.errors import NotFound
 from app.models import Dataset, UploadedModel
 from app.services import uploads as uploads_service
+from worker.jobfolder import local_input
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.spec import (
     DatasetCommon,
@@ -31,15 +32,17 @@ def resolve_uploads(runtime: Runtime, spec: JobSpec, tenant_id: str) -> JobSpec:
                 row = uploads_service.get_dataset(
                     s, tenant_id=tenant_id, dataset_id=spec.dataset.id
                 )
-                updates["dataset"] = _dataset(
-                    spec.dataset, row, str(runtime.storage.resolve(row.path))
-                )
+                updates["dataset"] = _dataset(spec.dataset, row, _local(runtime, row))
             if isinstance(spec.teacher, UploadedTeacher):
                 row = uploads_service.get_model(s, tenant_id=tenant_id, model_id=spec.teacher.id)
-                updates["teacher"] = _teacher(row, str(runtime.storage.resolve(row.path)))
+                updates["teacher"] = _teacher(row, _local(runtime, row))
         except NotFound as e:  # deleted since the job was submitted
             raise PipelineError(f"{e.message}: it no longer exists") from None
     return spec.model_copy(update=updates) if updates else spec
+
+
+def _local(runtime: Runtime, row: Dataset | UploadedModel) -> str:
+    return str(local_input(runtime.storage, runtime.settings.work_dir, row.path, row.sha256))
 
 
 def _dataset(ds: UploadedDataset, row: Dataset, path: str) -> NpzDataset | ImageFolderDataset:

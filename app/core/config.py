@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +23,30 @@ class Settings(BaseSettings):
     DISTILLERY_HOME: Path = Path(".distillery")
     DATABASE_URL: str | None = None  # default: sqlite file in DISTILLERY_HOME
     BROKER_URL: str | None = None  # default: kombu SQLAlchemy transport on a sqlite file
+    # Where uploads, checkpoints and artifacts live (app/core/storage.py): `s3://bucket/prefix`
+    # (any S3-compatible store), or a folder shared by API and workers (default STORAGE_DIR).
+    STORAGE_URL: str | None = None
     STORAGE_DIR: Path | None = None  # default: DISTILLERY_HOME/storage; shared by API and workers
+    # S3: each unset one comes from the standard AWS environment (AWS_ENDPOINT_URL, ...).
+    S3_ENDPOINT_URL: str | None = None
+    S3_REGION: str | None = None
+    S3_ACCESS_KEY_ID: str | None = None
+    S3_SECRET_ACCESS_KEY: str | None = None
+    S3_CONNECT_TIMEOUT_SECONDS: float = 5.0
+    S3_MULTIPART_BYTES: int = Field(64 * 1024**2, ge=5 * 1024**2)  # S3's smallest part: 5 MiB
+    # Artifact downloads from a bucket: a redirect to a presigned URL valid this long (the
+    # bytes never pass through the API), or `stream` them through the API.
+    DOWNLOAD_MODE: Literal["redirect", "stream"] = "redirect"
+    PRESIGN_EXPIRY_SECONDS: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    # A worker's own folder with a bucket: the jobs it runs and the uploads it read (by sha256).
+    WORK_DIR: Path | None = None  # default: DISTILLERY_HOME/work
+    # While a job runs on a bucket, its checkpoints go up at each stage's end and at most this
+    # often in between: a job resumed on another worker loses at most this much of a stage.
+    CHECKPOINT_SYNC_SECONDS: float = 60.0
+    # Retention (off while unset): the reaper deletes the files of jobs that ended this many
+    # days ago, and uploads no job used for this long (`distillery gc --dry-run` lists them).
+    ARTIFACT_TTL_DAYS: float | None = Field(None, gt=0)
+    UPLOAD_TTL_DAYS: float | None = Field(None, gt=0)
     DATA_ROOT: Path | None = None  # torchvision datasets live (or are downloaded) here
     ALLOW_DATASET_DOWNLOAD: bool = False  # may jobs ask torchvision to download?
 
@@ -92,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return (self.STORAGE_DIR or self.home / "storage").resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        return (self.WORK_DIR or self.home / "work").resolve()
 
     @property
     def data_root(self) -> Path:

@@ -96,6 +96,12 @@ class PayloadTooLarge(AppError):
     status_code, code = 413, "payload_too_large"
 
 
+class StorageUnavailable(AppError):
+    """The store (an S3 bucket) did not answer or refused; nothing was written."""
+
+    status_code, code = 503, "storage_unavailable"
+
+
 class SpecInvalid(AppError):
     status_code, code = 422, "invalid_spec"
 

@@ -21,7 +21,7 @@ from app.core.errors import (
     JobStateConflict,
     SpecInvalid,
 )
-from app.core.storage import Storage
+from app.core.storage import Storage, job_key, remove_after_commit
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
 from app.jobs.states import ACTIVE, TERMINAL, StageStatus
@@ -418,13 +418,7 @@ def delete_job(session: Session, *, tenant_id: str, job_id: str, storage: Storag
     branches = list(session.scalars(select(Job.id).where(Job.parent_id == job_id)))
     session.execute(delete(Job).where(Job.parent_id == job_id))
     session.execute(delete(Job).where(Job.id == job_id))
-    folders = [storage.relative(storage.job_dir(j)) for j in (job_id, *branches)]
-
-    def remove_files() -> None:
-        for folder in folders:
-            storage.remove(folder)
-
-    after_commit(session, remove_files)
+    remove_after_commit(session, storage, [job_key(j) for j in (job_id, *branches)])
 
 
 def events_after(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import shutil
 import tempfile
 import zipfile
 import zlib
@@ -22,9 +21,8 @@ from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import after_commit
 from app.core.errors import DatasetNotFound, ModelNotFound, NotFound, UploadInUse, UploadInvalid
-from app.core.storage import Storage, safe_filename
+from app.core.storage import Storage, remove_after_commit, safe_filename, upload_key
 from app.jobs.states import TERMINAL
 from app.models import Dataset, Job, UploadedModel
 from worker.pipeline.errors import PipelineError, SpecError
@@ -307,13 +305,12 @@ def _check_torchscript(tmp_path: Path, filename: str) -> None:
 
 
 def _store(session: Session, row, *, tmp_path: Path, filename: str, storage: Storage, kind: str):
-    """Give the row its id, then move the upload under it in storage."""
+    """Give the row its id, then move the upload under it into the store (a StorageError
+    rolls the row back: no upload is listed whose file the store lacks)."""
     session.add(row)
     session.flush()
-    dest = storage.upload_dir(row.tenant_id, kind, row.id) / safe_filename(filename)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(tmp_path, dest)
-    row.path = storage.relative(dest)
+    row.path = upload_key(row.tenant_id, kind, row.id, safe_filename(filename))
+    storage.put_file(row.path, tmp_path, move=True)
     return row
 
 
@@ -459,5 +456,4 @@ def delete_upload(
             "cancel them or wait for them to end"
         )
     session.execute(delete(model).where(model.id == upload_id))
-    folder = storage.relative(storage.upload_dir(tenant_id, kind, upload_id))
-    after_commit(session, lambda: storage.remove(folder))
+    remove_after_commit(session, storage, [upload_key(tenant_id, kind, upload_id)])

@@ -3,7 +3,7 @@ and read over HTTP, run by `execute` in this process (the task body a worker cal
 
 from __future__ import annotations
 
-from app.core.storage import Storage
+from app.core.storage import LocalStorage
 from tests.service_support import TINY_SPEC, assert_no_server_path, sse_events
 from worker.runtime import Runtime
 
@@ -11,12 +11,12 @@ from worker.runtime import Runtime
 def test_a_crashed_job_says_what_failed_without_naming_server_paths(api):
     from worker.tasks import execute_job
 
-    runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
+    runtime = Runtime(api.settings, api.db, LocalStorage(api.settings.storage_dir))
     with api.client("crasher") as c:
         job = c.post("/v1/jobs", json=TINY_SPEC).json()
         # A file where the job's folder goes: the pipeline's first write fails with an OSError
         # that names the folder in storage (as a full disk or a lost mount would).
-        job_dir = Storage(api.settings.storage_dir).job_dir(job["id"])
+        job_dir = runtime.storage.local_path(f"jobs/{job['id']}")
         job_dir.parent.mkdir(parents=True, exist_ok=True)
         job_dir.write_bytes(b"")
         assert execute_job(runtime, job["id"]) == "failed"
@@ -39,7 +39,7 @@ HEADER = "stage,run,epoch,step,lr,loss,task_loss,kd_loss,feature_loss,val_accura
 def test_every_epoch_is_stored_and_served_as_json_csv_and_artifact(api):
     from worker.tasks import execute_job
 
-    runtime = Runtime(api.settings, api.db, Storage(api.settings.storage_dir))
+    runtime = Runtime(api.settings, api.db, LocalStorage(api.settings.storage_dir))
     with api.client("curves") as c:
         job = c.post("/v1/jobs", json=TINY_SPEC).json()
         assert c.get(f"/v1/jobs/{job['id']}/history").json() == {"data": []}

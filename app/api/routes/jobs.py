@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api import downloads
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_enqueue
 from app.core.errors import (
     ArtifactNotFound,
@@ -16,6 +17,7 @@ from app.core.errors import (
     JobStateConflict,
     PayloadTooLarge,
     SpecInvalid,
+    StorageUnavailable,
     Unauthorized,
     error_responses,
 )
@@ -273,8 +275,9 @@ def list_artifacts(
             "description": "the file; ETag is its sha256",
         },
         206: {"description": "the requested byte range"},
+        307: {"description": "a bucket store: the object's presigned URL (Location)"},
         304: {"description": "If-None-Match matched the ETag"},
-        **error_responses(*AUTH, JobNotFound, ArtifactNotFound),
+        **error_responses(*AUTH, JobNotFound, ArtifactNotFound, StorageUnavailable),
     },
 )
 def download_artifact(
@@ -283,15 +286,36 @@ def download_artifact(
     session: SessionDep,
     tenant: TenantDep,
     storage: StorageDep,
+    settings: SettingsDep,
+    redirect: Annotated[
+        bool,
+        Query(description="false: the bytes through the API, never a redirect to the store"),
+    ] = True,
     if_none_match: Annotated[str | None, Header()] = None,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Streams the file with `ETag: "<sha256>"`; honours `Range` and `If-Range`."""
+    """The file, with `ETag: "<sha256>"`; honours `Range` and `If-Range`. With a bucket as
+    the store (`STORAGE_URL=s3://…`) it answers 307 to a presigned URL of the object
+    (`DOWNLOAD_MODE=redirect`, the default; ETag as here) unless `redirect=false`."""
     artifact = jobs_service.get_artifact(session, tenant_id=tenant.id, job_id=job_id, name=name)
     etag = f'"{artifact.sha256}"'
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    path = storage.resolve(artifact.path)
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    path = storage.local_path(artifact.path)
+    if path is None:
+        if storage.size(artifact.path) is None:
+            raise ArtifactNotFound(f"artifact {name!r} of job {job_id} is missing from storage")
+        return downloads.from_store(
+            storage,
+            settings,
+            artifact,
+            redirect=redirect,
+            range_header=range_header,
+            if_range=if_range,
+            media_type=media,
+        )
     if not path.is_file():
         raise ArtifactNotFound(f"artifact {name!r} of job {job_id} is missing from storage")
-    media = "application/json" if name.endswith(".json") else "application/octet-stream"
     return FileResponse(path, media_type=media, filename=name, headers={"ETag": etag})

@@ -11,6 +11,7 @@ from app.core.errors import (
     DatasetNotFound,
     ModelNotFound,
     PayloadTooLarge,
+    StorageUnavailable,
     Unauthorized,
     UploadInUse,
     UploadInvalid,
@@ -66,7 +67,7 @@ _FILE_BODY = {
     status_code=201,
     response_model=DatasetPublic,
     openapi_extra=_FILE_BODY,
-    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid),
+    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid, StorageUnavailable),
 )
 async def upload_dataset(
     request: Request,
@@ -160,7 +161,7 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
     status_code=201,
     response_model=ModelPublic,
     openapi_extra=_FILE_BODY,
-    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid),
+    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid, StorageUnavailable),
 )
 async def upload_model(
     request: Request,

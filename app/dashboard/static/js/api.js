@@ -136,8 +136,10 @@ async function sha256Hex(blob) {
 
 // Fetch an artifact with the key, check its sha256 where the browser can, and save it.
 export async function download(artifact) {
-  // The path only: the API names its own host, which a proxy in front may rename.
-  const response = await request(new URL(artifact.url, location.href).pathname, { headers: { Accept: "*/*" } });
+  // The path only: the API names its own host, which a proxy in front may rename. Through the
+  // API, not a redirect to the store: a bucket would need a CORS rule for the page to read it.
+  const path = new URL(artifact.url, location.href).pathname;
+  const response = await request(`${path}?redirect=false`, { headers: { Accept: "*/*" } });
   const blob = await response.blob();
   const digest = await sha256Hex(blob);
   if (digest !== null && digest !== artifact.sha256) {
