@@ -74,9 +74,9 @@ def client(url: str, key: str | None) -> httpx.Client:
     return httpx.Client(base_url=url, headers=headers, timeout=60)
 
 
-def cli(*args: str, env: dict[str, str], **kw) -> subprocess.Popen:
+def cli(*args: str, env: dict[str, str], cwd: Path = REPO, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args], cwd=REPO, env={**os.environ, **env}, **kw
+        [sys.executable, "-m", "app.cli", *args], cwd=cwd, env={**os.environ, **env}, **kw
     )
 
 
@@ -166,18 +166,32 @@ class Stack:
         self.broker_url = broker_url
         self.procs: list[subprocess.Popen] = []
 
-    def start_api(self, workers: int = 1) -> None:
+    def _on(self, host: Path | None) -> dict:
+        """Where a process runs: by default the checkout, sharing DISTILLERY_HOME; on `host`,
+        a folder of its own as working directory and home (another machine's disk)."""
+        if host is None:
+            return {"env": self.env}
+        host.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "DISTILLERY_HOME": str(host / "home"), "PYTHONPATH": str(REPO)}
+        return {"env": env, "cwd": host}
+
+    def start_api(self, workers: int = 1, host: Path | None = None) -> None:
         log = open(self.logs / "api.log", "ab")
         args = ("api", "--port", str(self.port), "--workers", str(workers))
-        self.procs.append(cli(*args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(cli(*args, stdout=log, stderr=subprocess.STDOUT, **self._on(host)))
 
         wait_until(lambda: api_up(self.url), 60, what="the API to answer")
 
-    def start_worker(self, queue: str | None = None) -> subprocess.Popen:
+    def start_worker(self, queue: str | None = None, host: Path | None = None) -> subprocess.Popen:
         name = f"worker-{len(self.procs)}.log"
         log = open(self.logs / name, "ab")
         proc = cli(
-            "worker", "-Q", queue or self.queue, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            "worker",
+            "-Q",
+            queue or self.queue,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **self._on(host),
         )
         self.procs.append(proc)
         wait_until(
@@ -232,7 +246,9 @@ class Stack:
 
 
 @contextmanager
-def running_stack(tmp_path, db_url: str | None = None, api_workers: int = 1, **kw):
+def running_stack(
+    tmp_path, db_url: str | None = None, api_workers: int = 1, api_host: Path | None = None, **kw
+):
     """A Stack with its API started on a fresh PostgreSQL database; stopped and cleaned after."""
     import redis
 
@@ -240,7 +256,7 @@ def running_stack(tmp_path, db_url: str | None = None, api_workers: int = 1, **k
         url = db_url or stack.enter_context(postgres_database())
         s = Stack(tmp_path, url, **kw)
         try:
-            s.start_api(api_workers)
+            s.start_api(api_workers, api_host)
             yield s
         finally:
             s.stop()
