@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -311,6 +312,16 @@ def _embedded_key(s) -> str:
     return key
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # the shell's status for a process ended by this signal
+
+
+def _hangup_as_sigterm(signum: int, frame: Any) -> None:
+    # A closed terminal stops serve as SIGTERM does: exiting from within uvicorn's event loop
+    # would cut short its shutdown (the app's lifespan end).
+    signal.raise_signal(signal.SIGTERM)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -346,12 +357,19 @@ def serve(host: str, port: int, queues: str | None) -> None:
             worker_cmd + ["-Q", s.WEBHOOK_QUEUE], env, s, make_enqueue(celery), serve_log
         ),
     ]
-    for supervisor in supervisors:
-        supervisor.start()
-    click.echo(f"Distillery on http://{host}:{port}  (home: {s.home})", err=True)
-    click.echo(f"API key: {key}", err=True)
-    click.echo(f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True)
+    # Unhandled, SIGTERM (systemd, docker stop) would end serve at once, skipping the
+    # `finally` that stops the workers. uvicorn handles SIGTERM while it runs, then restores
+    # this handler and raises the signal again once it has shut down: serve exits 143 here.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _hangup_as_sigterm)
     try:
+        for supervisor in supervisors:
+            supervisor.start()
+        click.echo(f"Distillery on http://{host}:{port}  (home: {s.home})", err=True)
+        click.echo(f"API key: {key}", err=True)
+        click.echo(
+            f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True
+        )
         run_uvicorn(host, port)
     finally:
         for supervisor in supervisors:

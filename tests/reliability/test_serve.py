@@ -58,6 +58,19 @@ def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, read from /proc as ps does."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 def test_a_killed_embedded_worker_is_restarted_and_its_job_resumes(tmp_path):
     home, port = tmp_path / "home", free_port()
     url = f"http://127.0.0.1:{port}"
@@ -128,6 +141,34 @@ def test_a_killed_embedded_worker_is_restarted_and_its_job_resumes(tmp_path):
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
         stop_group(serve)
-    # Stopping serve stopped the worker it started (a killed process may take a moment to go
-    # under load: seen once in the full suite).
-    wait_until(lambda: not _alive(second), 15, what="the worker to stop with serve")
+    # Stopping serve stopped and reaped the worker it started (before the SIGTERM handler,
+    # serve died at once and left it to PR_SET_PDEATHSIG: it lingered once in the full suite).
+    assert not _alive(second)
+
+
+def test_sigterm_stops_serves_workers_before_serve_exits(tmp_path):
+    """What systemd and `docker stop` send: serve stops and reaps both its workers first,
+    instead of dying at once and leaving them to PR_SET_PDEATHSIG, or running on."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DISTILLERY_HOME": str(tmp_path / "home"),
+        "DATABASE_URL": "",
+        "BROKER_URL": "",
+        "STORAGE_DIR": "",
+        "DISTILLERY_API_KEY": KEY,
+        "OMP_NUM_THREADS": "1",
+    }
+    serve = spawn_cli(["serve", "--port", str(port)], env, open(tmp_path / "serve.log", "wb"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _readyz(url) == 200, 120, what="serve and its worker")
+        workers = _children(serve.pid)
+        assert len(workers) == 2, workers  # the job worker and the webhooks worker
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(timeout=90)
+        # At the instant serve is gone, not moments later.
+        assert [pid for pid in workers if _alive(pid)] == []
+        assert code == 128 + signal.SIGTERM  # it exited, as a shell reports a SIGTERM
+    finally:
+        stop_group(serve)
