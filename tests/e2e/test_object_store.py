@@ -9,6 +9,7 @@ Store faults go through `StoreProxy`, a plug between the service and the store."
 from __future__ import annotations
 
 import hashlib
+import random
 import signal
 import socket
 import subprocess
@@ -100,8 +101,9 @@ class StoreProxy:
     """TCP between the service and the store. `unplug()`: every open connection is cut and
     new ones are closed at once, as a store that went away; `plug()` undoes it."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
         self.target = ("127.0.0.1", target_port)
+        self.cut_after = cut_after  # bytes a connection may send to the store before it is cut
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.up = True
@@ -116,14 +118,16 @@ class StoreProxy:
                 continue
             upstream = socket.create_connection(self.target)
             self.open += [conn, upstream]
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, cap in ((conn, upstream, self.cut_after), (upstream, conn, None)):
+                threading.Thread(target=self._pump, args=(a, b, cap), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, cap: int | None) -> None:
+        sent = 0
         with suppress(OSError):
-            while data := src.recv(65536):
+            while (data := src.recv(65536)) and (cap is None or sent + len(data) <= cap):
                 dst.sendall(data)
+                sent += len(data)
         for s in (src, dst):
             with suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -137,6 +141,43 @@ class StoreProxy:
 
     def plug(self) -> None:
         self.up = True
+
+
+def _storage(endpoint: str, tmp_path: Path):
+    from app.core.config import Settings
+    from app.core.storage import S3Storage
+
+    settings = Settings(
+        DISTILLERY_HOME=tmp_path / "home",
+        S3_ENDPOINT_URL=endpoint,
+        S3_ACCESS_KEY_ID="testing",
+        S3_SECRET_ACCESS_KEY="testing",
+        S3_MULTIPART_BYTES=5 * 1024**2,
+        S3_CONNECT_TIMEOUT_SECONDS=1,
+    )
+    return S3Storage(f"s3://{BUCKET}/parts-{uuid.uuid4().hex[:8]}", settings)
+
+
+def test_a_large_file_goes_up_in_parts_and_a_cut_upload_leaves_no_object(s3, tmp_path):
+    from app.core.storage import StorageError
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(random.randbytes(12 * 1024**2))
+    whole = _storage(s3.url, tmp_path)
+    whole.put_file("jobs/j/big.bin", big)
+    head = s3.client.head_object(Bucket=BUCKET, Key=f"{whole.prefix}/jobs/j/big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts of 5, 5 and 2 MiB
+    fetched = tmp_path / "fetched.bin"
+    whole.get_file("jobs/j/big.bin", fetched)
+    assert fetched.read_bytes() == big.read_bytes()
+    # Every connection cut after 1 MiB: each 5 MiB part fails (after boto3's retries).
+    proxy = StoreProxy(int(s3.url.rsplit(":", 1)[1]), cut_after=1024**2)
+    cut = _storage(proxy.url, tmp_path)
+    with pytest.raises(StorageError, match="unreachable|refused"):
+        cut.put_file("jobs/j/cut.bin", big)
+    assert cut.size("jobs/j/cut.bin") is None and whole.size("jobs/j/big.bin") == 12 * 1024**2
+    uploads = s3.client.list_multipart_uploads(Bucket=BUCKET, Prefix=cut.prefix)
+    assert uploads.get("Uploads", []) == []  # aborted: no parts left behind either
 
 
 def _upload(c: httpx.Client, route: str, path: Path, **fields) -> httpx.Response:
@@ -273,3 +314,54 @@ def test_a_store_that_goes_away_fails_uploads_with_503_and_jobs_with_storage_err
     assert done["status"] == "failed"
     assert done["error"]["code"] == "storage_error", done["error"]
     assert artifacts == []
+
+
+def test_a_search_fans_out_over_hosts_and_a_lost_branch_resumes_from_the_store(s3, tmp_path):
+    """The teacher on one host, the branches on hosts of their own: a branch reads the teacher
+    from the bucket, pushes its candidates; its worker killed, it resumes on a fresh host;
+    the finish gathers every branch's candidates from the bucket and publishes the front."""
+    from tests.e2e.test_search_service import SEARCH
+
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    env = {**s3.env(prefix), "CHECKPOINT_SYNC_SECONDS": "0.5", "HEARTBEAT_TIMEOUT_SECONDS": "15"}
+    spec = {**SEARCH, "distill": {**SEARCH["distill"], "epochs": 60}}
+    with running_stack(tmp_path, api_host=tmp_path / "api-host", **env) as stack:
+        stack.start_worker(host=tmp_path / "host-1")
+        stack.start_worker(host=tmp_path / "host-2")
+        with stack.client() as c:
+            job_id = c.post("/v1/jobs", json=spec).json()["id"]
+            branches = wait_until(
+                lambda: (
+                    {b["branch"]: b["id"] for b in c.get(f"/v1/jobs/{job_id}").json()["branches"]}
+                    or None
+                ),
+                180,
+                what="branches",
+            )
+            wait_until(
+                lambda: any(
+                    k.startswith(".work/branches/1/") for k in _stored_of(s3, prefix, job_id)
+                ),
+                180,
+                what="branch 1's first files in the bucket",
+            )
+            stack.kill_worker(stack.worker_of(branches[1]))
+            stack.start_worker(host=tmp_path / "host-3")
+            done = wait_for_status(c, job_id, {"succeeded", "failed", "cancelled"}, timeout=600)
+            assert done["status"] == "succeeded", done["error"]
+            candidates = c.get(f"/v1/jobs/{job_id}/candidates").json()["data"]
+            listed = c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    assert {b["branch"]: b["attempts"] for b in done["branches"]} == {0: 1, 1: 2}
+    assert len(candidates) == 4
+    stored = s3.objects(f"{prefix}/jobs/{job_id}")
+    assert {"candidates.json", "pareto.png", "report.json"} <= {a["name"] for a in listed}
+    for a in listed:
+        assert _sha(stored[a["name"]]) == a["sha256"], a["name"]
+    # Each front model is a download of its own.
+    front = [x for x in candidates if x["on_front"]]
+    names = {a["name"] for a in listed}
+    assert front and all(set(x["artifacts"]) <= names for x in front)
+
+
+def _stored_of(s3: S3, prefix: str, job_id: str) -> set[str]:
+    return {k.removeprefix(f"jobs/{job_id}/") for k in _keys(s3, prefix)}
