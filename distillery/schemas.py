@@ -79,6 +79,11 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    artifacts_expired_at: datetime | None = Field(
+        None,
+        description="retention deleted the job's files then (410 `artifacts_expired` on its "
+        "artifacts); the record and metrics remain",
+    )
 
 
 class SubmittedJob(JobPublic):

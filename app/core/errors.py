@@ -80,6 +80,12 @@ class WebhookNotFound(NotFound):
     code = "webhook_not_found"
 
 
+class ArtifactsExpired(AppError):
+    """The job's files were deleted for age (ARTIFACT_TTL_DAYS); its record stays."""
+
+    status_code, code = 410, "artifacts_expired"
+
+
 class JobStateConflict(AppError):
     status_code, code = 409, "job_state_conflict"
 

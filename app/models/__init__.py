@@ -107,12 +107,17 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # Retention (ARTIFACT_TTL_DAYS) deleted the job's files then; the row, its metrics,
+    # stages and history stay, and its artifacts answer 410 `artifacts_expired`.
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_seq", "tenant_id", "seq"),
         Index("ix_jobs_tenant_status_seq", "tenant_id", "status", "seq"),
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        # Retention's question: which jobs still holding files ended before the cutoff?
+        Index("ix_jobs_expired_finished", "artifacts_expired_at", "finished_at"),
     )
 
 
@@ -249,6 +254,15 @@ class Worker(Base):
     queues: Mapped[list[str]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Sweep(Base):
+    """A periodic chore that every process's reaper may do, but one at a time and at most
+    every so often: the reaper whose conditional UPDATE moves `next_run_at` forward does it."""
+
+    __tablename__ = "sweeps"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class WebhookEndpoint(Base):

@@ -16,6 +16,7 @@ from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.errors import (
     ArtifactNotFound,
+    ArtifactsExpired,
     IdempotencyConflict,
     JobNotFound,
     JobStateConflict,
@@ -378,6 +379,7 @@ def to_public(job: Job, stages: list[JobStage], branches: list[Job] | None = Non
         started_at=job.started_at,
         finished_at=job.finished_at,
         updated_at=job.updated_at,
+        artifacts_expired_at=job.artifacts_expired_at,
     )
 
 
@@ -438,15 +440,27 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+def _unexpired_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """The job, or 410 once retention deleted its files: a clear answer, not a 404 that
+    reads as if the job never made them."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job.artifacts_expired_at is not None:
+        raise ArtifactsExpired(
+            f"the artifacts of job {job_id} were deleted on "
+            f"{job.artifacts_expired_at:%Y-%m-%d} (retention); its record and metrics remain"
+        )
+    return job
+
+
 def list_artifacts(session: Session, *, tenant_id: str, job_id: str) -> list[Artifact]:
-    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    _unexpired_job(session, tenant_id=tenant_id, job_id=job_id)
     return list(
         session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
     )
 
 
 def get_artifact(session: Session, *, tenant_id: str, job_id: str, name: str) -> Artifact:
-    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    _unexpired_job(session, tenant_id=tenant_id, job_id=job_id)
     artifact = session.scalar(
         select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
     )

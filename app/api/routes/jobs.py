@@ -12,6 +12,7 @@ from app.api import downloads
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_enqueue
 from app.core.errors import (
     ArtifactNotFound,
+    ArtifactsExpired,
     IdempotencyConflict,
     JobNotFound,
     JobStateConflict,
@@ -256,11 +257,13 @@ def _artifact_public(request: Request, job_id: str, a) -> ArtifactPublic:
 @router.get(
     "/{job_id}/artifacts",
     response_model=ArtifactsPublic,
-    responses=error_responses(*AUTH, JobNotFound),
+    responses=error_responses(*AUTH, JobNotFound, ArtifactsExpired),
 )
 def list_artifacts(
     job_id: str, request: Request, session: SessionDep, tenant: TenantDep
 ) -> ArtifactsPublic:
+    """The job's files; 410 `artifacts_expired` once retention (`ARTIFACT_TTL_DAYS`) deleted
+    them."""
     rows = jobs_service.list_artifacts(session, tenant_id=tenant.id, job_id=job_id)
     return ArtifactsPublic(data=[_artifact_public(request, job_id, a) for a in rows])
 
@@ -277,7 +280,9 @@ def list_artifacts(
         206: {"description": "the requested byte range"},
         307: {"description": "a bucket store: the object's presigned URL (Location)"},
         304: {"description": "If-None-Match matched the ETag"},
-        **error_responses(*AUTH, JobNotFound, ArtifactNotFound, StorageUnavailable),
+        **error_responses(
+            *AUTH, JobNotFound, ArtifactNotFound, ArtifactsExpired, StorageUnavailable
+        ),
     },
 )
 def download_artifact(

@@ -235,9 +235,13 @@ export function jobView(root, { id }) {
   }
 
   async function loadArtifacts() {
-    const { data } = await getJSON(`${path}/artifacts`);
+    // Retention deleted the files (the API answers 410 for them); the record stays.
+    const expired = ctx.job?.artifacts_expired_at;
+    const data = expired ? [] : (await getJSON(`${path}/artifacts`)).data;
     ctx.artifacts = new Map(data.map((a) => [a.name, a]));
-    replace(parts.artifacts, h("h2", { id: "artifacts-title" }, "Artifacts"), artifactsTable(data));
+    replace(parts.artifacts, h("h2", { id: "artifacts-title" }, "Artifacts"), expired
+      ? h("p", { class: "muted" }, `Deleted on ${fmtTime(expired)} by retention; the record and metrics remain.`)
+      : artifactsTable(data));
     parts.artifacts.hidden = false;
   }
 
