@@ -149,7 +149,11 @@ def create_app(
     # the commit through this.
     db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)})
     storage = open_storage(settings)
-    reaper = Reaper(db, settings, send, make_queue_size(celery)) if start_reaper else None
+    reaper = (
+        Reaper(db, settings, send, make_queue_size(celery), storage=storage)
+        if start_reaper
+        else None
+    )
     app = FastAPIOffline(
         title="Distillery",
         version="1.0.0",

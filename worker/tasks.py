@@ -251,7 +251,13 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     presence = Presence(runtime, _consumed_queues(sender, runtime.settings.DEFAULT_QUEUE))
     presence.register()
     presence.start()
-    reaper = Reaper(runtime.db, runtime.settings, make_enqueue(app), make_queue_size(app))
+    reaper = Reaper(
+        runtime.db,
+        runtime.settings,
+        make_enqueue(app),
+        make_queue_size(app),
+        storage=runtime.storage,
+    )
     reaper.start()
     app.distillery_threads = [presence, reaper]
 

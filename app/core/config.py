@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # days ago, and uploads no job used for this long (`distillery gc --dry-run` lists them).
     ARTIFACT_TTL_DAYS: float | None = Field(None, gt=0)
     UPLOAD_TTL_DAYS: float | None = Field(None, gt=0)
+    # One reaper at a time (of all API and worker processes) looks at most this often, and
+    # deletes at most RETENTION_BATCH jobs and as many uploads a pass (more: again shortly).
+    RETENTION_INTERVAL_SECONDS: float = Field(3600.0, gt=0)
+    RETENTION_BATCH: int = Field(200, ge=1)
     DATA_ROOT: Path | None = None  # torchvision datasets live (or are downloaded) here
     ALLOW_DATASET_DOWNLOAD: bool = False  # may jobs ask torchvision to download?
 

@@ -384,7 +384,7 @@ def get_model(session: Session, *, tenant_id: str, model_id: str) -> UploadedMod
 
 # Per kind of upload: its storage folder, the spec field that names it, its noun, and the
 # error for an id that is not there.
-_KINDS: dict[type, tuple[str, str, str, type[NotFound]]] = {
+KINDS: dict[type, tuple[str, str, str, type[NotFound]]] = {
     Dataset: ("datasets", "dataset", "dataset", DatasetNotFound),
     UploadedModel: ("models", "teacher", "model", ModelNotFound),
 }
@@ -411,7 +411,7 @@ def list_uploads(
             )
         ).first()
         if cursor is None:
-            _, _, noun, not_found = _KINDS[model]
+            _, _, noun, not_found = KINDS[model]
             raise not_found(f"no {noun} {after!r} to page after")
         query = query.where(tuple_(model.created_at, model.id) < tuple(cursor))
     order = (model.created_at.desc(), model.id.desc())
@@ -419,18 +419,43 @@ def list_uploads(
     return rows[:limit], len(rows) > limit
 
 
+def uploads_named(spec: dict[str, Any] | None) -> set[tuple[str, str]]:
+    """(spec field, upload id) of each upload a job's spec names: its dataset, its teacher."""
+    return {
+        (field, block["id"])
+        for field in ("dataset", "teacher")
+        if isinstance(block := (spec or {}).get(field), dict)
+        and block.get("source") == "upload"
+        and isinstance(block.get("id"), str)
+    }
+
+
 def jobs_using(session: Session, *, tenant_id: str, field: str, upload_id: str) -> list[str]:
     """Queued or running jobs of the tenant whose spec names the upload in `field`."""
     rows = session.execute(
         select(Job.id, Job.spec).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL))
     ).all()
-    return [
-        job_id
-        for job_id, spec in rows
-        if isinstance(block := (spec or {}).get(field), dict)
-        and block.get("source") == "upload"
-        and block.get("id") == upload_id
-    ]
+    return [job_id for job_id, spec in rows if (field, upload_id) in uploads_named(spec)]
+
+
+def _lock_unused(
+    session: Session, model: type[Dataset] | type[UploadedModel], tenant_id: str, upload_id: str
+) -> str:
+    """Lock the upload's row (a job being submitted with it waits, then finds it gone) and
+    check that no queued or running job names it; returns its storage folder."""
+    kind, field, noun, not_found = KINDS[model]
+    row = session.scalar(
+        select(model).where(model.id == upload_id, model.tenant_id == tenant_id).with_for_update()
+    )
+    if row is None:
+        raise not_found(f"no {noun} {upload_id!r}")
+    users = jobs_using(session, tenant_id=tenant_id, field=field, upload_id=upload_id)
+    if users:
+        raise UploadInUse(
+            f"{upload_id} is used by {len(users)} job(s) not finished yet ({', '.join(users[:5])}); "
+            "cancel them or wait for them to end"
+        )
+    return upload_key(tenant_id, kind, upload_id)
 
 
 def delete_upload(
@@ -443,17 +468,21 @@ def delete_upload(
 ) -> None:
     """Delete an upload and, once that has committed, its file. Refused (409) while a
     queued or running job names it; a finished job keeps its record and artifacts."""
-    kind, field, noun, not_found = _KINDS[model]
-    row = session.scalar(
-        select(model).where(model.id == upload_id, model.tenant_id == tenant_id).with_for_update()
-    )
-    if row is None:
-        raise not_found(f"no {noun} {upload_id!r}")
-    users = jobs_using(session, tenant_id=tenant_id, field=field, upload_id=upload_id)
-    if users:
-        raise UploadInUse(
-            f"{upload_id} is used by {len(users)} job(s) not finished yet ({', '.join(users[:5])}); "
-            "cancel them or wait for them to end"
-        )
+    folder = _lock_unused(session, model, tenant_id, upload_id)
     session.execute(delete(model).where(model.id == upload_id))
-    remove_after_commit(session, storage, [upload_key(tenant_id, kind, upload_id)])
+    remove_after_commit(session, storage, [folder])
+
+
+def expire_upload(
+    session: Session,
+    *,
+    model: type[Dataset] | type[UploadedModel],
+    tenant_id: str,
+    upload_id: str,
+    storage: Storage,
+) -> None:
+    """Retention's delete: the files first, then the row, so a store that fails (a
+    StorageError, raised) leaves the row for the next pass rather than orphaned files.
+    UploadInUse / NotFound as for `delete_upload`."""
+    storage.delete_prefix(_lock_unused(session, model, tenant_id, upload_id))
+    session.execute(delete(model).where(model.id == upload_id))
