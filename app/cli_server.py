@@ -1,4 +1,4 @@
-"""The service's commands: serve, api, worker, migrate, keys, and run (a whole job in this
+"""The service's commands: serve, api, worker, migrate, keys, gc, and run (a whole job in this
 process). The thin `distillery` command (distillery/cli.py) loads this module only when one of
 them is called and this install has its extra; everything heavy is imported inside them."""
 
@@ -14,9 +14,17 @@ from typing import Any
 
 import click
 
-from distillery.cli_support import EXIT_GATE_FAILED, EXIT_JOB_FAILED, EXIT_OK, read_text
+from distillery.cli_support import (
+    EXIT_GATE_FAILED,
+    EXIT_INPUT,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    read_text,
+)
 from distillery.output import (
     candidate_table,
+    emit_json,
     final_summary,
     fmt_bytes,
     metrics_table,
@@ -187,6 +195,94 @@ def keys_revoke(key: str) -> None:
         if not tenants.revoke_key(session, key=key):
             raise click.ClickException("no such active key")
     click.echo("revoked")
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="list what would go; delete nothing")
+@click.option(
+    "--artifact-ttl-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="instead of ARTIFACT_TTL_DAYS: delete the files of jobs that ended this long ago",
+)
+@click.option(
+    "--upload-ttl-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="instead of UPLOAD_TTL_DAYS: delete uploads no job used for this long",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+def gc(
+    dry_run: bool, artifact_ttl_days: float | None, upload_ttl_days: float | None, as_json: bool
+) -> None:
+    """Apply retention now: delete the files of jobs that ended ARTIFACT_TTL_DAYS ago (their
+    records stay) and uploads no job used for UPLOAD_TTL_DAYS, as the reaper does every
+    RETENTION_INTERVAL_SECONDS. Lists each (id, tenant, age, bytes).
+
+    Exit codes: 0 done, 4 the store failed for some (listed on stderr; the next run retries
+    them), 5 neither TTL set."""
+    from app.core.db import Database
+    from app.core.storage import open_storage
+    from app.services import retention
+
+    s = _settings()
+    artifact_ttl = artifact_ttl_days or s.ARTIFACT_TTL_DAYS
+    upload_ttl = upload_ttl_days or s.UPLOAD_TTL_DAYS
+    if artifact_ttl is None and upload_ttl is None:
+        click.echo(
+            "error [retention_off]: set ARTIFACT_TTL_DAYS and/or UPLOAD_TTL_DAYS, or pass "
+            "--artifact-ttl-days / --upload-ttl-days",
+            err=True,
+        )
+        sys.exit(EXIT_INPUT)
+    db = Database(s.database_url)
+    try:
+        done = retention.sweep(
+            db,
+            open_storage(s),
+            artifact_ttl_days=artifact_ttl,
+            upload_ttl_days=upload_ttl,
+            dry_run=dry_run,
+        )
+    finally:
+        db.dispose()
+    _print_gc(done, dry_run=dry_run, as_json=as_json)
+    for kept in done.kept:
+        click.echo(f"kept {kept.id}: {kept.reason}", err=True)
+    sys.exit(EXIT_UNREACHABLE if any(k.store_failed for k in done.kept) else EXIT_OK)
+
+
+def _print_gc(done, *, dry_run: bool, as_json: bool) -> None:
+    """One line per job and upload, then the total; or all of it as JSON."""
+    from dataclasses import asdict
+
+    from app.models import utcnow
+
+    now = utcnow()
+
+    def age(then) -> float:  # in days
+        return round((now - then).total_seconds() / 86400, 1)
+
+    if as_json:
+        jobs = [{**asdict(j), "age_days": age(j.finished_at)} for j in done.jobs]
+        uploads = [{**asdict(u), "age_days": age(u.created_at)} for u in done.uploads]
+        emit_json({"dry_run": dry_run, "jobs": jobs, "uploads": uploads, "bytes": done.bytes})
+        return
+    for j in done.jobs:
+        click.echo(
+            f"job      {j.id}  tenant {j.tenant}  ended {age(j.finished_at)} days ago  "
+            f"{j.files} files  {fmt_bytes(j.bytes)}"
+        )
+    for u in done.uploads:
+        click.echo(
+            f"{u.kind:<8} {u.id}  tenant {u.tenant}  uploaded {age(u.created_at)} days ago  "
+            f"{fmt_bytes(u.bytes)}"
+        )
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb}: the files of {len(done.jobs)} job(s), {len(done.uploads)} upload(s); "
+        f"{fmt_bytes(done.bytes)}{' (dry run: nothing was deleted)' if dry_run else ''}"
+    )
 
 
 @click.command()

@@ -1,5 +1,5 @@
 """The `distillery` command: the client commands live here and need only the thin install;
-the service's commands (serve, api, worker, migrate, keys, run) live in app/cli_server.py and
+the service's commands (serve, api, worker, migrate, keys, gc, run) live in app/cli_server.py and
 load only when called, saying which extra to install when this install lacks it."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ SERVER_COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "worker": ("worker", _SERVICE[2:] + _ML + _WORKER, "Run a worker."),
     "migrate": ("server", ("sqlalchemy", "alembic", "pydantic_settings"), "Migrate the DB."),
     "keys": ("server", ("sqlalchemy", "alembic", "pydantic_settings"), "Manage API keys."),
+    "gc": ("server", ("sqlalchemy", "pydantic_settings", "numpy"), "Apply retention now."),
     "run": ("worker", ("pydantic_settings",) + _ML + _WORKER, "Run a job in this process."),
 }
 
