@@ -23,6 +23,7 @@ from app.core.errors import AppError, StorageUnavailable
 from app.core.storage import Storage, StorageError, open_storage
 from app.jobs.lifecycle import Enqueue
 from app.jobs.reaper import Reaper
+from app.services.retention import Retention
 from worker.pipeline.spec import field_path
 
 log = logging.getLogger("distillery.api")
@@ -149,10 +150,9 @@ def create_app(
     # the commit through this.
     db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)})
     storage = open_storage(settings)
+    chores = [Retention(db, settings, storage)]
     reaper = (
-        Reaper(db, settings, send, make_queue_size(celery), storage=storage)
-        if start_reaper
-        else None
+        Reaper(db, settings, send, make_queue_size(celery), chores=chores) if start_reaper else None
     )
     app = FastAPIOffline(
         title="Distillery",

@@ -18,6 +18,7 @@ from app.jobs import lifecycle
 from app.jobs.reaper import Reaper
 from app.jobs.states import JobStatus
 from app.models import utcnow
+from app.services.retention import Retention
 from worker.celery_app import JOB_TASK, make_enqueue, make_queue_size
 from worker.jobfolder import JobFolder
 from worker.pipeline.errors import Cancelled, PipelineError
@@ -256,7 +257,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         runtime.settings,
         make_enqueue(app),
         make_queue_size(app),
-        storage=runtime.storage,
+        chores=[Retention(runtime.db, runtime.settings, runtime.storage)],
     )
     reaper.start()
     app.distillery_threads = [presence, reaper]

@@ -1,6 +1,6 @@
 """Retention: the files of jobs that ended `ARTIFACT_TTL_DAYS` ago, and uploads no job used for
 `UPLOAD_TTL_DAYS`, deleted. `plan` says what would go (what `distillery gc --dry-run` prints);
-`apply` deletes it; the reaper runs `sweep` when either TTL is set (app/jobs/reaper.py).
+`apply` deletes it; the reaper runs `Retention`, which sweeps when a TTL is set and it is due.
 
 A job keeps its row, metrics, stages, history and candidates: only its files go (a search's
 branches' with it), its artifact rows are dropped and `artifacts_expired_at` is set, so the API
@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.core.db import Database, insert_if_absent
 from app.core.errors import NotFound, UploadInUse
 from app.core.storage import Storage, StorageError, job_key
@@ -274,3 +275,34 @@ def claim_turn(session: Session, *, every: float, now: datetime | None = None) -
 def next_turn_soon(session: Session) -> None:
     """A pass stopped at its batch limit: the next reaper pass continues instead of waiting."""
     session.execute(update(Sweep).where(Sweep.name == SWEEP).values(next_run_at=utcnow()))
+
+
+class Retention:
+    """The reaper's retention chore (app/jobs/reaper.py): a sweep when a TTL is set and it is
+    this process's turn, at most every RETENTION_INTERVAL_SECONDS over all processes, and
+    sooner while more than RETENTION_BATCH remained. Returns the reaper's counts."""
+
+    def __init__(self, database: Database, settings: Settings, storage: Storage) -> None:
+        self.database, self.settings, self.storage = database, settings, storage
+
+    def __repr__(self) -> str:
+        return "Retention()"
+
+    def __call__(self) -> dict[str, int]:
+        s = self.settings
+        if s.ARTIFACT_TTL_DAYS is None and s.UPLOAD_TTL_DAYS is None:
+            return {}
+        with self.database.session() as session:
+            if not claim_turn(session, every=s.RETENTION_INTERVAL_SECONDS):
+                return {}
+        done = sweep(
+            self.database,
+            self.storage,
+            artifact_ttl_days=s.ARTIFACT_TTL_DAYS,
+            upload_ttl_days=s.UPLOAD_TTL_DAYS,
+            limit=s.RETENTION_BATCH,
+        )
+        if done.more:
+            with self.database.session() as session:
+                next_turn_soon(session)
+        return {"expired_jobs": len(done.jobs), "expired_uploads": len(done.uploads)}

@@ -227,8 +227,8 @@ def test_one_reaper_at_a_time_at_most_every_interval_sooner_while_a_backlog_rema
         update={"ARTIFACT_TTL_DAYS": TTL, "RETENTION_INTERVAL_SECONDS": 3600, "RETENTION_BATCH": 1}
     )
 
-    def reaper(settings=settings) -> Reaper:
-        return Reaper(api.db, settings, lambda *_: None, storage=_storage(api))
+    def chore(settings=settings) -> retention.Retention:
+        return retention.Retention(api.db, settings, _storage(api))
 
     def expired(job_id: str) -> bool:
         with api.db.session() as s:
@@ -237,15 +237,17 @@ def test_one_reaper_at_a_time_at_most_every_interval_sooner_while_a_backlog_rema
     with api.client(tenant) as c:
         older = _finished_job(api, c, ended_days_ago=TTL + 3, files={"a.onnx": b"a"})
         newer = _finished_job(api, c, ended_days_ago=TTL + 2, files={"b.onnx": b"b"})
-    assert reaper(api.settings).run_retention() == {}  # no TTL set: retention is off
+    assert chore(api.settings)() == {}  # no TTL set: retention is off
     assert not expired(older)
-    first, second = reaper(), reaper()
+    reaper = Reaper(api.db, settings, lambda *_: None, chores=[chore()])
+    other = chore()  # another process's reaper
     with api.db.session() as s:  # as if no pass had run for an hour
         s.execute(update(Sweep).values(next_run_at=utcnow() - timedelta(hours=1)))
-    assert first.run_retention() == {"expired_jobs": 1, "expired_uploads": 0}
+    counts = reaper.run_once()
+    assert (counts["expired_jobs"], counts["expired_uploads"]) == (1, 0)
     assert expired(older) and not expired(newer)  # oldest first, one per pass (the batch)
     # More was left: the next pass, by any reaper, continues at once...
-    assert second.run_retention() == {"expired_jobs": 1, "expired_uploads": 0}
+    assert other() == {"expired_jobs": 1, "expired_uploads": 0}
     assert expired(newer)
     # ...and once nothing is left, no reaper looks again before the interval.
-    assert first.run_retention() == {} and second.run_retention() == {}
+    assert "expired_jobs" not in reaper.run_once() and other() == {}
