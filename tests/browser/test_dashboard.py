@@ -340,6 +340,44 @@ def test_another_tenant_sees_none_of_the_first_tenants_jobs(web, served, finishe
     assert "does not exist, or it belongs to another tenant" in missing.inner_text()
 
 
+def test_a_job_whose_files_retention_deleted_says_so_instead_of_listing_them(web, served):
+    """A job that ran and ended long ago, swept by retention as the reaper would sweep it:
+    its page keeps its record and says when the files went (the API answers 410 for them)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.core.db import Database
+    from app.core.storage import LocalStorage
+    from app.models import Job, utcnow
+    from app.services import retention
+
+    url, key, home = served
+    with client(url, key) as c:
+        job = c.post("/v1/jobs", json={**TINY_SPEC, "name": "long-ago"}).json()
+        c.post(f"/v1/jobs/{job['id']}/cancel")
+        wait_for_status(c, job["id"], TERMINAL, timeout=60)
+    db = Database(f"sqlite:///{home / 'home' / 'distillery.db'}")
+    try:
+        then = utcnow() - timedelta(days=40)
+        with db.session() as s:  # it ran (started) and ended 40 days ago
+            s.execute(
+                update(Job).where(Job.id == job["id"]).values(started_at=then, finished_at=then)
+            )
+        done = retention.sweep(
+            db, LocalStorage(home / "home" / "storage"), artifact_ttl_days=30, upload_ttl_days=None
+        )
+    finally:
+        db.dispose()
+    assert job["id"] in [j.id for j in done.jobs]
+    web.sign_in(key)
+    web.open_job(job["id"])
+    section = web.page.locator("#artifacts")
+    section.locator("p").wait_for()
+    assert "by retention; the record and metrics remain" in section.inner_text()
+    assert section.locator("tr[data-artifact]").count() == 0
+
+
 @pytest.mark.parametrize("viewport", ["desktop", "phone"])
 def test_every_page_fits_the_screen_and_labels_every_control(
     web, served, finished_job, finished_search, viewport
