@@ -80,6 +80,11 @@ def int8_static(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -
             per_channel=spec.per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            # 7-bit weights: x86 CPUs without VNNI multiply u8 x s8 with VPMADDUBSW, whose int16
+            # sums saturate (ONNX Runtime's quantization docs). On such an AMD EPYC the digits
+            # teacher's int8 model agreed with its fp32 model on 95.8 % of the test set with 8
+            # bits and on at least 97 % (the test's bound) with 7; a model may be deployed on one.
+            reduce_range=True,
         )
 
 
