@@ -613,7 +613,11 @@ def section(command: str, setup: str, details: list[str], res: Results, machine:
             *[f"- {d}" for d in details],
             "",
             "Whole job (medians, with the fastest and slowest run in brackets; store calls are "
-            "the s3 worker's on the job's keys, timed where they are made):",
+            "the s3 worker's on the job's keys, timed where they are made). Worker CPU near its "
+            "wall time means the worker computed rather than waited: a gap between the stores "
+            "there is how fast the same work ran, not time on the store, whose calls have "
+            "columns of their own. On a small shared VM that speed varies by several percent "
+            "between processes and runs (the round-by-round ratios under the target show it):",
             "",
             job_table(res.runs),
             "",
