@@ -19,6 +19,7 @@ BENCHMARKS = (
     "distill_pays",
     "search",
     "service_overhead",
+    "storage",
     "api_load",
     "dashboard",
 )
