@@ -211,6 +211,7 @@ def distributed_stack(
     """`api` and `workers` worker processes on a fresh PostgreSQL database and Redis."""
     import redis
 
+    tmp.mkdir(parents=True, exist_ok=True)  # bench.search gives each stack a folder of its own
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
