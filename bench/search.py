@@ -111,7 +111,7 @@ def fanout(tmp: Path) -> dict[str, Any]:
     from app.testing import PG_ADMIN, REDIS_URL
     from bench.service_overhead import base_env, distributed_stack
 
-    walls = {}
+    walls, phases = {}, {}
     for workers in (1, 2):
         with (
             distributed_stack(tmp / f"w{workers}", base_env(1), PG_ADMIN, REDIS_URL, workers) as st,
@@ -128,8 +128,28 @@ def fanout(tmp: Path) -> dict[str, Any]:
             walls[workers] = time.perf_counter() - t0
             if j["status"] != "succeeded":
                 raise RuntimeError(f"the search failed: {j['error']}")
+            phases[workers] = _phases(j)
             print(f"  {workers} worker(s): {walls[workers]:.1f} s", file=sys.stderr)
-    return {"walls": walls, "speedup": walls[1] / walls[2]}
+    return {"walls": walls, "speedup": walls[1] / walls[2], "phases": phases}
+
+
+def _phases(job: dict[str, Any]) -> dict[str, float]:  # {} when a time is missing
+    """Seconds from the search's creation to its teacher's end, from there to the export's
+    start (the branches: the part that fans out), and from there to the search's end."""
+    from datetime import datetime
+
+    stage = {s["name"]: s for s in job["stages"]}
+    if not (
+        stage.get("teacher", {}).get("finished_at") and stage.get("export", {}).get("started_at")
+    ):
+        return {}
+    teacher_end = datetime.fromisoformat(stage["teacher"]["finished_at"])
+    export_start = datetime.fromisoformat(stage["export"]["started_at"])
+    return {
+        "teacher": (teacher_end - datetime.fromisoformat(job["created_at"])).total_seconds(),
+        "branches": (export_start - teacher_end).total_seconds(),
+        "rest": (datetime.fromisoformat(job["finished_at"]) - export_start).total_seconds(),
+    }
 
 
 def outcome(tmp: Path) -> list[dict[str, Any]]:
@@ -202,6 +222,23 @@ def _fanout_md(r: dict[str, Any]) -> list[str]:
         f"**Fan-out** (`api` + workers, PostgreSQL, Redis; {len(FANOUT['search']['student'])} "
         f"students, one torch thread per worker): POST -> succeeded {w[1]:.1f} s with 1 worker, "
         f"{w[2]:.1f} s with 2: **{r['speedup']:.2f}x** (target >= {FANOUT_TARGET}x: {met}).",
+        *(_phases_md(r["phases"]) if all(r["phases"].values()) else []),
+    ]
+
+
+def _phases_md(phases: dict[int, dict[str, float]]) -> list[str]:
+    return [
+        "",
+        "| workers | created -> teacher done (s) | teacher done -> export starts (s) | "
+        "-> search done (s) |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {n} | {p['teacher']:.1f} | {p['branches']:.1f} | {p['rest']:.1f} |"
+            for n, p in phases.items()
+        ),
+        "",
+        f"The branches alone: {phases[1]['branches'] / phases[2]['branches']:.2f}x faster with 2 "
+        "workers; the teacher before them and the choice after run once either way.",
     ]
 
 
