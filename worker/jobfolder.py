@@ -12,7 +12,9 @@ with `storage_error`; it is never recorded as succeeded with artifacts the store
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -115,10 +117,16 @@ def local_input(storage: Storage, work_dir: Path, key: str, sha256: str) -> Path
     path = work_dir / "inputs" / sha256 / key.rsplit("/", 1)[-1]
     if path.is_file():
         return path
-    part = path.with_name(f".part-{path.name}")
-    storage.get_file(key, part)
-    if sha256_file(part) != sha256:
+    # A name of its own: two workers on one host may fetch the same input at once.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    os.close(fd)
+    part = Path(name)
+    try:
+        storage.get_file(key, part)
+        if sha256_file(part) != sha256:
+            raise StorageError(f"the stored {path.name} does not match its sha256")
+        part.replace(path)
+    finally:
         part.unlink(missing_ok=True)
-        raise StorageError(f"the stored {path.name} does not match its sha256")
-    part.replace(path)
     return path
