@@ -361,13 +361,17 @@ def worker(queues: str | None, pool: str | None, concurrency: int, loglevel: str
     s = _settings()
     s.home.mkdir(parents=True, exist_ok=True)
     upgrade(s.database_url)
-    from worker.celery_app import make_celery
+    from worker.celery_app import WEBHOOK_TASKS, make_celery
 
     queues = queues or s.DEFAULT_QUEUE
     # A job runs in the worker's own process (SIGKILL takes it down too); deliveries are
     # short HTTP calls that wait on the network, many at a time.
-    pool = pool or ("threads" if queues == s.WEBHOOK_QUEUE else "solo")
-    make_celery(s).worker_main(
+    webhooks_only = set(queues.split(",")) == {s.WEBHOOK_QUEUE}
+    pool = pool or ("threads" if webhooks_only else "solo")
+    # The webhook worker loads the delivery task alone: a job message that reached its
+    # queue is refused as unknown, never run on its threads beside every tenant's deliveries.
+    tasks = WEBHOOK_TASKS if webhooks_only else None
+    make_celery(s, include=tasks).worker_main(
         [
             "worker",
             "-Q",

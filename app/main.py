@@ -6,20 +6,25 @@ import gc
 import logging
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import dashboard
+from app.api.admission import Admission, Kind
+from app.api.events import EventFeed
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.routes import health, jobs, uploads, webhooks
 from app.core.body_limit import BodyLimitMiddleware, LimitFor
 from app.core.config import Settings
-from app.core.db import Database
-from app.core.errors import AppError, StorageUnavailable
+from app.core.db import Database, PoolSize
+from app.core.errors import AppError, Overloaded, StorageUnavailable
+from app.core.headers import SecurityHeadersMiddleware
 from app.core.storage import Storage, StorageError, open_storage
 from app.jobs.lifecycle import Enqueue
 from app.jobs.reaper import Reaper
@@ -92,6 +97,14 @@ def install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": "5"},
         )
 
+    @app.exception_handler(PoolTimeout)
+    async def overloaded(_: Request, exc: Exception) -> JSONResponse:
+        # Every pooled connection stayed busy for DB_POOL_TIMEOUT_SECONDS: the database is
+        # slower than the traffic. Say so at once; the client retries later.
+        log.warning("no database connection in time: %s", exc)
+        err = Overloaded("the service is overloaded; retry shortly", headers={"Retry-After": "2"})
+        return _error(err.status_code, err.code, err.message, err.headers)
+
     @app.exception_handler(StorageError)
     async def store_down(_: Request, exc: StorageError) -> JSONResponse:
         # Nothing was written: an upload's row rolled back with its file, a download gave
@@ -106,7 +119,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", "internal error; the server log has the details")
 
 
-def _lifespan(settings: Settings, db: Database, storage: Storage, reaper: Reaper | None):
+def _lifespan(
+    settings: Settings, db: Database, storage: Storage, reaper: Reaper | None, feed: EventFeed
+):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from app.core.migrate import upgrade
@@ -126,11 +141,17 @@ def _lifespan(settings: Settings, db: Database, storage: Storage, reaper: Reaper
         if settings.DISTILLERY_API_KEY:
             with db.session() as s:
                 tenants.create_key(s, tenant_name="default", key=settings.DISTILLERY_API_KEY)
+        # Sync routes and dependencies run on these threads; the pool has a connection for each.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.API_THREADS
         if reaper is not None:
             reaper.start()
+        await feed.start()
         yield
+        await feed.stop()
         if reaper is not None:
             reaper.stop()
+        if getattr(app.state, "probe", None) is not None:
+            app.state.probe.close()
         db.dispose()
 
     return lifespan
@@ -148,23 +169,27 @@ def create_app(
     send = enqueue or make_enqueue(celery)
     # Job changes the API makes (a cancel) record webhook deliveries; their tasks go out after
     # the commit through this.
-    db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)})
+    pool = PoolSize.for_threads(settings.API_THREADS, timeout=settings.DB_POOL_TIMEOUT_SECONDS)
+    db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)}, pool=pool)
     storage = open_storage(settings)
     chores = [Retention(db, settings, storage)]
     reaper = (
         Reaper(db, settings, send, make_queue_size(celery), chores=chores) if start_reaper else None
     )
+    feed = EventFeed(db, settings)
     app = FastAPIOffline(
         title="Distillery",
         version="1.0.0",
         summary="Knowledge distillation, pruning and quantization as a service.",
         description="Submit a job spec; poll or stream its progress; download the compressed model. "
         'Every metric is measured on ONNX Runtime (CPU). Errors are `{"error": {"code", "message"}}`.',
-        lifespan=_lifespan(settings, db, storage, reaper),
+        lifespan=_lifespan(settings, db, storage, reaper, feed),
     )
     app.state.settings, app.state.db, app.state.storage = settings, db, storage
     app.state.celery, app.state.enqueue = celery, send
     app.state.metrics = Metrics(db)
+    app.state.feed = feed
+    app.state.admission = Admission(_quota(settings))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
@@ -172,9 +197,17 @@ def create_app(
     app.include_router(webhooks.router)
     dashboard.mount(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(settings))
+    app.add_middleware(SecurityHeadersMiddleware)
     # Outermost: counts the 413s too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def _quota(settings: Settings):
+    def limit_of(kind: Kind) -> int:
+        return settings.TENANT_MAX_STREAMS if kind == "streams" else settings.TENANT_MAX_REQUESTS
+
+    return limit_of
 
 
 UPLOAD_ROUTES = frozenset({("POST", "/v1/datasets"), ("POST", "/v1/models")})

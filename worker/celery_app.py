@@ -15,9 +15,13 @@ JOB_TASK = "distillery.run_job"
 WEBHOOK_TASK = "distillery.deliver_webhook"
 
 
-def make_celery(s: Settings) -> Celery:
+ALL_TASKS = ("worker.tasks", "worker.webhooks")
+WEBHOOK_TASKS = ("worker.webhooks",)  # what a worker of WEBHOOK_QUEUE alone loads
+
+
+def make_celery(s: Settings, *, include: tuple[str, ...] | None = None) -> Celery:
     broker, transport = broker_settings(s.broker_url)
-    app = Celery("distillery", broker=broker, include=["worker.tasks", "worker.webhooks"])
+    app = Celery("distillery", broker=broker, include=list(include or ALL_TASKS))
     app.distillery_settings = s  # what worker.runtime.runtime_of builds the worker's runtime from
     app.conf.update(
         broker_transport=transport,

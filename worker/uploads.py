@@ -17,6 +17,7 @@ from worker.pipeline.spec import (
     OnnxTeacher,
     SafetensorsTeacher,
     TorchScriptTeacher,
+    TorchvisionDataset,
     UploadedDataset,
     UploadedTeacher,
 )
@@ -24,8 +25,13 @@ from worker.runtime import Runtime
 
 
 def resolve_uploads(runtime: Runtime, spec: JobSpec, tenant_id: str) -> JobSpec:
-    """`spec` with its uploaded dataset and teacher turned into file specs under storage."""
+    """`spec` with its uploaded dataset and teacher turned into file specs under storage, and
+    a torchvision dataset read from this worker's DATA_ROOT."""
     updates: dict[str, Any] = {}
+    if isinstance(spec.dataset, TorchvisionDataset):  # the service's data root, never the spec's
+        updates["dataset"] = spec.dataset.model_copy(
+            update={"root": str(runtime.settings.data_root)}
+        )
     with runtime.db.session() as s:
         try:
             if isinstance(spec.dataset, UploadedDataset):

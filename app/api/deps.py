@@ -2,29 +2,91 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Iterator
-from typing import Annotated
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from app.api.admission import Admission, Kind
 from app.core.config import Settings
+from app.core.db import Database
 from app.core.errors import MetricsDisabled, Unauthorized
 from app.core.storage import Storage
 from app.models import Tenant
 from app.services import tenants
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    """One session per request: committed once when the route returns, before the response is
-    sent (scope="function"), rolled back on error. Services only flush."""
-    with request.app.state.db.session() as session:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """The request's session. It takes no connection until the route's first query, which
+    runs on the route's thread; that thread also commits it (`UnitOfWorkRoute`), so the
+    connection is back in the pool before the request waits for anything else (a thread, the
+    body, the client). Services only flush."""
+    session = request.app.state.db.sessionmaker()
+    failed = False
+    try:
         yield session
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if session.in_transaction():  # an async route that used it: end it off the loop
+            await run_in_threadpool(_end, session, failed)
+        else:
+            session.close()  # nothing checked out: no I/O
+
+
+def _end(session: Session, failed: bool) -> None:
+    try:
+        if failed:
+            session.rollback()
+        else:
+            session.commit()
+    finally:
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
+
+
+def _unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(endpoint)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        sessions = [v for v in kwargs.values() if isinstance(v, Session)]
+        try:
+            result = endpoint(*args, **kwargs)
+        except BaseException:
+            for session in sessions:
+                session.rollback()
+            raise
+        for session in sessions:
+            session.commit()  # on this thread, before the response is built and sent
+        return result
+
+    return run
+
+
+class UnitOfWorkRoute(APIRoute):
+    """A sync route's session is committed (or rolled back) on the route's own thread.
+
+    FastAPI runs a sync route and each sync dependency on a thread of their own, one after
+    the other, and the request waits for a free thread between them. A session that took a
+    connection on one thread and gave it back on a later one held it through those waits:
+    with more waiting requests than pooled connections, threads waited for connections held
+    by requests waiting for threads, until the pool's timeout turned them into 500s (FastAPI
+    issue 3205)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _unit_of_work(endpoint)
+        super().__init__(path, endpoint, **kwargs)
 
 
 def get_settings(request: Request) -> Settings:
@@ -41,22 +103,51 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer dk_…`")
 
 
-def current_tenant(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
+def _bearer_key(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized(
             "missing API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = tenants.authenticate(session, key=credentials.credentials)
-    if tenant is None:
-        raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-    return tenant
+    return credentials.credentials
+
+
+def _authenticate(db: Database, key: str) -> Tenant | None:
+    with db.session() as session:  # on a thread, the connection held only here
+        return tenants.authenticate(session, key=key)
+
+
+@asynccontextmanager
+async def _admitted(request: Request, key: str, kind: Kind) -> AsyncIterator[Tenant]:
+    """The key's tenant, within its quota of `kind`: 429 above it, before a thread is taken."""
+    admission: Admission = request.app.state.admission
+    async with admission.slot(kind, key) as slot:
+        tenant = await run_in_threadpool(_authenticate, request.app.state.db, key)
+        if tenant is None:
+            raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        slot.owner_is(tenant.id)
+        yield tenant
+
+
+async def current_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AsyncIterator[Tenant]:
+    async with _admitted(request, _bearer_key(credentials), "requests") as tenant:
+        yield tenant
+
+
+async def streaming_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AsyncIterator[Tenant]:
+    """As `current_tenant`, counted against the tenant's open event streams instead."""
+    async with _admitted(request, _bearer_key(credentials), "streams") as tenant:
+        yield tenant
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+StreamTenantDep = Annotated[Tenant, Depends(streaming_tenant)]
 
 
 _metrics_bearer = HTTPBearer(

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     MAX_SEARCH_CANDIDATES: int = SpecLimits.max_candidates
 
     DEFAULT_QUEUE: str = "default"
+    # The queues a job spec may name (`"queue": "gpu"`): each needs a worker that reads it
+    # (`distillery worker -Q gpu`). DEFAULT_QUEUE is always allowed; WEBHOOK_QUEUE never is.
+    JOB_QUEUES: list[str] = Field(default_factory=lambda: ["default", "gpu"])
     HEARTBEAT_SECONDS: float = 5.0
     HEARTBEAT_TIMEOUT_SECONDS: float = 60.0  # no heartbeat for this long: the worker is gone
     REAPER_INTERVAL_SECONDS: float = 10.0
@@ -103,6 +106,28 @@ class Settings(BaseSettings):
     WEBHOOK_RETRY_FOR_SECONDS: float = 24 * 3600.0
     MAX_WEBHOOKS_PER_TENANT: int = 20
 
+    # Under load (docs/service.md#under-load). Sync routes run on a pool of API_THREADS
+    # threads; a request holds a database connection only while it runs on one of them, so
+    # the pool is sized from the threads and a wait for a connection means the database itself
+    # is slow: after DB_POOL_TIMEOUT_SECONDS the request gets 503 with Retry-After.
+    API_THREADS: int = Field(40, ge=1, le=1000)
+    DB_POOL_TIMEOUT_SECONDS: float = Field(5.0, gt=0)
+    # Quotas per tenant (0: no limit). Requests and event streams are counted per API
+    # process; active jobs (queued + running) and submissions across the whole service.
+    TENANT_MAX_REQUESTS: int = Field(20, ge=0)  # at once, streams not counted
+    TENANT_MAX_STREAMS: int = Field(100, ge=0)  # open GET /v1/jobs/{id}/events at once
+    TENANT_MAX_ACTIVE_JOBS: int = Field(500, ge=0)
+    TENANT_MAX_SUBMISSIONS_PER_MINUTE: int = Field(300, ge=0)
+    # Event streams: one feed per API process reads new events for every open stream. With
+    # PostgreSQL it wakes on NOTIFY and looks anyway every EVENTS_FALLBACK_SECONDS; with
+    # SQLite it looks every EVENTS_POLL_SECONDS while any stream is open.
+    EVENTS_POLL_SECONDS: float = Field(0.5, gt=0)
+    EVENTS_FALLBACK_SECONDS: float = Field(5.0, gt=0)
+    EVENTS_HEARTBEAT_SECONDS: float = Field(15.0, gt=0)
+    # Where clients reach the API (https://distillery.example.com), for the absolute `url` of
+    # artifacts; unset, artifact urls are relative to the API (never built from Host).
+    PUBLIC_URL: str | None = None
+
     LOG_LEVEL: str = Field("INFO")
 
     @cached_property
@@ -116,6 +141,12 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.BROKER_URL or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def job_queues(self) -> list[str]:
+        """The queues a job may name: JOB_QUEUES and DEFAULT_QUEUE, never WEBHOOK_QUEUE."""
+        queues = dict.fromkeys([self.DEFAULT_QUEUE, *self.JOB_QUEUES])
+        return [q for q in queues if q != self.WEBHOOK_QUEUE]
 
     @property
     def storage_dir(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -14,11 +15,32 @@ class Base(DeclarativeBase):
     pass
 
 
-def make_engine(url: str) -> Engine:
+@dataclass(frozen=True)
+class PoolSize:
+    """Connections a process may hold: `size` kept open, `overflow` more opened when busy, and
+    how long a checkout waits before `sqlalchemy.exc.TimeoutError` (a 503 at the API)."""
+
+    size: int = 10
+    overflow: int = 20
+    timeout: float = 30.0
+
+    @classmethod
+    def for_threads(cls, threads: int, *, timeout: float) -> PoolSize:
+        # A request holds a connection only while it runs on one of `threads` threads
+        # (app/api/deps.py), so that many connections, plus a few for the process's own
+        # background work (reaper, readiness, event feed), never make a thread wait for one.
+        return cls(size=min(threads, 10), overflow=max(threads + 5 - 10, 0), timeout=timeout)
+
+
+def make_engine(url: str, pool: PoolSize | None = None) -> Engine:
+    pool = pool or PoolSize()
+    sizes = {"pool_size": pool.size, "max_overflow": pool.overflow, "pool_timeout": pool.timeout}
     if url.startswith("sqlite"):
         # Several processes (API, worker) share the file: WAL lets readers run beside the
         # writer, busy_timeout makes a writer wait instead of failing at once.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **sizes
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:
@@ -29,16 +51,18 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **sizes)
 
 
 class Database:
-    def __init__(self, url: str, *, info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, *, info: dict[str, Any] | None = None, pool: PoolSize | None = None
+    ) -> None:
         """`info` lands in every session's `Session.info`: what a process gives the code that
         writes through it, e.g. how to send a webhook's task once a change has committed."""
         self.url = url
         self.info = dict(info or {})
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False, info=self.info)
 
     @contextmanager

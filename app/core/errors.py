@@ -102,6 +102,18 @@ class PayloadTooLarge(AppError):
     status_code, code = 413, "payload_too_large"
 
 
+class QuotaExceeded(AppError):
+    """The tenant is over one of its quotas (TENANT_MAX_*); Retry-After says when to retry."""
+
+    status_code, code = 429, "quota_exceeded"
+
+
+class Overloaded(AppError):
+    """The API could not get a database connection in time (DB_POOL_TIMEOUT_SECONDS)."""
+
+    status_code, code = 503, "overloaded"
+
+
 class StorageUnavailable(AppError):
     """The store (an S3 bucket) did not answer or refused; nothing was written."""
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -20,12 +21,13 @@ from app.core.errors import (
     IdempotencyConflict,
     JobNotFound,
     JobStateConflict,
+    QuotaExceeded,
     SpecInvalid,
 )
 from app.core.storage import Storage, job_key, remove_after_commit
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
-from app.jobs.states import ACTIVE, TERMINAL, StageStatus
+from app.jobs.states import ACTIVE, TERMINAL, JobStatus, StageStatus
 from app.models import (
     Artifact,
     Dataset,
@@ -126,6 +128,12 @@ def validate_for_service(
             f"teacher.source: {spec.teacher.source!r} reads a path on the server; upload the model "
             'with POST /v1/models and use {"source": "upload", "id": "<model id>"}'
         )
+    queue = spec.queue or settings.DEFAULT_QUEUE
+    if queue not in settings.job_queues:
+        raise SpecInvalid(
+            f"queue: {queue!r} is not a job queue of this service; the queues are "
+            f"{', '.join(map(repr, settings.job_queues))} (the operator's JOB_QUEUES)"
+        )
     if spec.webhook is not None:
         try:
             targets.check(
@@ -140,9 +148,10 @@ def validate_for_service(
             raise SpecInvalid(
                 "dataset.download: this service does not download datasets; its operator pre-fills the data root"
             )
-        spec = spec.model_copy(
-            update={"dataset": ds.model_copy(update={"root": str(settings.data_root)})}
-        )
+        # The worker reads it from its own DATA_ROOT (worker/uploads.py): a tenant neither
+        # chooses a server folder nor sees which one it is in the job's spec or model card.
+        default_root = TorchvisionDataset.model_fields["root"].default
+        spec = spec.model_copy(update={"dataset": ds.model_copy(update={"root": default_root})})
 
     # Imported here: the preflight builds models with torch, and the webhook worker, which
     # reads jobs through this module, has no use for it.
@@ -250,6 +259,7 @@ def create_job(
         existing = _existing_for_key(session, tenant_id, idempotency_key, digest, ttl)
         if existing is not None:
             return existing, False
+    check_quotas(session, tenant_id=tenant_id, settings=settings)
     resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
     job = lifecycle.create(
         session,
@@ -268,6 +278,37 @@ def create_job(
         return existing, False
     send_job(session, job_id=job.id, queue=job.queue, enqueue=enqueue)
     return job, True
+
+
+WAITING = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING)
+
+
+def check_quotas(session: Session, *, tenant_id: str, settings: Settings) -> None:
+    """429 when the tenant has TENANT_MAX_ACTIVE_JOBS jobs queued or running, or submitted
+    TENANT_MAX_SUBMISSIONS_PER_MINUTE in the last minute. Each count reads at most `limit`
+    index entries, however many jobs the tenant has. (Search branches are the search's.)"""
+    mine = select(Job).where(Job.tenant_id == tenant_id, Job.parent_id.is_(None))
+    active = settings.TENANT_MAX_ACTIVE_JOBS
+    if active:
+        ids = mine.where(Job.status.in_(WAITING)).with_only_columns(Job.seq).limit(active)
+        if session.scalar(select(func.count()).select_from(ids.subquery())) >= active:
+            raise QuotaExceeded(
+                f"this tenant has {active} jobs queued or running, its limit "
+                "(TENANT_MAX_ACTIVE_JOBS); submit more when some have finished",
+                headers={"Retry-After": "30"},
+            )
+    rate = settings.TENANT_MAX_SUBMISSIONS_PER_MINUTE
+    if rate:
+        latest = mine.with_only_columns(Job.created_at).order_by(Job.seq.desc()).limit(rate)
+        times = list(session.scalars(latest))
+        window = utcnow() - timedelta(minutes=1)
+        if len(times) >= rate and times[-1] > window:
+            wait = max(1, math.ceil((times[-1] - window).total_seconds()))
+            raise QuotaExceeded(
+                f"this tenant submitted {rate} jobs in the last minute, its limit "
+                f"(TENANT_MAX_SUBMISSIONS_PER_MINUTE); retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
@@ -434,6 +475,23 @@ def events_after(
             .limit(limit)
         )
     )
+
+
+def events_of_jobs(
+    session: Session, *, cursors: dict[str, int], limit: int = 5000
+) -> list[JobEvent]:
+    """New events of several jobs at once, each after its own cursor, oldest first: one query
+    for every stream an API process holds. A job's events are written by one worker at a
+    time, in order, so per-job cursors never skip a row that commits late."""
+    if not cursors:
+        return []
+    rows = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id.in_(list(cursors)), JobEvent.id > min(cursors.values()))
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return [ev for ev in rows if ev.id > cursors[ev.job_id]]
 
 
 def job_status(session: Session, *, job_id: str) -> str | None:

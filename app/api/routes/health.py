@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import metrics_scraper
+from app.core.db import Database, PoolSize
 from app.core.errors import MetricsDisabled, Unauthorized, error_responses
 
 router = APIRouter(tags=["health"])
@@ -23,13 +26,38 @@ class Readiness(BaseModel):
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up (no dependencies checked)."""
+async def healthz() -> Health:
+    """The process is up (no dependencies checked). Answered on the event loop: it never
+    waits behind user requests for a thread or a database connection."""
     return Health(status="ok")
 
 
+class Probe:
+    """Readiness's own budget: two threads and a database pool of its own (at most two
+    connections, a 2 s wait), so /readyz answers while user traffic fills the API's."""
+
+    def __init__(self, url: str) -> None:
+        self.db = Database(url, pool=PoolSize(size=1, overflow=1, timeout=2.0))
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readyz")
+
+    async def run(self, check, request: Request) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, check, request)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.db.dispose()
+
+
+def _probe(request: Request) -> Probe:
+    probe = getattr(request.app.state, "probe", None)
+    if probe is None:
+        probe = request.app.state.probe = Probe(request.app.state.db.url)
+    return probe
+
+
 def _check_db(request: Request) -> str:
-    with request.app.state.db.engine.connect() as conn:
+    with _probe(request).db.engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     return "ok"
 
@@ -45,7 +73,7 @@ def _check_workers(request: Request) -> str:
 
     settings = request.app.state.settings
     queue = settings.DEFAULT_QUEUE
-    with request.app.state.db.session() as s:
+    with _probe(request).db.session() as s:
         live = lifecycle.live_workers(
             s, queue=queue, heartbeat_timeout=settings.HEARTBEAT_TIMEOUT_SECONDS
         )
@@ -74,6 +102,7 @@ async def readyz(request: Request) -> Response:
     """Ready when the database, the broker and the artifact storage all answer, and a live
     worker (heartbeat within HEARTBEAT_TIMEOUT_SECONDS) consumes the default queue."""
     checks: dict[str, str] = {}
+    probe = _probe(request)
     for name, check in (
         ("database", _check_db),
         ("broker", _check_broker),
@@ -81,7 +110,7 @@ async def readyz(request: Request) -> Response:
         ("workers", _check_workers),
     ):
         try:
-            checks[name] = await run_in_threadpool(check, request)
+            checks[name] = await probe.run(check, request)
         except NotReady as e:
             checks[name] = f"error: {e}"
         except Exception as e:

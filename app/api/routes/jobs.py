@@ -1,15 +1,22 @@
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from app.api import downloads
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_enqueue
+from app.api.deps import (
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    StreamTenantDep,
+    TenantDep,
+    UnitOfWorkRoute,
+    get_enqueue,
+)
+from app.api.events import END, HEARTBEAT, EventFeed
 from app.core.errors import (
     ArtifactNotFound,
     ArtifactsExpired,
@@ -17,12 +24,13 @@ from app.core.errors import (
     JobNotFound,
     JobStateConflict,
     PayloadTooLarge,
+    QuotaExceeded,
     SpecInvalid,
     StorageUnavailable,
     Unauthorized,
     error_responses,
 )
-from app.jobs.states import TERMINAL, JobStatus
+from app.jobs.states import JobStatus
 from app.schemas.jobs import (
     ArtifactPublic,
     ArtifactsPublic,
@@ -37,7 +45,7 @@ from app.schemas.jobs import (
 from app.services import jobs as jobs_service
 from worker.pipeline.history import to_csv
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=UnitOfWorkRoute)
 AUTH = (Unauthorized,)
 
 
@@ -140,62 +148,64 @@ def _sse(event_id: int, kind: str, data: dict[str, Any]) -> str:
     return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
+MAX_EVENT_ID = 2**63 - 1  # event ids are 64-bit integers in the database
+
+
 @router.get(
     "/{job_id}/events",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
-        **error_responses(*AUTH, JobNotFound),
+        **error_responses(*AUTH, JobNotFound, QuotaExceeded),
     },
     response_class=StreamingResponse,
 )
-def job_events(
+async def job_events(
     job_id: str,
     request: Request,
-    session: SessionDep,
-    tenant: TenantDep,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int, Query(ge=0, description="resume after this event id")] = 0,
+    tenant: StreamTenantDep,
+    last_event_id: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_EVENT_ID)
+    ] = None,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_EVENT_ID, description="resume after this event id")
+    ] = 0,
 ) -> StreamingResponse:
     """Stage changes, progress, log lines, metrics and the training history (`history`: one
     event per epoch, the row /history returns) as server-sent events, from the job's first
-    event (or after `Last-Event-ID`), ending once the job has ended."""
-    jobs_service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 for other tenants
-    db = request.app.state.db
-    poll = request.app.state.settings.PROGRESS_THROTTLE_SECONDS / 2
-
-    def fetch(cursor: int):
-        with db.session() as s:
-            return jobs_service.events_after(
-                s, job_id=job_id, after_id=cursor
-            ), jobs_service.job_status(s, job_id=job_id)
+    event (or after `Last-Event-ID`), ending once the job has ended. A comment line every
+    EVENTS_HEARTBEAT_SECONDS (15 s) keeps an idle stream open. At most TENANT_MAX_STREAMS open
+    at once per tenant (429 above)."""
+    feed: EventFeed = request.app.state.feed
+    await feed.run_db(_owned, feed, tenant.id, job_id)  # 404 for other tenants
 
     async def stream():
         cursor = max(after, last_event_id or 0)
-        idle = 0.0
-        while True:
-            events, status = await run_in_threadpool(fetch, cursor)
-            for ev in events:
-                cursor = ev.id
-                yield _sse(ev.id, ev.type, {**ev.data, "at": ev.created_at.isoformat()})
-            if events:
-                idle = 0.0
-                continue  # drain the backlog before sleeping
-            if status in TERMINAL:
+        async for ev in feed.events(job_id, cursor):
+            if ev is HEARTBEAT:
+                yield ": keep-alive\n\n"
+            elif ev is END:
+                status = await feed.run_db(_status, feed, job_id)
                 yield _sse(cursor, "end", {"status": status})
                 return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(poll)
-            idle += poll
-            if idle >= 15:
-                idle = 0.0
-                yield ": keep-alive\n\n"
+            else:
+                cursor = ev.id
+                yield _sse(ev.id, ev.type, ev.data)
 
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _owned(feed: EventFeed, tenant_id: str, job_id: str) -> None:
+    with feed.db.session() as s:
+        jobs_service.get_job(s, tenant_id=tenant_id, job_id=job_id)
+
+
+def _status(feed: EventFeed, job_id: str) -> str | None:
+    with feed.db.session() as s:
+        return jobs_service.job_status(s, job_id=job_id)
 
 
 @router.get(
@@ -250,7 +260,11 @@ def job_candidates(job_id: str, session: SessionDep, tenant: TenantDep) -> Candi
 
 
 def _artifact_public(request: Request, job_id: str, a) -> ArtifactPublic:
-    url = str(request.url_for("download_artifact", job_id=job_id, name=a.name))
+    # Relative to the API, or under the operator's PUBLIC_URL: never built from the request's
+    # Host header, which a client (or anyone in front of the API) chooses.
+    url = request.app.url_path_for("download_artifact", job_id=job_id, name=a.name)
+    public = request.app.state.settings.PUBLIC_URL
+    url = f"{public.rstrip('/')}{url}" if public else str(url)
     return ArtifactPublic(name=a.name, format=a.format, bytes=a.bytes, sha256=a.sha256, url=url)
 
 

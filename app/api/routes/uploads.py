@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, UnitOfWorkRoute
 from app.api.upload import uploaded_file
 from app.core.errors import (
     DatasetNotFound,
@@ -21,7 +21,7 @@ from app.models import Dataset, UploadedModel
 from app.schemas.uploads import DatasetPublic, DatasetsPublic, ModelPublic, ModelsPublic
 from app.services import uploads as uploads_service
 
-router = APIRouter(tags=["uploads"])
+router = APIRouter(tags=["uploads"], route_class=UnitOfWorkRoute)
 
 _FILE_BODY = {
     "requestBody": {
