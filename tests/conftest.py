@@ -44,6 +44,7 @@ def served(tmp_path_factory):
         "BROKER_URL": "",
         "DISTILLERY_API_KEY": "",
         "STORAGE_DIR": "",
+        "JOB_QUEUES": '["parked"]',  # a queue no worker reads (tests/browser)
         # Webhook tests send to a receiver on loopback, over http, retrying fast and briefly.
         "WEBHOOK_ALLOW_HTTP": "true",
         "WEBHOOK_ALLOW_PRIVATE": "true",

@@ -153,6 +153,7 @@ class Stack:
             "STORAGE_DIR": str(tmp_path / "storage"),
             "DISTILLERY_API_KEY": self.key,
             "DEFAULT_QUEUE": self.queue,
+            "JOB_QUEUES": json.dumps([self.queue + "-*"]),  # the tests' own parked queues
             "HEARTBEAT_SECONDS": "0.5",
             # A worker busy in a long GIL-holding call (an ONNX export) on a loaded 2-core
             # machine has missed 4 s of heartbeats here; 10 s still shows the reaper quickly.

@@ -7,6 +7,7 @@ for the distributed mode.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -74,8 +75,9 @@ class Settings(BaseSettings):
     MAX_SEARCH_CANDIDATES: int = SpecLimits.max_candidates
 
     DEFAULT_QUEUE: str = "default"
-    # The queues a job spec may name (`"queue": "gpu"`): each needs a worker that reads it
-    # (`distillery worker -Q gpu`). DEFAULT_QUEUE is always allowed; WEBHOOK_QUEUE never is.
+    # The queues a job spec may name (`"queue": "gpu"`; names or patterns like `gpu-*`): each
+    # needs a worker that reads it (`distillery worker -Q gpu`). DEFAULT_QUEUE is always
+    # allowed; WEBHOOK_QUEUE never is.
     JOB_QUEUES: list[str] = Field(default_factory=lambda: ["default", "gpu"])
     HEARTBEAT_SECONDS: float = 5.0
     HEARTBEAT_TIMEOUT_SECONDS: float = 60.0  # no heartbeat for this long: the worker is gone
@@ -142,11 +144,12 @@ class Settings(BaseSettings):
     def broker_url(self) -> str:
         return self.BROKER_URL or f"sqla+sqlite:///{self.home / 'broker.db'}"
 
-    @property
-    def job_queues(self) -> list[str]:
-        """The queues a job may name: JOB_QUEUES and DEFAULT_QUEUE, never WEBHOOK_QUEUE."""
-        queues = dict.fromkeys([self.DEFAULT_QUEUE, *self.JOB_QUEUES])
-        return [q for q in queues if q != self.WEBHOOK_QUEUE]
+    def queue_allowed(self, queue: str) -> bool:
+        """A job may name DEFAULT_QUEUE or a queue JOB_QUEUES lists (a name, or a pattern
+        such as `gpu-*`), never WEBHOOK_QUEUE."""
+        if queue == self.WEBHOOK_QUEUE:
+            return False
+        return queue == self.DEFAULT_QUEUE or any(fnmatchcase(queue, p) for p in self.JOB_QUEUES)
 
     @property
     def storage_dir(self) -> Path:

@@ -29,7 +29,8 @@ class PoolSize:
         # A request holds a connection only while it runs on one of `threads` threads
         # (app/api/deps.py), so that many connections, plus a few for the process's own
         # background work (reaper, readiness, event feed), never make a thread wait for one.
-        return cls(size=min(threads, 10), overflow=max(threads + 5 - 10, 0), timeout=timeout)
+        size = min(threads, 10)
+        return cls(size=size, overflow=threads + 5 - size, timeout=timeout)
 
 
 def make_engine(url: str, pool: PoolSize | None = None) -> Engine:

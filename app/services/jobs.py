@@ -129,10 +129,11 @@ def validate_for_service(
             'with POST /v1/models and use {"source": "upload", "id": "<model id>"}'
         )
     queue = spec.queue or settings.DEFAULT_QUEUE
-    if queue not in settings.job_queues:
+    if not settings.queue_allowed(queue):
+        known = ", ".join(map(repr, dict.fromkeys([settings.DEFAULT_QUEUE, *settings.JOB_QUEUES])))
         raise SpecInvalid(
-            f"queue: {queue!r} is not a job queue of this service; the queues are "
-            f"{', '.join(map(repr, settings.job_queues))} (the operator's JOB_QUEUES)"
+            f"queue: {queue!r} is not a job queue of this service; it has {known} "
+            "(the operator's DEFAULT_QUEUE and JOB_QUEUES)"
         )
     if spec.webhook is not None:
         try:
