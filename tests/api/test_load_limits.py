@@ -18,7 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from app.models import Job, utcnow
 from app.services import jobs as jobs_service
 from app.services import tenants
-from tests.service_support import TINY_SPEC, client, wait_until
+from tests.service_support import TINY_SPEC, client
 
 
 def _tenant() -> str:
