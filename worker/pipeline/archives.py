@@ -92,7 +92,9 @@ def check_expansion(
     except (*_ARCHIVE_ERRORS, OSError) as e:
         raise DatasetError(f"{name}: corrupt or truncated archive ({e})") from None
     if total > max_total_bytes:
-        raise DatasetError(f"{name}: archive expands to {total} bytes; the cap is {max_total_bytes}")
+        raise DatasetError(
+            f"{name}: archive expands to {total} bytes; the cap is {max_total_bytes}"
+        )
     if total > cap:
         raise DatasetError(
             f"{name}: a {size}-byte archive expanding to {total} bytes or more "
