@@ -79,7 +79,8 @@ def check_expansion(
     size = archive.stat().st_size
     cap = min(max_total_bytes, max(RATIO_FLOOR, int(size * max_ratio)))
     try:
-        if _kind(archive, name) == "zip":
+        kind = _kind(archive, name)
+        if kind == "zip":
             with zipfile.ZipFile(archive) as zf:
                 total = sum(i.file_size for i in zf.infolist())
         else:
@@ -92,8 +93,11 @@ def check_expansion(
     except (*_ARCHIVE_ERRORS, OSError) as e:
         raise DatasetError(f"{name}: corrupt or truncated archive ({e})") from None
     if total > max_total_bytes:
+        # A zip declares its total; a tar's count stopped at the cap.
         raise DatasetError(
             f"{name}: archive expands to {total} bytes; the cap is {max_total_bytes}"
+            if kind == "zip"
+            else f"{name}: archive expands past the {max_total_bytes} byte cap"
         )
     if total > cap:
         raise DatasetError(
