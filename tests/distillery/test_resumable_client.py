@@ -98,3 +98,13 @@ def test_the_async_client_uploads_in_parts_too(api, data_file):
 
     ds = asyncio.run(main())
     assert ds.bytes == data_file.stat().st_size and ds.num_samples == 700
+
+
+def test_a_teacher_goes_up_in_parts_with_its_fields(api, data_file, tmp_path):
+    from tests import factories
+
+    path = factories.user_teacher((1, 8, 8), 10, tmp_path / "teacher.onnx", "onnx")
+    with _client(api, CountingTransport()) as c:
+        m = c.upload_model(path, resumable=True, part_bytes=PART, input_shape=[1, 8, 8])
+    assert m.format == "onnx" and m.input_shape == [1, 8, 8] and m.num_classes == 10
+    assert m.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
