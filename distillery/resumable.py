@@ -175,7 +175,8 @@ def _missing(upload: UploadPublic) -> list[int]:
 
 
 def _resumable(upload: UploadPublic, plan: UploadPlan) -> bool:
-    return upload.status == "open" and upload.bytes == plan.size
+    # completing/completed: `complete` gives its dataset or model (or says it is under way)
+    return upload.bytes == plan.size
 
 
 def _open(server: str, plan: UploadPlan) -> Generator[Any, Any, UploadPublic]:
@@ -184,7 +185,7 @@ def _open(server: str, plan: UploadPlan) -> Generator[Any, Any, UploadPublic]:
     if known is not None:
         try:
             upload = yield get_call(known)
-            if _resumable(upload, plan) or upload.status == "completed":
+            if _resumable(upload, plan):
                 return upload
         except ApiError as e:
             if e.status != 404:

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     MIN_UPLOAD_PART_BYTES: int = Field(5 * 1024**2, ge=1)
     MAX_UPLOAD_PART_BYTES: int = Field(5 * 1024**3, ge=1)
     UPLOAD_SESSION_TTL_HOURS: float = Field(24.0, gt=0)
+    MAX_OPEN_UPLOADS: int = Field(8, ge=1)  # unfinished ones per tenant: each claims its disk
     # The API refuses (507) a file its disk cannot hold with this much to spare, before
     # writing it; and (408) a body that sends nothing for this long (a slow or stalled client).
     UPLOAD_DISK_RESERVE_BYTES: int = Field(256 * 1024**2, ge=0)

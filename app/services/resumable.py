@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -97,6 +97,21 @@ def _check_name(body: UploadCreate) -> None:
         )
 
 
+def _check_open_uploads(session: Session, tenant_id: str, most: int) -> None:
+    """Each open upload claims its whole size on the API's disk until it completes or
+    expires: a tenant may hold only so many."""
+    open_now = session.scalar(
+        select(func.count())
+        .select_from(UploadSession)
+        .where(UploadSession.tenant_id == tenant_id, UploadSession.status != "completed")
+    )
+    if open_now >= most:
+        raise UploadStateConflict(
+            f"{open_now} unfinished uploads already (the limit is {most}); complete or abort "
+            "one (DELETE /v1/uploads/{id}), or let it expire"
+        )
+
+
 def create(
     session: Session, *, tenant_id: str, body: UploadCreate, storage: Storage, settings: Settings
 ) -> UploadSession:
@@ -108,6 +123,7 @@ def create(
         )
     _check_name(body)
     part_bytes = _part_bytes(body, settings)
+    _check_open_uploads(session, tenant_id, settings.MAX_OPEN_UPLOADS)
     ensure_disk(storage.tmp_dir(), body.bytes, settings.UPLOAD_DISK_RESERVE_BYTES)
     row = UploadSession(
         tenant_id=tenant_id,
@@ -240,17 +256,23 @@ def mark_part(row: UploadSession, number: int, length: int, storage: Storage) ->
 def begin_complete(
     session: Session, *, tenant_id: str, upload_id: str, storage: Storage
 ) -> UploadSession:
-    """Claim the upload for completing (a second `complete` at once gets a 409) once every
-    part is there; an upload completed already is returned as it is."""
-    row = get(session, tenant_id=tenant_id, upload_id=upload_id, lock=True)
+    """Claim the upload for completing once every part is there (a conditional UPDATE: of two
+    `complete`s at once, the second gets a 409); one completed already is returned as it is."""
+    row = get(session, tenant_id=tenant_id, upload_id=upload_id)
     if row.status == "completed":
         return row
-    if row.status == "completing":
+    if row.status == "open":
+        lacking = missing(row, received(row, storage))
+        if lacking:
+            shown = ", ".join(map(str, lacking[:20])) + (" …" if len(lacking) > 20 else "")
+            raise UploadStateConflict(f"upload {row.id} lacks {len(lacking)} part(s): {shown}")
+    claimed = session.execute(
+        update(UploadSession)
+        .where(UploadSession.id == row.id, UploadSession.status == "open")
+        .values(status="completing")
+    )
+    if claimed.rowcount != 1:
         raise UploadStateConflict(f"upload {row.id} is being completed; GET it to see when")
-    lacking = missing(row, received(row, storage))
-    if lacking:
-        shown = ", ".join(map(str, lacking[:20])) + (" …" if len(lacking) > 20 else "")
-        raise UploadStateConflict(f"upload {row.id} lacks {len(lacking)} part(s): {shown}")
     row.status = "completing"
     return row
 
@@ -261,8 +283,9 @@ def assemble(row: UploadSession, storage: Storage) -> Path:
     if not storage.multipart:
         return _data(storage, row.id)
     key = bucket_key(row)
-    etags = {n: etag for n, (_, etag) in storage.parts(key, row.bucket_upload_id).items()}
-    storage.complete_multipart(key, row.bucket_upload_id, etags)
+    if storage.size(key) != row.bytes:  # not assembled yet (or by a completion cut short)
+        etags = {n: etag for n, (_, etag) in storage.parts(key, row.bucket_upload_id).items()}
+        storage.complete_multipart(key, row.bucket_upload_id, etags)
     local = _data(storage, row.id)
     local.parent.mkdir(parents=True, exist_ok=True)
     with disk_full_is_507():

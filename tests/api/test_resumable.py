@@ -263,3 +263,14 @@ def test_slow_uploads_do_not_block_another_tenants_requests(api):
         stop.set()
         for t in threads:
             t.join(timeout=5)
+
+
+def test_a_tenant_holds_only_so_many_unfinished_uploads(api, small_parts, monkeypatch):
+    monkeypatch.setattr(api.settings, "MAX_OPEN_UPLOADS", 2)
+    data = _npz_bytes(n=100)
+    with api.client("hoarder") as c:
+        first, _ = _create(c, data), _create(c, data)
+        r = c.post("/v1/uploads", json={"kind": "dataset", "filename": "c.npz", "bytes": 10})
+        assert r.status_code == 409 and "unfinished uploads" in r.json()["error"]["message"]
+        assert c.delete(f"/v1/uploads/{first['id']}").status_code == 204
+        assert _create(c, data)["status"] == "open"
