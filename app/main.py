@@ -19,7 +19,7 @@ from app import dashboard
 from app.api.admission import Admission, Kind
 from app.api.events import EventFeed
 from app.api.metrics import Metrics, MetricsMiddleware
-from app.api.routes import health, jobs, uploads, webhooks
+from app.api.routes import health, jobs, resumable, uploads, webhooks
 from app.core.body_limit import BodyLimitMiddleware, LimitFor
 from app.core.config import Settings
 from app.core.db import Database, PoolSize
@@ -28,6 +28,7 @@ from app.core.headers import SecurityHeadersMiddleware
 from app.core.storage import Storage, StorageError, open_storage
 from app.jobs.lifecycle import Enqueue
 from app.jobs.reaper import Reaper
+from app.services.resumable import ExpireUploads
 from app.services.retention import Retention
 from worker.pipeline.spec import field_path
 
@@ -172,7 +173,7 @@ def create_app(
     pool = PoolSize.for_threads(settings.API_THREADS, timeout=settings.DB_POOL_TIMEOUT_SECONDS)
     db = Database(settings.database_url, info={SEND_WEBHOOK: make_send_webhook(celery)}, pool=pool)
     storage = open_storage(settings)
-    chores = [Retention(db, settings, storage)]
+    chores = [Retention(db, settings, storage), ExpireUploads(db, storage)]
     reaper = (
         Reaper(db, settings, send, make_queue_size(celery), chores=chores) if start_reaper else None
     )
@@ -194,6 +195,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
+    app.include_router(resumable.router)
     app.include_router(webhooks.router)
     dashboard.mount(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(settings))
@@ -215,7 +217,8 @@ UPLOAD_ROUTES = frozenset({("POST", "/v1/datasets"), ("POST", "/v1/models")})
 
 def _body_limit(settings: Settings) -> LimitFor:
     def limit_for(scope) -> int | None:
-        if (scope["method"], scope["path"]) in UPLOAD_ROUTES:
+        method, path = scope["method"], scope["path"]
+        if (method, path) in UPLOAD_ROUTES or (method == "PUT" and path.startswith("/v1/uploads/")):
             return None  # the route streams to disk under its own cap, MAX_UPLOAD_BYTES
         return settings.MAX_REQUEST_BYTES  # read per request: a test may change it live
 

@@ -20,6 +20,7 @@ BENCHMARKS = (
     "search",
     "service_overhead",
     "storage",
+    "upload",
     "api_load",
     "dashboard",
 )

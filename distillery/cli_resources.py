@@ -6,7 +6,7 @@ import json
 
 import click
 
-from distillery.cli_support import InputError, connect, guard, print_table
+from distillery.cli_support import InputError, connect, guard, print_table, upload_progress
 
 
 def _quiet_option(fn):
@@ -32,8 +32,8 @@ def datasets_upload(path: str, as_json: bool, quiet: bool) -> None:
     """Upload a .npz or an ImageFolder .zip/.tar.gz; prints its id."""
     from distillery.output import emit_json
 
-    with connect() as client:
-        ds = client.upload_dataset(path)
+    with connect() as client, upload_progress(path) as progress:
+        ds = client.upload_dataset(path, on_progress=progress)
     if as_json:
         emit_json(ds.model_dump(mode="json"))
     elif quiet:
@@ -115,7 +115,7 @@ def models_upload(path, fmt, arch, arch_kwargs, input_shape, num_classes, as_jso
         kwargs = json.loads(arch_kwargs) if arch_kwargs else None
     except json.JSONDecodeError as e:
         raise InputError(f"--arch-kwargs: not valid JSON ({e})") from None
-    with connect() as client:
+    with connect() as client, upload_progress(path) as progress:
         m = client.upload_model(
             path,
             format=fmt,
@@ -123,6 +123,7 @@ def models_upload(path, fmt, arch, arch_kwargs, input_shape, num_classes, as_jso
             arch_kwargs=kwargs,
             input_shape=shape,
             num_classes=num_classes,
+            on_progress=progress,
         )
     if as_json:
         emit_json(m.model_dump(mode="json"))

@@ -3,6 +3,7 @@ spec, and the client with its failures mapped to exit codes. Thin: click and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -96,3 +97,27 @@ def print_table(columns: tuple[str, ...], rows: list[list[str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+@contextlib.contextmanager
+def upload_progress(path: str | Path):
+    """A progress callback for a file that goes up in parts: a bar on stderr (bytes, speed,
+    time left), or None for a file small enough for one request (no bar to show)."""
+    from distillery.resumable import RESUMABLE_ABOVE
+
+    if Path(path).stat().st_size <= RESUMABLE_ABOVE:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(Path(path).name, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -15,21 +15,32 @@ other POSTs: a retried POST must not create a second job or endpoint.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, Any, Generic, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 from httpx_sse import ServerSentEvent, SSEError, aconnect_sse, connect_sse
 from pydantic import BaseModel
 
+from distillery.calls import ApiError, Call
+from distillery.calls import parse_model as _model
+from distillery.resumable import (
+    RESUMABLE_ABOVE,
+    PartUrlExpired,
+    Progress,
+    SendPart,
+    UploadPlan,
+    part_call,
+    sha256_file,
+    upload_flow,
+)
 from distillery.schemas import (
     ArtifactPublic,
     ArtifactsPublic,
@@ -55,17 +66,11 @@ from distillery.states import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUS = frozenset({429, 502, 503, 504})
-SAFE_METHODS = frozenset({"GET", "HEAD", "DELETE"})  # DELETE: a second one finds nothing to do
+# DELETE: a second one finds nothing to do; PUT (a part of an upload): sent again, it replaces
+# itself.
+SAFE_METHODS = frozenset({"GET", "HEAD", "DELETE", "PUT"})
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-class ApiError(Exception):
-    """The API answered with an error: `status`, `code` (e.g. invalid_spec) and `message`."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
 
 
 class WaitTimeout(Exception):
@@ -97,14 +102,6 @@ def default_key() -> str | None:
     # `distillery serve` keeps its key here: handy on the machine that runs it.
     path = Path(os.environ.get("DISTILLERY_HOME", ".distillery")) / "api_key"
     return path.read_text().strip() if path.is_file() else None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def retry_delay(response: httpx.Response | None, attempt: int, backoff: float) -> float:
@@ -142,20 +139,6 @@ def load_spec(spec: dict[str, Any] | str | Path) -> dict[str, Any]:
 
 
 # --- the requests, shared by both clients ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Call(Generic[T]):
-    """One API request and how to read its answer; each client only sends it."""
-
-    method: str
-    path: str
-    parse: Callable[[httpx.Response], T]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def _model(model: type[M]) -> Callable[[httpx.Response], M]:
-    return lambda r: model.model_validate(r.json())
 
 
 def _none(_: httpx.Response) -> None:
@@ -320,6 +303,22 @@ def _finish_download(part: Path, target: Path, artifact: ArtifactPublic) -> bool
     return True
 
 
+def _in_parts(path: Path, resumable: bool | None) -> bool:
+    return resumable if resumable is not None else path.stat().st_size > RESUMABLE_ABOVE
+
+
+def _bucket_retry(response: httpx.Response) -> bool:
+    """True for a bucket's answer worth retrying; raises PartUrlExpired for a refused URL
+    (the flow asks the API for fresh ones) and ApiError for any other refusal."""
+    if response.status_code < 300:
+        return False
+    if response.status_code == 403:
+        raise PartUrlExpired(response.text[:300])
+    if response.status_code in RETRY_STATUS:
+        return True
+    raise ApiError(response.status_code, "bucket_refused", response.text[:300])
+
+
 class _Base:
     def __init__(
         self,
@@ -365,6 +364,8 @@ class Client(_Base):
         self.http = httpx.Client(
             base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
         )
+        # A bucket's presigned part URLs: no base URL, and never the API key.
+        self.bucket = httpx.Client(timeout=timeout, transport=transport)
         self.sleep = sleep
 
     def __enter__(self) -> Client:
@@ -375,6 +376,7 @@ class Client(_Base):
 
     def close(self) -> None:
         self.http.close()
+        self.bucket.close()
 
     # -- transport ------------------------------------------------------------------------------
 
@@ -567,9 +569,22 @@ class Client(_Base):
 
     # -- uploads ----------------------------------------------------------------------------------
 
-    def upload_dataset(self, path: str | Path) -> DatasetPublic:
-        """Upload a .npz or an ImageFolder .zip/.tar.gz; it is validated and described."""
+    def upload_dataset(
+        self,
+        path: str | Path,
+        *,
+        resumable: bool | None = None,
+        part_bytes: int | None = None,
+        on_progress: Progress | None = None,
+    ) -> DatasetPublic:
+        """Upload a .npz or an ImageFolder .zip/.tar.gz; it is validated and described. Files
+        over 64 MiB (or `resumable=True`) go in parts: a cut connection re-sends only its part,
+        and a later call for the same file resumes where an earlier one stopped."""
         path = Path(path)
+        if _in_parts(path, resumable):
+            return self._upload_in_parts(
+                UploadPlan.of("dataset", path, {}, part_bytes), on_progress
+            )
         with open(path, "rb") as f:
             return self.call(Calls.upload("datasets", f, path.name, {}))
 
@@ -582,12 +597,55 @@ class Client(_Base):
         arch_kwargs: dict[str, Any] | None = None,
         input_shape: list[int] | tuple[int, ...] | None = None,
         num_classes: int | None = None,
+        resumable: bool | None = None,
+        part_bytes: int | None = None,
+        on_progress: Progress | None = None,
     ) -> ModelPublic:
-        """Upload a teacher: TorchScript, ONNX, or safetensors weights with `arch`."""
+        """Upload a teacher: TorchScript, ONNX, or safetensors weights with `arch` (in parts
+        above 64 MiB, as `upload_dataset`)."""
         path = Path(path)
         data = _model_fields(format, arch, arch_kwargs, input_shape, num_classes)
+        if _in_parts(path, resumable):
+            return self._upload_in_parts(
+                UploadPlan.of("model", path, data, part_bytes), on_progress
+            )
         with open(path, "rb") as f:
             return self.call(Calls.upload("models", f, path.name, data))
+
+    def _upload_in_parts(self, plan: UploadPlan, on_progress: Progress | None) -> Any:
+        flow = upload_flow(self.url, plan, on_progress)
+        reply: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply, error = None, None
+            try:
+                reply = self._send_part(step) if isinstance(step, SendPart) else self.call(step)
+            except (ApiError, PartUrlExpired) as e:
+                error = e
+
+    def _send_part(self, part: SendPart) -> None:
+        if part.url is None:
+            self.call(part_call(part))
+            return
+        attempt = 0
+        while True:  # straight to the bucket, without the API key; retried like the API
+            response = None
+            try:
+                response = self.bucket.put(part.url, content=part.data)
+            except httpx.TransportError:
+                if self._retry_after(None, attempt) is None:
+                    raise
+            if response is not None and not _bucket_retry(response):
+                return
+            wait = self._retry_after(response, attempt)
+            if wait is None:
+                raise api_error(response)
+            self.sleep(wait)
+            attempt += 1
 
     def datasets(
         self, *, limit: int = 20, after: str | None = None, sha256: str | None = None
@@ -696,6 +754,7 @@ class AsyncClient(_Base):
         self.http = httpx.AsyncClient(
             base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
         )
+        self.bucket = httpx.AsyncClient(timeout=timeout, transport=transport)
         self.sleep = sleep
 
     async def __aenter__(self) -> AsyncClient:
@@ -706,6 +765,7 @@ class AsyncClient(_Base):
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.bucket.aclose()
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         retryable = _retryable(method, kw.get("headers"))
@@ -852,8 +912,18 @@ class AsyncClient(_Base):
                     raise
                 await self.sleep(self.backoff * (2 ** (attempt - 1)))
 
-    async def upload_dataset(self, path: str | Path) -> DatasetPublic:
+    async def upload_dataset(
+        self,
+        path: str | Path,
+        *,
+        resumable: bool | None = None,
+        part_bytes: int | None = None,
+        on_progress: Progress | None = None,
+    ) -> DatasetPublic:
         path = Path(path)
+        if _in_parts(path, resumable):
+            plan = UploadPlan.of("dataset", path, {}, part_bytes)
+            return await self._upload_in_parts(plan, on_progress)
         with open(path, "rb") as f:
             return await self.call(Calls.upload("datasets", f, path.name, {}))
 
@@ -866,11 +936,55 @@ class AsyncClient(_Base):
         arch_kwargs: dict[str, Any] | None = None,
         input_shape: list[int] | tuple[int, ...] | None = None,
         num_classes: int | None = None,
+        resumable: bool | None = None,
+        part_bytes: int | None = None,
+        on_progress: Progress | None = None,
     ) -> ModelPublic:
         path = Path(path)
         data = _model_fields(format, arch, arch_kwargs, input_shape, num_classes)
+        if _in_parts(path, resumable):
+            plan = UploadPlan.of("model", path, data, part_bytes)
+            return await self._upload_in_parts(plan, on_progress)
         with open(path, "rb") as f:
             return await self.call(Calls.upload("models", f, path.name, data))
+
+    async def _upload_in_parts(self, plan: UploadPlan, on_progress: Progress | None) -> Any:
+        flow = upload_flow(self.url, plan, on_progress)
+        reply: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply, error = None, None
+            try:
+                if isinstance(step, SendPart):
+                    reply = await self._send_part(step)
+                else:
+                    reply = await self.call(step)
+            except (ApiError, PartUrlExpired) as e:
+                error = e
+
+    async def _send_part(self, part: SendPart) -> None:
+        if part.url is None:
+            await self.call(part_call(part))
+            return
+        attempt = 0
+        while True:
+            response = None
+            try:
+                response = await self.bucket.put(part.url, content=part.data)
+            except httpx.TransportError:
+                if self._retry_after(None, attempt) is None:
+                    raise
+            if response is not None and not _bucket_retry(response):
+                return
+            wait = self._retry_after(response, attempt)
+            if wait is None:
+                raise api_error(response)
+            await self.sleep(wait)
+            attempt += 1
 
     async def datasets(
         self, *, limit: int = 20, after: str | None = None, sha256: str | None = None

@@ -215,6 +215,65 @@ WEBHOOK_EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled
 DEFAULT_WEBHOOK_EVENTS: list[str] = ["job.succeeded", "job.failed", "job.cancelled"]
 
 
+MAX_UPLOAD_PARTS = 10_000  # S3's limit, kept for local stores too
+
+
+class UploadModelFields(BaseModel):
+    """A teacher's fields, as POST /v1/models takes them in its form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["torchscript", "onnx", "safetensors"] | None = None
+    arch: str | None = Field(None, max_length=64)
+    arch_kwargs: str | None = Field(None, max_length=10_000, description="a JSON object")
+    input_shape: str | None = Field(None, max_length=100, description="C,H,W or D")
+    num_classes: str | None = Field(None, max_length=20)
+
+
+class UploadCreate(BaseModel):
+    """POST /v1/uploads: a resumable upload of one dataset or teacher file, sent in parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dataset", "model"]
+    filename: str = Field(min_length=1, max_length=255)
+    bytes: int = Field(gt=0, description="the file's size")
+    sha256: str | None = Field(
+        None, pattern="^[0-9a-fA-F]{64}$", description="checked when the upload completes"
+    )
+    part_bytes: int | None = Field(
+        None, gt=0, description="every part but the last (default: 16 MiB, or more for big files)"
+    )
+    fields: UploadModelFields = Field(default_factory=UploadModelFields)
+
+
+class UploadPartPublic(BaseModel):
+    number: int
+    bytes: int
+
+
+class UploadPublic(BaseModel):
+    """A resumable upload: which parts the server (or the bucket) holds, and where the
+    others go: `PUT /v1/uploads/{id}/parts/{n}` on the API, or, on a bucket store, the
+    presigned URL in `part_urls` (for up to 100 missing parts; GET again for more)."""
+
+    id: str
+    kind: Literal["dataset", "model"]
+    filename: str
+    bytes: int
+    part_bytes: int
+    parts_total: int
+    sha256: str | None
+    status: Literal["open", "completing", "completed"]
+    parts: list[UploadPartPublic] = Field(description="the parts received, by number")
+    part_urls: dict[int, str] | None = Field(
+        None, description="bucket store: part number -> presigned PUT URL, no API key"
+    )
+    result_id: str | None = Field(None, description="the dataset or model, once completed")
+    created_at: datetime
+    expires_at: datetime
+
+
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

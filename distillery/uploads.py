@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distillery.cli_support import InputError
+from distillery.cli_support import InputError, upload_progress
 from distillery.client import Client, sha256_file
 
 DATASET_SOURCES = ("npz", "imagefolder")
@@ -50,7 +50,8 @@ def _dataset_id(client: Client, path: Path, echo: Callable[[str], None]) -> str:
     if found:
         echo(f"{path}: already uploaded as {found[0].id}")
         return found[0].id
-    ds = client.upload_dataset(path)
+    with upload_progress(path) as progress:
+        ds = client.upload_dataset(path, on_progress=progress)
     echo(f"{path}: uploaded as {ds.id} ({ds.num_samples} samples, {ds.num_classes} classes)")
     return ds.id
 
@@ -66,6 +67,9 @@ def _model_id(
         if m.format == fmt and m.arch == arch and m.arch_kwargs == arch_kwargs:
             echo(f"{path}: already uploaded as {m.id}")
             return m.id
-    m = client.upload_model(path, format=fmt, arch=arch, arch_kwargs=arch_kwargs or None)
+    with upload_progress(path) as progress:
+        m = client.upload_model(
+            path, format=fmt, arch=arch, arch_kwargs=arch_kwargs or None, on_progress=progress
+        )
     echo(f"{path}: uploaded as {m.id} ({m.format})")
     return m.id

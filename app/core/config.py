@@ -62,7 +62,22 @@ class Settings(BaseSettings):
 
     # JSON request bodies (job specs); uploads have MAX_UPLOAD_BYTES. 413 above, before parsing.
     MAX_REQUEST_BYTES: int = 1024**2
-    MAX_UPLOAD_BYTES: int = 512 * 1024**2
+    MAX_UPLOAD_BYTES: int = 512 * 1024**2  # one request (POST /v1/datasets, /v1/models)
+    # Resumable uploads (POST /v1/uploads, in parts): the largest file, the part sizes a client
+    # may choose (S3 takes 5 MiB to 5 GiB, at most 10,000 parts), and how long an unfinished one
+    # is kept (the reaper removes its parts after).
+    MAX_RESUMABLE_UPLOAD_BYTES: int = 20 * 1024**3
+    MIN_UPLOAD_PART_BYTES: int = Field(5 * 1024**2, ge=1)
+    MAX_UPLOAD_PART_BYTES: int = Field(5 * 1024**3, ge=1)
+    UPLOAD_SESSION_TTL_HOURS: float = Field(24.0, gt=0)
+    MAX_OPEN_UPLOADS: int = Field(8, ge=1)  # unfinished ones per tenant: each claims its disk
+    # The API refuses (507) a file its disk cannot hold with this much to spare, before
+    # writing it; and (408) a body that sends nothing for this long (a slow or stalled client).
+    UPLOAD_DISK_RESERVE_BYTES: int = Field(256 * 1024**2, ge=0)
+    UPLOAD_READ_TIMEOUT_SECONDS: float = Field(60.0, gt=0)
+    # An archive whose members expand to more than this many times its own size, once past
+    # 64 MiB, is refused as a bomb from its headers before anything is extracted.
+    MAX_ARCHIVE_RATIO: float = Field(100.0, gt=1)
     MAX_ARCHIVE_MEMBERS: int = 100_000
     MAX_ARCHIVE_BYTES: int = 4 * 1024**3
 

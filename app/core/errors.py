@@ -114,6 +114,26 @@ class Overloaded(AppError):
     status_code, code = 503, "overloaded"
 
 
+class UploadTimeout(AppError):
+    """A client sent nothing for UPLOAD_READ_TIMEOUT_SECONDS in the middle of a body."""
+
+    status_code, code = 408, "upload_timeout"
+
+
+class InsufficientStorage(AppError):
+    """The API's disk cannot hold the file: refused before a byte of it is written."""
+
+    status_code, code = 507, "insufficient_storage"
+
+
+class UploadNotFound(NotFound):
+    code = "upload_not_found"
+
+
+class UploadStateConflict(AppError):
+    status_code, code = 409, "upload_state_conflict"
+
+
 class StorageUnavailable(AppError):
     """The store (an S3 bucket) did not answer or refused; nothing was written."""
 

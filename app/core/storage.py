@@ -59,6 +59,7 @@ class Storage:
     """What API and workers need of a store. Keys are relative POSIX paths."""
 
     shared = False  # True: a folder that every process reads and writes in place
+    multipart = False  # True: clients send a resumable upload's parts to the store itself
 
     def ensure(self) -> None: ...
     def writable(self) -> bool: ...
@@ -163,6 +164,8 @@ class S3Storage(Storage):
     """A bucket (and prefix) on AWS S3 or any S3-compatible store, through boto3. Endpoint,
     region and credentials come from the settings, else from the standard AWS environment
     (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`)."""
+
+    multipart = True
 
     def __init__(self, url: str, settings: Settings) -> None:
         import boto3
@@ -310,6 +313,62 @@ class S3Storage(Storage):
             "ResponseContentDisposition": f'attachment; filename="{filename}"',
         }
         return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+
+    # -- a multipart upload whose parts the client sends straight to the bucket ------------
+
+    def start_multipart(self, key: str) -> str:
+        """Begin an S3 multipart upload of `key`; returns its UploadId."""
+        reply = self._call(
+            "start an upload",
+            self.client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=self._key(key),
+        )
+        return reply["UploadId"]
+
+    def part_url(self, key: str, upload_id: str, number: int, *, expires: int) -> str:
+        """A presigned URL the client PUTs part `number` to, without credentials."""
+        params = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "UploadId": upload_id,
+            "PartNumber": number,
+        }
+        return self.client.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires)
+
+    def parts(self, key: str, upload_id: str) -> dict[int, tuple[int, str]]:
+        """The parts the bucket holds: number -> (bytes, ETag)."""
+        pages = self.client.get_paginator("list_parts").paginate(
+            Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
+        )
+        return {
+            int(p["PartNumber"]): (int(p["Size"]), p["ETag"])
+            for page in self._call("list the parts of an upload", list, pages)
+            for p in page.get("Parts", [])
+        }
+
+    def complete_multipart(self, key: str, upload_id: str, etags: dict[int, str]) -> None:
+        parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+        self._call(
+            "assemble an upload",
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished upload's parts (an upload already gone is not an error)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
+            )
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise StorageError(f"the store refused to abort an upload: {e}") from e
 
 
 def remove_after_commit(session: Session, storage: Storage, prefixes: list[str]) -> None:

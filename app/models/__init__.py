@@ -243,6 +243,28 @@ class UploadedModel(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class UploadSession(Base):
+    """A resumable upload under way (POST /v1/uploads). Its bytes are in the store's tmp folder
+    (a local store: one file written part by part) or in an S3 multipart upload (parts sent by
+    the client straight to the bucket); `complete` turns it into the Dataset or UploadedModel
+    whose id (`target_id`) its bucket key already names. Expired ones are swept by the reaper."""
+
+    __tablename__ = "upload_sessions"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("upl"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # dataset | model
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    part_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    fields: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # a model's form fields
+    target_id: Mapped[str] = mapped_column(String(40))
+    bucket_upload_id: Mapped[str | None] = mapped_column(Text)  # S3's UploadId
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open|completing|completed
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class Worker(Base):
     """A live worker process: registered when it is ready, heartbeating while it runs, removed
     when it stops (or by whoever sees it die). Readiness asks whether a queue has one."""

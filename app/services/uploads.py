@@ -25,6 +25,7 @@ from app.core.errors import DatasetNotFound, ModelNotFound, NotFound, UploadInUs
 from app.core.storage import Storage, remove_after_commit, safe_filename, upload_key
 from app.jobs.states import TERMINAL
 from app.models import Dataset, Job, UploadedModel
+from worker.pipeline.archives import check_expansion
 from worker.pipeline.errors import PipelineError, SpecError
 from worker.pipeline.files import sha256_file
 from worker.pipeline.limits import SpecLimits, check_structure
@@ -49,6 +50,11 @@ MODEL_FORMATS = {
 def _suffix(name: str, table: dict[str, str]) -> str | None:
     lower = name.lower()
     return next((v for k, v in table.items() if lower.endswith(k)), None)
+
+
+def dataset_kind(filename: str) -> str | None:
+    """npz | imagefolder, from the file's name; None when it is neither."""
+    return _suffix(filename, DATASET_KINDS)
 
 
 def _describe_dataset(
@@ -90,36 +96,40 @@ def _describe_dataset(
     }
 
 
-def create_dataset(
-    session: Session,
+def inspect_dataset(
     *,
-    tenant_id: str,
     tmp_path: Path,
     filename: str,
     storage: Storage,
     settings: Settings,
+    sha256: str | None = None,
 ) -> Dataset:
-    kind = _suffix(filename, DATASET_KINDS)
+    """Validate and describe an uploaded dataset (no database): the row to store, or
+    UploadInvalid. An archive whose headers promise a bomb is refused before extraction."""
+    kind = dataset_kind(filename)
     if kind is None:
         raise UploadInvalid(
             f"{filename}: expected a .npz file or an ImageFolder .zip / .tar.gz archive"
         )
     try:
+        if kind == "imagefolder":
+            check_expansion(
+                tmp_path,
+                max_total_bytes=settings.MAX_ARCHIVE_BYTES,
+                max_ratio=settings.MAX_ARCHIVE_RATIO,
+                name=filename,
+            )
         with tempfile.TemporaryDirectory(dir=storage.tmp_dir()) as work:
             meta = _describe_dataset(tmp_path, kind, settings, Path(work), filename)
     except PipelineError as e:
         raise UploadInvalid(e.message.replace(tmp_path.name, filename)) from None
-    row = Dataset(
-        tenant_id=tenant_id,
+    return Dataset(
         filename=safe_filename(filename),
         kind=kind,
         path="",
         bytes=tmp_path.stat().st_size,
-        sha256=sha256_file(tmp_path),
+        sha256=sha256 or sha256_file(tmp_path),
         **meta,
-    )
-    return _store(
-        session, row, tmp_path=tmp_path, filename=filename, storage=storage, kind="datasets"
     )
 
 
@@ -304,27 +314,41 @@ def _check_torchscript(tmp_path: Path, filename: str) -> None:
         raise UploadInvalid(f"{filename}: corrupt TorchScript archive ({e})") from None
 
 
-def _store(session: Session, row, *, tmp_path: Path, filename: str, storage: Storage, kind: str):
-    """Give the row its id, then move the upload under it into the store (a StorageError
-    rolls the row back: no upload is listed whose file the store lacks)."""
-    session.add(row)
-    session.flush()
-    row.path = upload_key(row.tenant_id, kind, row.id, safe_filename(filename))
-    storage.put_file(row.path, tmp_path, move=True)
-    return row
-
-
-def create_model(
+def store_upload(
     session: Session,
+    row: Dataset | UploadedModel,
     *,
     tenant_id: str,
     tmp_path: Path,
+    storage: Storage,
+    stored_key: str | None = None,
+) -> Dataset | UploadedModel:
+    """Give an inspected row its tenant and id, then move the upload under it into the store
+    (a StorageError rolls the row back: no upload is listed whose file the store lacks).
+    `stored_key`: the file is in the store already (a bucket's multipart upload), under the
+    key the row's id names."""
+    folder = KINDS[type(row)][0]
+    row.tenant_id = tenant_id
+    session.add(row)
+    session.flush()
+    row.path = upload_key(tenant_id, folder, row.id, row.filename)
+    if stored_key is None:
+        storage.put_file(row.path, tmp_path, move=True)
+    elif stored_key != row.path:
+        raise ValueError(f"the stored key {stored_key!r} is not the row's {row.path!r}")
+    return row
+
+
+def inspect_model(
+    *,
+    tmp_path: Path,
     filename: str,
     fields: dict[str, str],
-    storage: Storage,
     limits: SpecLimits,
+    sha256: str | None = None,
 ) -> UploadedModel:
-    """Inspect (never load) an uploaded teacher and store it; refusals are UploadInvalid."""
+    """Inspect (never load) an uploaded teacher (no database): the row to store, or
+    UploadInvalid."""
     fmt = fields.get("format") or _suffix(filename, MODEL_FORMATS)
     if fmt not in ("torchscript", "onnx", "safetensors"):
         raise UploadInvalid(
@@ -343,20 +367,16 @@ def create_model(
     else:
         _safetensors_check(tmp_path, filename)
         arch_kwargs = _safetensors_arch_kwargs(arch, fields.get("arch_kwargs"), limits)
-    row = UploadedModel(
-        tenant_id=tenant_id,
+    return UploadedModel(
         filename=safe_filename(filename),
         format=fmt,
         arch=arch,
         arch_kwargs=arch_kwargs,
         path="",
         bytes=tmp_path.stat().st_size,
-        sha256=sha256_file(tmp_path),
+        sha256=sha256 or sha256_file(tmp_path),
         input_shape=input_shape,
         num_classes=classes,
-    )
-    return _store(
-        session, row, tmp_path=tmp_path, filename=filename, storage=storage, kind="models"
     )
 
 

@@ -15,6 +15,20 @@ from worker.pipeline.errors import DatasetError
 
 MAX_MEMBERS = 200_000
 MAX_TOTAL_BYTES = 4 * 1024**3
+# Expanding more than this many times the archive's own size is a bomb (photos in a zip are
+# ~1x, raw arrays ~10x; a 2 MB zip of 2 GiB of zeros is 1000x) once past RATIO_FLOOR: small
+# archives of zeros are harmless whatever their ratio.
+MAX_RATIO = 100.0
+RATIO_FLOOR = 64 * 1024**2
+_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 
 def _safe_name(name: str) -> PurePosixPath:
@@ -40,23 +54,80 @@ def archive_kind(path: Path) -> str:
     raise DatasetError(f"{path.name}: not a .zip or .tar.gz archive")
 
 
+def _kind(archive: Path, name: str) -> str:
+    lower = name.lower()
+    if lower.endswith(".zip"):
+        return "zip"
+    if lower.endswith((".tar.gz", ".tgz", ".tar")):
+        return "tar"
+    return archive_kind(archive)
+
+
+def check_expansion(
+    archive: Path,
+    *,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_ratio: float = MAX_RATIO,
+    name: str | None = None,
+) -> int:
+    """The bytes `archive` expands to, or DatasetError for a bomb: more than `max_total_bytes`,
+    or more than `max_ratio` times its own size past RATIO_FLOOR. Nothing is written: a zip's
+    central directory declares its sizes; a tar's headers are read in one streamed pass (a
+    .tar.gz decompressed and dropped) that stops at the cap. `name`: the uploader's name of
+    the file, for its suffix and the messages."""
+    name = name or archive.name
+    size = archive.stat().st_size
+    cap = min(max_total_bytes, max(RATIO_FLOOR, int(size * max_ratio)))
+    try:
+        kind = _kind(archive, name)
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                total = sum(i.file_size for i in zf.infolist())
+        else:
+            total = 0
+            with tarfile.open(archive, "r:*") as tf:
+                for member in tf:
+                    total += member.size
+                    if total > cap:
+                        break
+    except (*_ARCHIVE_ERRORS, OSError) as e:
+        raise DatasetError(f"{name}: corrupt or truncated archive ({e})") from None
+    if total > max_total_bytes:
+        # A zip declares its total; a tar's count stopped at the cap.
+        raise DatasetError(
+            f"{name}: archive expands to {total} bytes; the cap is {max_total_bytes}"
+            if kind == "zip"
+            else f"{name}: archive expands past the {max_total_bytes} byte cap"
+        )
+    if total > cap:
+        raise DatasetError(
+            f"{name}: a {size}-byte archive expanding to {total} bytes or more "
+            f"({total / max(size, 1):.0f}x) is refused as an archive bomb; the limit is "
+            f"{max_ratio:g}x its size past {RATIO_FLOOR >> 20} MiB"
+        )
+    return total
+
+
 def safe_extract(
     archive: Path,
     dest: Path,
     *,
     max_members: int = MAX_MEMBERS,
     max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_ratio: float = MAX_RATIO,
 ) -> Path:
     """Extract `archive` into `dest`, refusing traversal, links, devices and oversized content.
 
-    Sizes are checked against the headers first and again while writing, so a member that
-    lies about its size (a zip bomb) is stopped at the cap rather than after filling the disk.
+    Sizes are checked against the headers first (`check_expansion`: a bomb is refused before
+    a byte is written) and again while writing, so a member that lies about its size is
+    stopped at the cap rather than after filling the disk.
     `dest` must be new or empty: on failure it is removed with whatever was extracted.
     """
     if dest.exists() and any(dest.iterdir()):
         raise ValueError(f"extraction target {dest} is not empty")
-    dest.mkdir(parents=True, exist_ok=True)
     kind = archive_kind(archive)
+    check_expansion(archive, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+    dest.mkdir(parents=True, exist_ok=True)
     try:
         if kind == "zip":
             _extract_zip(archive, dest, max_members, max_total_bytes)
@@ -68,15 +139,7 @@ def safe_extract(
     except OSError as e:
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(_os_error_message(archive, dest, e)) from None
-    except (
-        zipfile.BadZipFile,
-        tarfile.TarError,
-        EOFError,
-        RuntimeError,
-        NotImplementedError,
-        zlib.error,
-        lzma.LZMAError,
-    ) as e:
+    except _ARCHIVE_ERRORS as e:
         # RuntimeError: an encrypted member; NotImplementedError: e.g. Deflate64 compression;
         # zlib/lzma errors: a compressed member whose data is damaged (zipfile lets them through).
         shutil.rmtree(dest, ignore_errors=True)

@@ -1,22 +1,26 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, UnitOfWorkRoute
-from app.api.upload import uploaded_file
+from app.api.upload import UploadTenantDep, in_session, uploaded_file
+from app.core.config import Settings
 from app.core.errors import (
     DatasetNotFound,
+    InsufficientStorage,
     ModelNotFound,
     PayloadTooLarge,
     StorageUnavailable,
     Unauthorized,
     UploadInUse,
     UploadInvalid,
+    UploadTimeout,
     error_responses,
 )
+from app.core.storage import Storage
 from app.models import Dataset, UploadedModel
 from app.schemas.uploads import DatasetPublic, DatasetsPublic, ModelPublic, ModelsPublic
 from app.services import uploads as uploads_service
@@ -67,30 +71,57 @@ _FILE_BODY = {
     status_code=201,
     response_model=DatasetPublic,
     openapi_extra=_FILE_BODY,
-    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid, StorageUnavailable),
+    responses=error_responses(
+        Unauthorized,
+        PayloadTooLarge,
+        UploadInvalid,
+        UploadTimeout,
+        InsufficientStorage,
+        StorageUnavailable,
+    ),
 )
 async def upload_dataset(
     request: Request,
-    session: SessionDep,
-    tenant: TenantDep,
+    tenant: UploadTenantDep,
     settings: SettingsDep,
     storage: StorageDep,
 ) -> DatasetPublic:
     """Upload a `.npz` (`x`: N,C,H,W images or N,D rows; `y`: labels; optional `classes`) or an
-    ImageFolder `.zip` / `.tar.gz`. It is validated and described now; jobs use its id."""
-    async with uploaded_file(
-        request, max_bytes=settings.MAX_UPLOAD_BYTES, tmp_dir=storage.tmp_dir()
-    ) as received:
+    ImageFolder `.zip` / `.tar.gz` in one request of up to MAX_UPLOAD_BYTES (larger files: in
+    parts, `POST /v1/uploads`). It is validated and described now; jobs use its id. An
+    archive that would expand absurdly (a bomb) is refused from its headers. A refusal before
+    the whole body is read (413, 507, 401) closes the connection."""
+    async with uploaded_file(request, **_receive(settings, storage)) as received:
         row = await run_in_threadpool(
-            uploads_service.create_dataset,
-            session,
-            tenant_id=tenant.id,
-            tmp_path=received.path,
-            filename=received.filename,
-            storage=storage,
-            settings=settings,
+            lambda: uploads_service.inspect_dataset(
+                tmp_path=received.path,
+                filename=received.filename,
+                storage=storage,
+                settings=settings,
+            )
         )
+        row = await _store(request, row, tenant.id, received.path, storage)
     return DatasetPublic.model_validate(row)
+
+
+def _receive(settings: Settings, storage: Storage) -> dict[str, Any]:
+    return {
+        "max_bytes": settings.MAX_UPLOAD_BYTES,
+        "tmp_dir": storage.tmp_dir(),
+        "reserve": settings.UPLOAD_DISK_RESERVE_BYTES,
+        "timeout": settings.UPLOAD_READ_TIMEOUT_SECONDS,
+    }
+
+
+async def _store(request: Request, row, tenant_id: str, path, storage: Storage):
+    return await in_session(
+        request,
+        uploads_service.store_upload,
+        row=row,
+        tenant_id=tenant_id,
+        tmp_path=path,
+        storage=storage,
+    )
 
 
 Limit = Annotated[int, Query(ge=1, le=200)]
@@ -161,30 +192,34 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
     status_code=201,
     response_model=ModelPublic,
     openapi_extra=_FILE_BODY,
-    responses=error_responses(Unauthorized, PayloadTooLarge, UploadInvalid, StorageUnavailable),
+    responses=error_responses(
+        Unauthorized,
+        PayloadTooLarge,
+        UploadInvalid,
+        UploadTimeout,
+        InsufficientStorage,
+        StorageUnavailable,
+    ),
 )
 async def upload_model(
     request: Request,
-    session: SessionDep,
-    tenant: TenantDep,
+    tenant: UploadTenantDep,
     settings: SettingsDep,
     storage: StorageDep,
 ) -> ModelPublic:
     """Upload a teacher: a TorchScript archive, an ONNX model, or safetensors weights with
-    `arch`. Pickled checkpoints are refused. The file is inspected, not executed, here."""
-    async with uploaded_file(
-        request, max_bytes=settings.MAX_UPLOAD_BYTES, tmp_dir=storage.tmp_dir()
-    ) as received:
+    `arch`, in one request of up to MAX_UPLOAD_BYTES (larger: `POST /v1/uploads`). Pickled
+    checkpoints are refused. The file is inspected, not executed, here."""
+    async with uploaded_file(request, **_receive(settings, storage)) as received:
         row = await run_in_threadpool(
-            uploads_service.create_model,
-            session,
-            tenant_id=tenant.id,
-            tmp_path=received.path,
-            filename=received.filename,
-            fields=received.fields,
-            storage=storage,
-            limits=settings.spec_limits(),
+            lambda: uploads_service.inspect_model(
+                tmp_path=received.path,
+                filename=received.filename,
+                fields=received.fields,
+                limits=settings.spec_limits(),
+            )
         )
+        row = await _store(request, row, tenant.id, received.path, storage)
     return ModelPublic.model_validate(row)
 
 

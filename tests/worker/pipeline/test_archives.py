@@ -305,3 +305,45 @@ def test_a_zip_with_an_unsupported_compression_method_is_refused_as_a_dataset_er
         safe_extract(archive, tmp_path / "dest")
 
     assert _nothing_left(tmp_path / "dest")
+
+
+# --- bombs, refused from their headers ------------------------------------------------------
+
+
+def _tar_gz_of_zeros(path: Path, members: int, each: int) -> Path:
+    zeros = b"\0" * each
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        for i in range(members):
+            _tar_add(tf, f"cls/{i}.png", zeros)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_absurd_compression_ratio_is_refused_before_a_byte_is_written(
+    tmp_path, monkeypatch, kind
+):
+    """~100 KB expanding to 96 MiB (about 1000x): refused from the zip's central directory,
+    or from a tar's headers read in a streamed pass that stops at the cap."""
+    import worker.pipeline.archives as archives
+
+    if kind == "zip":
+        archive = _zip(tmp_path / "bomb.zip", {"cls/zeros.png": b"\0" * (96 << 20)})
+    else:
+        archive = _tar_gz_of_zeros(tmp_path / "bomb.tar.gz", members=12, each=8 << 20)
+    assert archive.stat().st_size < 1 << 20
+    written: list[str] = []
+    monkeypatch.setattr(archives, "_copy_capped", lambda *a: written.append(a[3]) or 0)
+
+    with pytest.raises(DatasetError, match=r"archive bomb"):
+        safe_extract(archive, tmp_path / "dest")
+
+    assert written == [] and not (tmp_path / "dest").exists()
+
+
+def test_a_modest_ratio_and_a_small_archive_of_zeros_pass_the_bomb_check(tmp_path):
+    from worker.pipeline.archives import check_expansion
+
+    small = _zip(tmp_path / "small.zip", {"zeros.bin": b"\0" * (5 << 20)})  # 1000x, 5 MiB
+    assert check_expansion(small) == 5 << 20
+    noisy = _zip(tmp_path / "noisy.zip", {"a.bin": os.urandom(1 << 20)})
+    assert check_expansion(noisy, max_ratio=1.5) == 1 << 20

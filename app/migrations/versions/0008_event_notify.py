@@ -1,15 +1,15 @@
 """event streams: on PostgreSQL every new job event NOTIFYs its job id, so each API process
 wakes its one event feed instead of every stream polling (SQLite: nothing, the feed polls)
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-07 10:30:00
 """
 
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
