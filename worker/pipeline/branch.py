@@ -126,6 +126,8 @@ def run_branch(
         limits=limits or SpecLimits(),
     )
     state.signal = _teacher_signal(spec, out, state)
+    if state.compress_only and state.teacher is None:  # its own model is the one to prune
+        _load_teacher(spec, out, state)
     branch = _Branch(spec, p, index, state, steps)
     baseline = _baseline(branch)
     for d in range(len(p.recipes)):
@@ -138,12 +140,17 @@ def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
     teacher itself (augmentation or a feature loss need it online)."""
     import torch
 
-    from worker.pipeline import teacher as teachers
-    from worker.pipeline.spec import TrainedTeacher
-
     logits = shared_dir(out) / "logits.npy"
     if logits.exists():
         return TeacherSignal(torch.from_numpy(np.load(logits)), None)
+    return TeacherSignal(None, _load_teacher(spec, out, state).logits_fn)
+
+
+def _load_teacher(spec: JobSpec, out: Path, state: JobState):
+    """The teacher the teacher phase trained (its shared weights), or the uploaded one."""
+    from worker.pipeline import teacher as teachers
+    from worker.pipeline.spec import TrainedTeacher
+
     t = spec.teacher
     if isinstance(t, TrainedTeacher):
         from worker.pipeline.teacher import load_safetensors
@@ -153,7 +160,7 @@ def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
         state.teacher = teachers.TeacherResult(model, model, None, {}, t.arch, t.arch_kwargs)
     else:
         state.teacher = teachers.run(t, state.data, state.ctx.for_stage("teacher"), spec.seed)
-    return TeacherSignal(None, state.teacher.logits_fn)
+    return state.teacher
 
 
 def _baseline(branch: _Branch) -> nn.Module | None:
@@ -162,7 +169,7 @@ def _baseline(branch: _Branch) -> nn.Module | None:
     from worker.pipeline.distill import train_student
 
     s, state = branch.spec, branch.state
-    if not s.distill.baseline:
+    if not s.distill.baseline or state.compress_only:
         return None
     path = state.state_dir / "baseline.safetensors"
     if path.exists():
@@ -203,6 +210,9 @@ def _distilled(branch: _Branch, d: int, c: Candidate, baseline: nn.Module | None
     from worker.pipeline import distill as distillation
 
     s, state = branch.spec, branch.state
+    if state.compress_only:  # the unpruned model is the teacher itself
+        branch.kept[c.key] = "teacher"
+        return state.start_model()
     t, a = branch.plan.recipes[d]
     dspec = s.distill.model_copy(update={"temperature": t, "alpha": a})
     branch.progress.start(f"d{d}")
@@ -263,8 +273,9 @@ def _float_model(branch: _Branch, key: str) -> nn.Module:
         path = branch.model_path(key, ".safetensors")
         from worker.pipeline.teacher import load_safetensors
 
-        student = state.spec.student
-        model = load_safetensors(path, student.arch, student.arch_kwargs, state.data)
+        arch, kwargs = state.subject_arch()
+        assert arch is not None
+        model = load_safetensors(path, arch, kwargs, state.data)
         branch.floats[key] = model.to(state.ctx.device)
     return branch.floats[key]
 
@@ -276,12 +287,10 @@ def _measure_float(branch: _Branch, c: Candidate, model: nn.Module) -> None:
 
     state = branch.state
     branch.floats[c.key] = model
-    student = state.spec.student
+    arch, kwargs = state.subject_arch()
+    assert arch is not None
     export_safetensors(
-        model,
-        _ensure(branch.model_path(c.key, ".safetensors")),
-        arch=student.arch,
-        arch_kwargs=student.arch_kwargs,
+        model, _ensure(branch.model_path(c.key, ".safetensors")), arch=arch, arch_kwargs=kwargs
     )
     onnx = export_onnx(model, state.data.x_test, branch.model_path(c.key, ".onnx"))
     macs = count_macs(model.eval(), state.data.x_train[:1].to(state.ctx.device))

@@ -58,6 +58,7 @@ def create_job(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    storage: StorageDep,
     response: Response,
     enqueue=Depends(get_enqueue),
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -75,6 +76,7 @@ def create_job(
         idempotency_key=idempotency_key,
         settings=settings,
         enqueue=enqueue,
+        storage=storage,
     )
     if not created:
         response.status_code = 200
