@@ -131,6 +131,20 @@ def test_serve(served, tmp_path):
         assert [s["name"] for s in job["stages"]] == ["teacher", "prune", "quantize", "export"]
         assert job["metrics"]["pruned"]["params"] < job["metrics"]["teacher"]["params"]
 
+        # a search with the teacher itself and a pretrained student on its students axis
+        axes = {"student": [None, {**student, "init": init}], "prune.amount": [0, 0.5]}
+        search = {"dataset": data, "teacher": uploaded, **FAST, "search": axes}
+        job = _succeeded(c, search)
+        listed = c.get(f"/v1/jobs/{job['id']}/candidates").json()["data"]
+        by_key = {cand["key"]: cand for cand in listed}
+        assert sorted(by_key) == ["s0-d0-p0-q0", "s0-d0-p0-q1", "s0-d0-p1-q0", "s0-d0-p1-q1",
+                                  "s1-d0-p0-q0", "s1-d0-p0-q1", "s1-d0-p1-q0", "s1-d0-p1-q1"]  # fmt: skip
+        teacher_itself = by_key["s0-d0-p0-q0"]
+        assert teacher_itself["axes"]["student"] is None
+        assert teacher_itself["metrics"]["accuracy"] == job["metrics"]["teacher"]["accuracy"]
+        assert by_key["s0-d0-p1-q0"]["metrics"]["params"] < teacher_itself["metrics"]["params"]
+        assert by_key["s1-d0-p0-q0"]["axes"]["student"]["init"] == init  # as sent, no path
+
         # --- refused at POST, naming the problem
         wide = _pretrained(tmp_path / "wide.safetensors", widths=(8, 32))
         wide_id = _upload(c, "/v1/models", wide, arch="cnn_tiny", arch_kwargs=kwargs)

@@ -41,6 +41,8 @@ class _Branch:
     state: JobState  # this branch's student, data and folders
     progress: _Steps
     floats: dict[str, nn.Module] = field(default_factory=dict)  # key -> float model, this run
+    # The student as the user wrote it (an upload id, not the worker's file), for the axes.
+    public_student: Any = None
     kept: dict[str, str] = field(default_factory=dict)  # unpruned key -> distilled | baseline
 
     @property
@@ -104,9 +106,11 @@ def run_branch(
     on_event: EventFn | None = None,
     should_cancel=None,
     limits: SpecLimits | None = None,
+    public_spec: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Make and measure every candidate of student `index`; returns their records. Needs the
-    teacher phase's records under `out` (search.run_teacher)."""
+    teacher phase's records under `out` (search.run_teacher). `public_spec`: the spec as the
+    user sent it, whose student the candidates' axes show (default: `spec`'s)."""
     from worker.pipeline.runner import start_state
 
     emit: EventFn = on_event or (lambda e: None)
@@ -129,10 +133,18 @@ def run_branch(
     if state.compress_only and state.teacher is None:  # its own model is the one to prune
         _load_teacher(spec, out, state)
     branch = _Branch(spec, p, index, state, steps)
+    branch.public_student = _public_student(public_spec, index, p.candidates(index)[0])
     baseline = _baseline(branch)
     for d in range(len(p.recipes)):
         _recipe(branch, d, baseline)
     return [read_json(branch.record_path(c.key)) for c in p.candidates(index)]
+
+
+def _public_student(public_spec: dict[str, Any] | None, index: int, first: Candidate) -> Any:
+    if public_spec is None:
+        return first.axes["student"]
+    students = (public_spec.get("search") or {}).get("student") or [public_spec.get("student")]
+    return students[index]
 
 
 def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
@@ -328,7 +340,7 @@ def _write(branch: _Branch, c: Candidate, onnx: Path, params: int, macs: int) ->
         "key": c.key,
         "branch": c.branch,
         "parent": c.parent,
-        "axes": c.axes,
+        "axes": {**c.axes, "student": branch.public_student},
         "metrics": metrics,
         "kept": branch.kept.get(c.key),
         "files": {

@@ -300,7 +300,7 @@ def run_search(
                 from worker.pipeline.errors import Cancelled
 
                 raise Cancelled("cancelled during the search")
-            run_branch(spec, out, i, **kw)
+            run_branch(spec, out, i, public_spec=public_spec, **kw)
     with _stage(emit, "export"):
         return finalize(spec, out, on_event=emit, public_spec=public_spec, started=started)
 
