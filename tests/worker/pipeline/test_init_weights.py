@@ -99,3 +99,40 @@ def test_the_preflight_checks_a_local_init_before_anything_trains(tmp_path):
     )
     with pytest.raises(SpecError, match=r"student\.init: 'cnn_tiny'.*features\.1\.0\.weight"):
         preflight(spec, input_shape=SHAPE, num_classes=3, limits=SpecLimits(), teacher=None)
+
+
+def test_a_job_starts_its_teacher_and_student_from_files_and_reports_it(tmp_path):
+    from worker.pipeline.runner import run_pipeline
+
+    digits = (1, 8, 8)
+    for name, arch, classes in (("t", "cnn_small", 10), ("s", "cnn_tiny", 4)):
+        torch.manual_seed(1)
+        model = build_model(arch, digits, classes)
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(tmp_path / f"{name}.safetensors"),
+        )
+    init = lambda name: {"source": "safetensors", "path": str(tmp_path / f"{name}.safetensors")}  # noqa: E731
+    spec = {
+        "dataset": {"source": "builtin", "name": "digits", "max_samples": 200},
+        "teacher": {"arch": "cnn_small", "epochs": 1, "init": init("t")},
+        "student": {"arch": "cnn_tiny", "init": init("s")},
+        "distill": {"epochs": 1},
+        "prune": None,
+        "quantize": None,
+        "export": [],
+        "evaluate": {"latency_runs": 5, "latency_warmup": 1, "latency_b32_runs": 0},
+    }
+    report = run_pipeline(JobSpec.model_validate(spec), tmp_path / "out")
+    assert report["init"]["teacher.init"]["head_replaced"] is False  # 10 classes, as digits
+    assert report["init"]["student.init"]["head_replaced"] is True  # 4 in the file
+    assert report["init"]["student.init"]["from"] == {
+        "source": "safetensors",
+        "file": "s.safetensors",
+    }
+    stages = {s["name"]: s["metrics"] for s in report["stages"]}
+    assert stages["teacher"]["init_head_replaced"] == 0.0
+    assert stages["teacher"]["init_tensors_loaded"] == len(
+        build_model("cnn_small", digits, 10).state_dict()
+    )
+    assert stages["distill"]["init_head_replaced"] == 1.0
