@@ -88,11 +88,12 @@ class _Steps:
         )
 
 
-def _weights(spec: JobSpec, p: SearchPlan) -> dict[str, float]:
+def _weights(spec: JobSpec, p: SearchPlan, index: int) -> dict[str, float]:
     prune = spec.prune or PruneSpec()
-    w = {"baseline": float(spec.distill.epochs)} if spec.distill.baseline else {}
+    trains = p.students[index] is not None  # a branch compressing the teacher trains no student
+    w = {"baseline": float(spec.distill.epochs)} if spec.distill.baseline and trains else {}
     for d in range(len(p.recipes)):
-        w[f"d{d}"] = float(spec.distill.epochs)
+        w[f"d{d}"] = float(spec.distill.epochs) if trains else 0.0
         for i in range(1, len(p.prunes)):
             w[f"d{d}-p{i}"] = float(prune.finetune_epochs) + 1.0
     return w
@@ -115,7 +116,7 @@ def run_branch(
 
     emit: EventFn = on_event or (lambda e: None)
     p = plan(spec)
-    steps = _Steps(_weights(spec, p), emit)
+    steps = _Steps(_weights(spec, p, index), emit)
     bdir = branch_dir(out, index)
     (bdir / ".work" / "state").mkdir(parents=True, exist_ok=True)
     history = HistoryLog(bdir / "history.jsonl")
