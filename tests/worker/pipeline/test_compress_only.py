@@ -122,3 +122,15 @@ def test_an_onnx_teacher_is_quantized_without_a_student(tmp_path):
     assert m["final"]["model"] == "quantized"
     assert (tmp_path / "out" / "model.onnx").read_bytes() == onnx.read_bytes()
     assert {a["name"] for a in report["artifacts"]} >= {"model.int8_dynamic.onnx", "model.onnx"}
+
+
+def test_a_finished_compress_only_job_run_again_resumes_every_stage(compressed):
+    out, report, _ = compressed
+    events: list[dict] = []
+    again = run_pipeline(JobSpec.model_validate(COMPRESS), out, on_event=events.append)
+    resumed = [e["stage"] for e in events if e["type"] == "stage" and e.get("resumed")]
+    assert resumed == ["teacher", "prune", "quantize", "export"]
+    assert not any(e["type"] == "history" for e in events)  # nothing trained again
+    for key in ("teacher", "pruned", "quantized"):  # the pruned teacher reloaded by its arch
+        assert again["metrics"][key]["accuracy"] == report["metrics"][key]["accuracy"]
+    assert again["metrics"]["final"]["model"] == report["metrics"]["final"]["model"]

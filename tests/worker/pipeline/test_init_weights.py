@@ -136,3 +136,17 @@ def test_a_job_starts_its_teacher_and_student_from_files_and_reports_it(tmp_path
         build_model("cnn_small", digits, 10).state_dict()
     )
     assert stages["distill"]["init_head_replaced"] == 1.0
+
+
+def test_torchvision_imagenet_weights_fit_with_their_head_replaced(tmp_path):
+    """What a user does with ImageNet weights: torchvision's own mobilenet_v3_small (1000
+    classes) saved as safetensors starts our mobilenet_v3_small for 224-px RGB and 5 classes."""
+    from torchvision import models
+
+    imagenet = models.mobilenet_v3_small(weights=None, num_classes=1000)
+    save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(tmp_path / "m"))
+    with torch.device("meta"):
+        ours = build_model("mobilenet_v3_small", (3, 224, 224), 5)
+    plan = plan_init(ours, file_header(tmp_path / "m"), "student.init")
+    assert sorted(plan.replaced) == ["classifier.3.bias", "classifier.3.weight"]
+    assert len(plan.load) == len(imagenet.state_dict()) - 2
