@@ -177,7 +177,8 @@ def validate_for_service(
             preflight.preflight(
                 spec, input_shape=shape[0], num_classes=shape[1], limits=limits, teacher=teacher
             )
-        _check_inits(session, tenant_id, spec, shape, storage or open_storage(settings))
+        if preflight.inits_of(spec):  # a store is opened only when there is a header to read
+            _check_inits(session, tenant_id, spec, shape, storage or open_storage(settings))
     except SpecError as e:  # the pipeline's refusal, already naming the field
         raise SpecInvalid(e.message) from None
     return spec
