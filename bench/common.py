@@ -17,6 +17,7 @@ BENCHMARKS = (
     "distill_speed",
     "compression",
     "distill_pays",
+    "pretrained_init",
     "search",
     "service_overhead",
     "storage",

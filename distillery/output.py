@@ -99,8 +99,14 @@ def final_summary(final: dict[str, Any]) -> str:
 
 def _axes_label(axes: dict[str, Any]) -> tuple[str, str, str, str]:
     student = axes["student"]
-    kwargs = student.get("arch_kwargs") or {}
-    arch = student["arch"] + ("" if not kwargs else " " + json.dumps(kwargs, separators=(",", ":")))
+    if student is None:  # a search compressing the teacher itself
+        arch = "(the teacher)"
+    else:
+        kwargs = student.get("arch_kwargs") or {}
+        arch = student["arch"] + (
+            "" if not kwargs else " " + json.dumps(kwargs, separators=(",", ":"))
+        )
+        arch += " (pretrained)" if student.get("init") else ""
     prune = "-" if not axes["prune.amount"] else f"{axes['prune.method']} {axes['prune.amount']:g}"
     recipe = f"T={axes['distill.temperature']:g} a={axes['distill.alpha']:g}"
     return arch, recipe, prune, axes["quantize.method"] or "float"

@@ -146,6 +146,7 @@ def branch(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | Non
             on_event=folder.watching(recorder, under=mine),
             should_cancel=should_cancel,
             limits=runtime.settings.spec_limits(),
+            public_spec=claimed.spec,
         )
         folder.push(mine)
         seconds = time.perf_counter() - started

@@ -15,10 +15,12 @@ from worker.pipeline.spec import (
     JobSpec,
     NpzDataset,
     OnnxTeacher,
+    SafetensorsInit,
     SafetensorsTeacher,
     TorchScriptTeacher,
     TorchvisionDataset,
     UploadedDataset,
+    UploadedInit,
     UploadedTeacher,
 )
 from worker.runtime import Runtime
@@ -42,9 +44,32 @@ def resolve_uploads(runtime: Runtime, spec: JobSpec, tenant_id: str) -> JobSpec:
             if isinstance(spec.teacher, UploadedTeacher):
                 row = uploads_service.get_model(s, tenant_id=tenant_id, model_id=spec.teacher.id)
                 updates["teacher"] = _teacher(row, _local(runtime, row))
+            updates.update(_inits(runtime, s, spec, updates, tenant_id))
         except NotFound as e:  # deleted since the job was submitted
             raise PipelineError(f"{e.message}: it no longer exists") from None
     return spec.model_copy(update=updates) if updates else spec
+
+
+def _inits(runtime: Runtime, s, spec: JobSpec, updates: dict, tenant_id: str) -> dict[str, Any]:
+    """Starting weights named by upload id (students, a trained teacher) -> their files."""
+
+    def resolved(model: Any) -> Any:
+        init = getattr(model, "init", None)
+        if not isinstance(init, UploadedInit):
+            return model
+        row = uploads_service.get_model(s, tenant_id=tenant_id, model_id=init.id)
+        path = SafetensorsInit(source="safetensors", path=_local(runtime, row))
+        return model.model_copy(update={"init": path})
+
+    out: dict[str, Any] = {}
+    if spec.student is not None:
+        out["student"] = resolved(spec.student)
+    teacher = updates.get("teacher", spec.teacher)
+    out["teacher"] = resolved(teacher)
+    if spec.search is not None and spec.search.student is not None:
+        students = [resolved(st) for st in spec.search.student]
+        out["search"] = spec.search.model_copy(update={"student": students})
+    return out
 
 
 def _local(runtime: Runtime, row: Dataset | UploadedModel) -> str:

@@ -24,7 +24,7 @@ from app.core.errors import (
     QuotaExceeded,
     SpecInvalid,
 )
-from app.core.storage import Storage, job_key, remove_after_commit
+from app.core.storage import Storage, job_key, open_storage, remove_after_commit
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Enqueue
 from app.jobs.states import ACTIVE, TERMINAL, JobStatus, StageStatus
@@ -47,11 +47,14 @@ from worker.pipeline.spec import (
     JobSpec,
     NpzDataset,
     OnnxTeacher,
+    SafetensorsInit,
     SafetensorsTeacher,
     TorchScriptTeacher,
     TorchvisionDataset,
     UploadedDataset,
+    UploadedInit,
     UploadedTeacher,
+    check_opaque_teacher,
 )
 
 if TYPE_CHECKING:
@@ -111,11 +114,17 @@ def _shape_of_dataset(
 
 
 def validate_for_service(
-    session: Session, *, tenant_id: str, spec: JobSpec, settings: Settings
+    session: Session,
+    *,
+    tenant_id: str,
+    spec: JobSpec,
+    settings: Settings,
+    storage: Storage | None = None,
 ) -> JobSpec:
     """Refuse what a remote user may not ask for, and what cannot fit together, before queueing.
 
-    Returns the spec as it will run (torchvision data root set by the service).
+    Returns the spec as it will run (torchvision data root set by the service). `storage`
+    holds the uploads whose headers are read (starting weights); default: the settings' store.
     """
     ds = spec.dataset
     if isinstance(ds, NpzDataset | ImageFolderDataset):
@@ -135,6 +144,17 @@ def validate_for_service(
             f"queue: {queue!r} is not a job queue of this service; it has {known} "
             "(the operator's DEFAULT_QUEUE and JOB_QUEUES)"
         )
+    # Imported here: the preflight builds models with torch, and the webhook worker, which
+    # reads jobs through this module, has no use for it.
+    from worker.pipeline import preflight
+
+    for ref in preflight.inits_of(spec):
+        if isinstance(ref.init, SafetensorsInit):
+            raise SpecInvalid(
+                f"{ref.field}.source: 'safetensors' reads a path on the server; upload the "
+                "weights with POST /v1/models (format safetensors, with their arch) and use "
+                '{"source": "upload", "id": "<model id>"}'
+            )
     if spec.webhook is not None:
         try:
             targets.check(
@@ -154,10 +174,6 @@ def validate_for_service(
         default_root = TorchvisionDataset.model_fields["root"].default
         spec = spec.model_copy(update={"dataset": ds.model_copy(update={"root": default_root})})
 
-    # Imported here: the preflight builds models with torch, and the webhook worker, which
-    # reads jobs through this module, has no use for it.
-    from worker.pipeline import preflight
-
     limits = settings.spec_limits()
     teacher = preflight.teacher_of(spec)
     try:
@@ -171,6 +187,8 @@ def validate_for_service(
             preflight.preflight(
                 spec, input_shape=shape[0], num_classes=shape[1], limits=limits, teacher=teacher
             )
+        if preflight.inits_of(spec):  # a store is opened only when there is a header to read
+            _check_inits(session, tenant_id, spec, shape, storage or open_storage(settings))
     except SpecError as e:  # the pipeline's refusal, already naming the field
         raise SpecInvalid(e.message) from None
     return spec
@@ -192,6 +210,12 @@ def _uploaded_teacher(
         raise SpecInvalid(f"teacher.id: no model {teacher.id!r}; upload one with POST /v1/models")
     if spec.distill.feature is not None and model.format == "onnx":
         raise SpecInvalid("distill.feature: an ONNX teacher does not expose inner layers")
+    if spec.compresses_teacher and model.format != "safetensors":
+        kind = "an ONNX" if model.format == "onnx" else "a TorchScript"
+        try:
+            check_opaque_teacher(spec, kind, "teacher.id")
+        except ValueError as e:
+            raise SpecInvalid(str(e)) from None
     if shape is not None:
         in_shape, classes = shape
         if model.input_shape is not None and tuple(model.input_shape) != in_shape:
@@ -208,6 +232,53 @@ def _uploaded_teacher(
 
         return ArchRef("teacher.id", model.arch, model.arch_kwargs or {}, kwargs_field)
     return None
+
+
+def _check_inits(
+    session: Session,
+    tenant_id: str,
+    spec: JobSpec,
+    shape: tuple[tuple[int, ...], int] | None,
+    storage: Storage,
+) -> None:
+    """Each uploaded set of starting weights: the tenant's, safetensors, for the same arch,
+    and (from its header alone, read from the store) fitting the model the job builds."""
+    from worker.pipeline import preflight
+
+    for ref in preflight.inits_of(spec):
+        assert isinstance(ref.init, UploadedInit)  # paths were refused above
+        row = session.scalar(
+            select(UploadedModel)
+            .where(UploadedModel.id == ref.init.id, UploadedModel.tenant_id == tenant_id)
+            .with_for_update(read=True)
+        )
+        where = f"{ref.field}.id: model {ref.init.id!r}"
+        if row is None:
+            raise SpecInvalid(f"{where} does not exist; upload one with POST /v1/models")
+        if row.format != "safetensors":
+            raise SpecInvalid(
+                f"{where} is {row.format}; starting weights are safetensors (uploaded with their arch)"
+            )
+        if row.arch != ref.model.arch:
+            raise SpecInvalid(
+                f"{where} holds weights for arch {row.arch!r}; {ref.model.field} is {ref.model.arch!r}"
+            )
+        if shape is not None:
+            preflight.check_init(ref, _stored_header(storage, row, where), *shape)
+
+
+def _stored_header(storage: Storage, row: UploadedModel, where: str) -> dict:
+    """A stored safetensors upload's header: two range reads, never the tensors."""
+    from worker.pipeline.errors import ModelLoadError
+    from worker.pipeline.init_weights import parse_header
+
+    def read(start: int, length: int) -> bytes:
+        return b"".join(storage.stream(row.path, start, start + length - 1))
+
+    try:
+        return parse_header(read, row.filename)
+    except ModelLoadError as e:
+        raise SpecInvalid(f"{where}: {e.message}") from None
 
 
 # --- create / read / list / cancel -----------------------------------------------------------
@@ -250,6 +321,7 @@ def create_job(
     idempotency_key: str | None,
     settings: Settings,
     enqueue: Enqueue,
+    storage: Storage | None = None,
 ) -> tuple[Job, bool]:
     """Store a job and enqueue it after commit; returns (job, created). With an idempotency
     key, the same key and body return the first job, even when the requests race."""
@@ -261,7 +333,9 @@ def create_job(
         if existing is not None:
             return existing, False
     check_quotas(session, tenant_id=tenant_id, settings=settings)
-    resolved = validate_for_service(session, tenant_id=tenant_id, spec=spec, settings=settings)
+    resolved = validate_for_service(
+        session, tenant_id=tenant_id, spec=spec, settings=settings, storage=storage
+    )
     job = lifecycle.create(
         session,
         tenant_id=tenant_id,

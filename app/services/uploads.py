@@ -440,11 +440,18 @@ def list_uploads(
 
 
 def uploads_named(spec: dict[str, Any] | None) -> set[tuple[str, str]]:
-    """(spec field, upload id) of each upload a job's spec names: its dataset, its teacher."""
+    """(spec field, upload id) of each upload a job's spec names: its dataset, its teacher,
+    and starting weights (a model upload, counted under "teacher": the field of models)."""
+    spec = spec or {}
+    students = (spec.get("search") or {}).get("student") or []
+    blocks = [("dataset", spec.get("dataset")), ("teacher", spec.get("teacher"))]
+    for model in [spec.get("student"), spec.get("teacher"), *students]:
+        if isinstance(model, dict):
+            blocks.append(("teacher", model.get("init")))
     return {
         (field, block["id"])
-        for field in ("dataset", "teacher")
-        if isinstance(block := (spec or {}).get(field), dict)
+        for field, block in blocks
+        if isinstance(block, dict)
         and block.get("source") == "upload"
         and isinstance(block.get("id"), str)
     }

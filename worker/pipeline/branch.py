@@ -41,6 +41,8 @@ class _Branch:
     state: JobState  # this branch's student, data and folders
     progress: _Steps
     floats: dict[str, nn.Module] = field(default_factory=dict)  # key -> float model, this run
+    # The student as the user wrote it (an upload id, not the worker's file), for the axes.
+    public_student: Any = None
     kept: dict[str, str] = field(default_factory=dict)  # unpruned key -> distilled | baseline
 
     @property
@@ -86,11 +88,12 @@ class _Steps:
         )
 
 
-def _weights(spec: JobSpec, p: SearchPlan) -> dict[str, float]:
+def _weights(spec: JobSpec, p: SearchPlan, index: int) -> dict[str, float]:
     prune = spec.prune or PruneSpec()
-    w = {"baseline": float(spec.distill.epochs)} if spec.distill.baseline else {}
+    trains = p.students[index] is not None  # a branch compressing the teacher trains no student
+    w = {"baseline": float(spec.distill.epochs)} if spec.distill.baseline and trains else {}
     for d in range(len(p.recipes)):
-        w[f"d{d}"] = float(spec.distill.epochs)
+        w[f"d{d}"] = float(spec.distill.epochs) if trains else 0.0
         for i in range(1, len(p.prunes)):
             w[f"d{d}-p{i}"] = float(prune.finetune_epochs) + 1.0
     return w
@@ -104,14 +107,16 @@ def run_branch(
     on_event: EventFn | None = None,
     should_cancel=None,
     limits: SpecLimits | None = None,
+    public_spec: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Make and measure every candidate of student `index`; returns their records. Needs the
-    teacher phase's records under `out` (search.run_teacher)."""
+    teacher phase's records under `out` (search.run_teacher). `public_spec`: the spec as the
+    user sent it, whose student the candidates' axes show (default: `spec`'s)."""
     from worker.pipeline.runner import start_state
 
     emit: EventFn = on_event or (lambda e: None)
     p = plan(spec)
-    steps = _Steps(_weights(spec, p), emit)
+    steps = _Steps(_weights(spec, p, index), emit)
     bdir = branch_dir(out, index)
     (bdir / ".work" / "state").mkdir(parents=True, exist_ok=True)
     history = HistoryLog(bdir / "history.jsonl")
@@ -126,11 +131,21 @@ def run_branch(
         limits=limits or SpecLimits(),
     )
     state.signal = _teacher_signal(spec, out, state)
+    if state.compress_only and state.teacher is None:  # its own model is the one to prune
+        _load_teacher(spec, out, state)
     branch = _Branch(spec, p, index, state, steps)
+    branch.public_student = _public_student(public_spec, index, p.candidates(index)[0])
     baseline = _baseline(branch)
     for d in range(len(p.recipes)):
         _recipe(branch, d, baseline)
     return [read_json(branch.record_path(c.key)) for c in p.candidates(index)]
+
+
+def _public_student(public_spec: dict[str, Any] | None, index: int, first: Candidate) -> Any:
+    if public_spec is None:
+        return first.axes["student"]
+    students = (public_spec.get("search") or {}).get("student") or [public_spec.get("student")]
+    return students[index]
 
 
 def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
@@ -138,12 +153,17 @@ def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
     teacher itself (augmentation or a feature loss need it online)."""
     import torch
 
-    from worker.pipeline import teacher as teachers
-    from worker.pipeline.spec import TrainedTeacher
-
     logits = shared_dir(out) / "logits.npy"
     if logits.exists():
         return TeacherSignal(torch.from_numpy(np.load(logits)), None)
+    return TeacherSignal(None, _load_teacher(spec, out, state).logits_fn)
+
+
+def _load_teacher(spec: JobSpec, out: Path, state: JobState):
+    """The teacher the teacher phase trained (its shared weights), or the uploaded one."""
+    from worker.pipeline import teacher as teachers
+    from worker.pipeline.spec import TrainedTeacher
+
     t = spec.teacher
     if isinstance(t, TrainedTeacher):
         from worker.pipeline.teacher import load_safetensors
@@ -153,7 +173,7 @@ def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
         state.teacher = teachers.TeacherResult(model, model, None, {}, t.arch, t.arch_kwargs)
     else:
         state.teacher = teachers.run(t, state.data, state.ctx.for_stage("teacher"), spec.seed)
-    return TeacherSignal(None, state.teacher.logits_fn)
+    return state.teacher
 
 
 def _baseline(branch: _Branch) -> nn.Module | None:
@@ -162,7 +182,7 @@ def _baseline(branch: _Branch) -> nn.Module | None:
     from worker.pipeline.distill import train_student
 
     s, state = branch.spec, branch.state
-    if not s.distill.baseline:
+    if not s.distill.baseline or state.compress_only:
         return None
     path = state.state_dir / "baseline.safetensors"
     if path.exists():
@@ -203,6 +223,9 @@ def _distilled(branch: _Branch, d: int, c: Candidate, baseline: nn.Module | None
     from worker.pipeline import distill as distillation
 
     s, state = branch.spec, branch.state
+    if state.compress_only:  # the unpruned model is the teacher itself
+        branch.kept[c.key] = "teacher"
+        return state.start_model()
     t, a = branch.plan.recipes[d]
     dspec = s.distill.model_copy(update={"temperature": t, "alpha": a})
     branch.progress.start(f"d{d}")
@@ -263,8 +286,9 @@ def _float_model(branch: _Branch, key: str) -> nn.Module:
         path = branch.model_path(key, ".safetensors")
         from worker.pipeline.teacher import load_safetensors
 
-        student = state.spec.student
-        model = load_safetensors(path, student.arch, student.arch_kwargs, state.data)
+        arch, kwargs = state.subject_arch()
+        assert arch is not None
+        model = load_safetensors(path, arch, kwargs, state.data)
         branch.floats[key] = model.to(state.ctx.device)
     return branch.floats[key]
 
@@ -276,12 +300,10 @@ def _measure_float(branch: _Branch, c: Candidate, model: nn.Module) -> None:
 
     state = branch.state
     branch.floats[c.key] = model
-    student = state.spec.student
+    arch, kwargs = state.subject_arch()
+    assert arch is not None
     export_safetensors(
-        model,
-        _ensure(branch.model_path(c.key, ".safetensors")),
-        arch=student.arch,
-        arch_kwargs=student.arch_kwargs,
+        model, _ensure(branch.model_path(c.key, ".safetensors")), arch=arch, arch_kwargs=kwargs
     )
     onnx = export_onnx(model, state.data.x_test, branch.model_path(c.key, ".onnx"))
     macs = count_macs(model.eval(), state.data.x_train[:1].to(state.ctx.device))
@@ -319,7 +341,7 @@ def _write(branch: _Branch, c: Candidate, onnx: Path, params: int, macs: int) ->
         "key": c.key,
         "branch": c.branch,
         "parent": c.parent,
-        "axes": c.axes,
+        "axes": {**c.axes, "student": branch.public_student},
         "metrics": metrics,
         "kept": branch.kept.get(c.key),
         "files": {

@@ -11,6 +11,7 @@ from torch import nn
 from worker.pipeline.archs import build_model, count_params
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
+from worker.pipeline.init_weights import start_from
 from worker.pipeline.losses import CrossEntropyOnly, build_kd_loss
 from worker.pipeline.preflight import feature_layer, feature_loss
 from worker.pipeline.spec import DistillSpec, FeatureLossSpec, StudentSpec
@@ -78,11 +79,13 @@ def train_student(
     tag: str = "distill",
     progress_span: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Train a fresh student; with `signal=None` it learns from labels only (the baseline)."""
+    """Train a student from random weights, or from the spec's `init`; with `signal=None` it
+    learns from labels only (the baseline)."""
     torch.manual_seed(seed)
     student = build_model(
         student_spec.arch, data.input_shape, data.num_classes, **student_spec.arch_kwargs
     )
+    init = start_from(student, student_spec.init, "student.init")
     student.to(ctx.device)
     cfg = TrainConfig(
         spec.epochs, spec.lr, spec.weight_decay, spec.batch_size, spec.augment, spec.amp, seed
@@ -117,6 +120,7 @@ def train_student(
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in parts.items()}
     metrics["torch_accuracy"] = accuracy(student, data.x_test, data.y_test, ctx.device)
     metrics["params"] = count_params(student)
+    metrics.update(init)
     return student, metrics
 
 

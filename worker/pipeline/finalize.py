@@ -25,6 +25,7 @@ from worker.pipeline.search import (
     plan,
     read_json,
     shared_dir,
+    subject_arch,
 )
 from worker.pipeline.spec import JobSpec
 
@@ -124,12 +125,10 @@ def _export(
     assert float_key is not None
     record = records[float_key]
     bdir = branch_dir(out, record["branch"])
-    student = p.students[final.branch]
+    arch, kwargs = subject_arch(spec, p.students[final.branch])
     data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
-    model = load_safetensors(
-        bdir / record["files"]["safetensors"], student.arch, student.arch_kwargs, data
-    )
-    meta = {"arch": student.arch, "arch_kwargs": student.arch_kwargs, "spec": None}
+    model = load_safetensors(bdir / record["files"]["safetensors"], arch, kwargs, data)
+    meta = {"arch": arch, "arch_kwargs": kwargs, "spec": None}
     for fmt in spec.export:
         exporter = EXPORTERS.get(fmt)
         exporter.run(model, data.x_test[:1], out / exporter.filename, meta)
@@ -188,12 +187,12 @@ def _report(
         "excluded": choice.excluded,
         "reason": choice.reason,
     }
-    student = p.students[p.get(choice.final).branch]
+    arch, kwargs = subject_arch(spec, p.students[p.get(choice.final).branch])
     card = {
         "name": spec.name,
         "created_at": reports.now(),
         "spec": public,
-        "model": {"arch": student.arch, "arch_kwargs": student.arch_kwargs, "final": chosen["key"]},
+        "model": {"arch": arch, "arch_kwargs": kwargs, "final": chosen["key"]},
         "input": teacher["input_contract"],
         "metrics": metrics,
         "search": search,

@@ -15,16 +15,25 @@ import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from worker.pipeline.archs import check_arch, count_layers, count_params
-from worker.pipeline.errors import SpecError
+from worker.pipeline.errors import ModelLoadError, SpecError
+from worker.pipeline.init_weights import Header, InitPlan, file_header, plan_init
 from worker.pipeline.limits import SpecLimits, check_structure
 from worker.pipeline.losses import FEATURE_LOSSES
-from worker.pipeline.spec import FeatureLossSpec, JobSpec, SafetensorsTeacher, TrainedTeacher
+from worker.pipeline.spec import (
+    FeatureLossSpec,
+    JobSpec,
+    SafetensorsInit,
+    SafetensorsTeacher,
+    TrainedTeacher,
+    UploadedInit,
+)
 
 
 @dataclass(frozen=True)
@@ -37,20 +46,26 @@ class ArchRef:
     kwargs_field: str  # e.g. "student.arch_kwargs"
 
 
-def student_of(spec: JobSpec) -> ArchRef:
+def student_of(spec: JobSpec) -> ArchRef | None:
+    """The student's arch; None for a compress-only job (no student)."""
     s = spec.student
+    if s is None:
+        return None
     return ArchRef("student.arch", s.arch, s.arch_kwargs, "student.arch_kwargs")
 
 
 def students_of(spec: JobSpec) -> list[ArchRef]:
-    """Every student the spec trains: a search's `search.student` list, else `student`."""
+    """Every student the spec trains: a search's `search.student` list, else `student`
+    (the teacher compressed by itself trains none)."""
     if spec.search is None or spec.search.student is None:
-        return [student_of(spec)]
+        one = student_of(spec)
+        return [] if one is None else [one]
     return [
         ArchRef(
             f"search.student[{i}].arch", s.arch, s.arch_kwargs, f"search.student[{i}].arch_kwargs"
         )
         for i, s in enumerate(spec.search.student)
+        if s is not None
     ]
 
 
@@ -186,6 +201,57 @@ def check_feature(
         feature_loss(spec, s, t)
 
 
+# --- starting weights ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitRef:
+    """Starting weights a spec names, and the model they must fit."""
+
+    field: str  # e.g. "student.init", "search.student[1].init", "teacher.init"
+    model: ArchRef
+    init: SafetensorsInit | UploadedInit
+
+
+def inits_of(spec: JobSpec) -> list[InitRef]:
+    """Every model the spec starts from given weights: students and a trained teacher."""
+    found = []
+    if spec.search is not None and spec.search.student is not None:
+        students = [(f"search.student[{i}]", s) for i, s in enumerate(spec.search.student)]
+    else:
+        students = [("student", spec.student)]
+    for where, s in students:
+        if s is not None and s.init is not None:
+            ref = ArchRef(f"{where}.arch", s.arch, s.arch_kwargs, f"{where}.arch_kwargs")
+            found.append(InitRef(f"{where}.init", ref, s.init))
+    t = spec.teacher
+    if isinstance(t, TrainedTeacher) and t.init is not None:
+        ref = ArchRef("teacher.arch", t.arch, t.arch_kwargs, "teacher.arch_kwargs")
+        found.append(InitRef("teacher.init", ref, t.init))
+    return found
+
+
+def check_init(ref: InitRef, header: Header, shape: Sequence[int], classes: int) -> InitPlan:
+    """The file's tensors (its header) fit the model built for this data, the classifier
+    head excepted; raises SpecError naming those that do not. Call `check_model` first."""
+    model = check_arch(ref.model.arch, ref.model.kwargs, shape, classes)  # meta
+    return plan_init(model, header, f"{ref.field}: {ref.model.arch!r}")
+
+
+def check_local_inits(spec: JobSpec, shape: Sequence[int], classes: int) -> dict[str, InitPlan]:
+    """Each init given as a file on this machine, checked from its header; an upload id is
+    for the service to check (it reads the header from its store)."""
+    plans = {}
+    for ref in inits_of(spec):
+        if isinstance(ref.init, SafetensorsInit):
+            try:
+                header = file_header(Path(ref.init.path))
+            except ModelLoadError as e:
+                raise SpecError(f"{ref.field}.path: {e.message}") from None
+            plans[ref.field] = check_init(ref, header, shape, classes)
+    return plans
+
+
 # --- all of it -----------------------------------------------------------------------------
 
 
@@ -196,11 +262,12 @@ def preflight(
     num_classes: int,
     limits: SpecLimits,
     teacher: ArchRef | None,
-) -> None:
+) -> dict[str, InitPlan]:
     """Raise SpecError (code `invalid_spec`, the message naming the field) for anything in
     `spec` that would fail before producing a result, given the data's shape. `teacher` is
     the teacher when its arch is known (`teacher_of(spec)`, or an upload's recorded arch).
-    A search's every student is checked, and its number of candidates."""
+    A search's every student is checked, and its number of candidates; so is each file of
+    starting weights on this machine (returned: which tensors each loads, by field)."""
     students = students_of(spec)
     check_bounds([*students, teacher], limits)
     check_candidates(spec, limits)
@@ -210,3 +277,4 @@ def preflight(
     if spec.distill.feature is not None:
         for student in students:
             check_feature(spec.distill.feature, student, teacher, input_shape, num_classes)
+    return check_local_inits(spec, input_shape, num_classes)

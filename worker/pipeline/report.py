@@ -26,8 +26,12 @@ def now() -> str:
 def stage_models(state: JobState) -> dict[str, str | None]:
     """The models a plain job made, each with the one it was derived from: the kept student
     (reported as `student`, or `baseline` when training alone won), then `pruned` from it,
-    then `quantized` from the last float model."""
-    kept = "baseline" if state.kept == "baseline" else "student"
+    then `quantized` from the last float model. A compress-only job's models derive from the
+    teacher, which is a candidate too: when no compression pays, the teacher is handed back."""
+    if state.compress_only:
+        kept = "teacher"
+    else:
+        kept = "baseline" if state.kept == "baseline" else "student"
     made: dict[str, str | None] = {kept: None}
     float_parent = kept
     if "pruned" in state.metrics:
@@ -64,6 +68,26 @@ def choose_final(state: JobState) -> tuple[Choice, dict[str, Any]]:
     return choice, final
 
 
+def init_report(state: JobState) -> dict[str, Any]:
+    """Each model that started from given weights, by field (`student.init`): where from (as
+    the user wrote it, no server path), how many tensors it took, and whether the classifier
+    head was replaced (the file was trained for another number of classes)."""
+    out = {}
+    for name, plan in state.inits.items():
+        source: Any = state.public_spec
+        for part in name.split("."):
+            source = source.get(part) if isinstance(source, dict) else None
+        if isinstance(source, dict) and source.get("source") == "safetensors":
+            source = {"source": "safetensors", "file": Path(str(source.get("path"))).name}
+        out[name] = {
+            "from": source,
+            "tensors_loaded": len(plan.load),
+            "head_replaced": plan.head_replaced,
+            "replaced": plan.replaced,
+        }
+    return out
+
+
 def describe(out: Path, files: dict[str, str]) -> list[dict[str, Any]]:
     """name, format, bytes and sha256 of each file that exists (each read once)."""
     return [
@@ -88,6 +112,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
     """model_card.json and report.json for a finished run; returns the report."""
     spec, out = state.spec, state.out
     choice, final = choose_final(state)
+    arch, arch_kwargs = state.subject_arch()
     state.metrics["final"] = final
     gates = choice.gates[choice.final]
     made = describe(out, {**STAGES.artifacts(spec), "history.csv": "csv"})
@@ -96,13 +121,14 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "created_at": now(),
         "spec": state.public_spec,
         "model": {
-            "arch": spec.student.arch,
-            "arch_kwargs": spec.student.arch_kwargs,
+            "arch": arch,
+            "arch_kwargs": arch_kwargs,
             "params": final["params"],
             "final": final["model"],
         },
         "input": state.data.input_contract,
         "metrics": state.metrics,
+        "init": init_report(state),
         "artifacts": made,
         "versions": versions(),
     }
@@ -115,6 +141,8 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "metrics": state.metrics,
         "gates": gates,
         "gates_passed": choice.gates_passed,
+        "compress_only": state.compress_only,
+        "init": card["init"],
         "stages": state.records,
         "artifacts": made + describe(out, {"model_card.json": "json"}),
         "wall_seconds": wall_seconds,

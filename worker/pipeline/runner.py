@@ -124,7 +124,7 @@ def start_state(
     )
     data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
     emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
-    preflight.preflight(
+    inits = preflight.preflight(
         spec,
         input_shape=data.input_shape,
         num_classes=data.num_classes,
@@ -132,7 +132,7 @@ def start_state(
         teacher=preflight.teacher_of(spec),
     )
     public = public_spec if public_spec is not None else spec.model_dump(mode="json")
-    return JobState(spec, out, ctx, emit, data, public)
+    return JobState(spec, out, ctx, emit, data, public, inits=inits)
 
 
 def run_stage(state: JobState, stage: Stage) -> None:

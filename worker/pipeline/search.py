@@ -50,7 +50,7 @@ class Candidate:
 
 @dataclass
 class SearchPlan:
-    students: list[StudentSpec]
+    students: list[StudentSpec | None]  # None: the teacher itself, compressed (no student)
     recipes: list[tuple[float, float]]  # (temperature, alpha)
     prunes: list[tuple[str | None, float]]  # (method, amount); (None, 0.0) first
     quants: list[str | None]  # quantizers; None (float) first
@@ -82,7 +82,7 @@ class SearchPlan:
         else:
             parent = None
         axes = {
-            "student": self.students[s].model_dump(mode="json"),
+            "student": public_student(self.students[s]),
             "distill.temperature": t,
             "distill.alpha": a,
             "prune.method": method,
@@ -90,6 +90,23 @@ class SearchPlan:
             "quantize.method": self.quants[q],
         }
         return Candidate(key_of(s, d, p, q), s, d, p, q, parent, axes)
+
+
+def public_student(student: StudentSpec | None) -> dict[str, Any] | None:
+    """A student as a candidate's axes show it: without the file path of its starting
+    weights (on the service, a path on the worker)."""
+    if student is None:
+        return None
+    return student.model_dump(mode="json", exclude={"init": {"path"}})
+
+
+def subject_arch(spec: JobSpec, student: StudentSpec | None) -> tuple[str, dict[str, Any]]:
+    """The arch of a branch's models: its student's, or the teacher's when the branch
+    compresses the teacher itself (a search allows that only for teachers with an arch)."""
+    model = student if student is not None else spec.teacher
+    arch = getattr(model, "arch", None)
+    assert arch is not None, "a search compresses only a teacher with an arch"
+    return arch, dict(getattr(model, "arch_kwargs", {}))
 
 
 def key_of(s: int, d: int, p: int, q: int) -> str:
@@ -283,7 +300,7 @@ def run_search(
                 from worker.pipeline.errors import Cancelled
 
                 raise Cancelled("cancelled during the search")
-            run_branch(spec, out, i, **kw)
+            run_branch(spec, out, i, public_spec=public_spec, **kw)
     with _stage(emit, "export"):
         return finalize(spec, out, on_event=emit, public_spec=public_spec, started=started)
 

@@ -190,9 +190,43 @@ class OptimSpec(_Spec):
     batch_size: int = Field(64, ge=1, le=65536)
 
 
+# --- starting weights ----------------------------------------------------------------------
+
+
+class SafetensorsInit(_Spec):
+    """Start from weights in a safetensors file on this machine (`distillery run`)."""
+
+    source: Literal["safetensors"]
+    path: str
+
+
+class UploadedInit(_Spec):
+    """Start from safetensors weights uploaded to the service (POST /v1/models with the same
+    arch); the worker resolves the id."""
+
+    source: Literal["upload"]
+    id: str = Field(min_length=1, max_length=64)
+
+
+InitSpec = Annotated[
+    Annotated[SafetensorsInit, Tag("safetensors")] | Annotated[UploadedInit, Tag("upload")],
+    Discriminator(
+        lambda v: v.get("source") if isinstance(v, dict) else getattr(v, "source", None),
+        custom_error_type="invalid_source",
+        custom_error_message="unknown source; known: upload, safetensors",
+    ),
+]
+INIT_DESCRIPTION = (
+    "start from these weights instead of random ones: safetensors for the same arch. Every "
+    "tensor must fit the model except the classifier head, which is replaced when the class "
+    "count differs (the report says so)"
+)
+
+
 class TrainedTeacher(_ArchRef, OptimSpec):
     source: Literal["train"] = "train"
     arch: str = "cnn_large"
+    init: InitSpec | None = Field(None, description=INIT_DESCRIPTION)
 
 
 class TorchScriptTeacher(_Spec):
@@ -229,6 +263,7 @@ TeacherSpec = Annotated[
 
 class StudentSpec(_ArchRef):
     arch: str = "cnn_small"
+    init: InitSpec | None = Field(None, description=INIT_DESCRIPTION)
 
 
 # --- stages --------------------------------------------------------------------------------
@@ -358,7 +393,8 @@ class SearchSpec(_Spec):
         extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True
     )
 
-    student: list[StudentSpec] | None = Field(None, min_length=1, max_length=AXIS_LIMIT)
+    # null in the list: the teacher itself, compressed without a student (as `"student": null`)
+    student: list[StudentSpec | None] | None = Field(None, min_length=1, max_length=AXIS_LIMIT)
     distill_temperature: list[Temperature] | None = Field(
         None, alias="distill.temperature", min_length=1, max_length=AXIS_LIMIT
     )
@@ -383,7 +419,11 @@ class JobSpec(_Spec):
     name: str = Field("job", max_length=200)
     dataset: DatasetSpec = Field(default_factory=BuiltinDataset)
     teacher: TeacherSpec = Field(default_factory=TrainedTeacher)
-    student: StudentSpec = Field(default_factory=StudentSpec)
+    student: StudentSpec | None = Field(
+        default_factory=StudentSpec,
+        description="null: a compress-only job; the teacher itself is pruned (fine-tuned "
+        "against its own original outputs) and quantized, and no student is trained",
+    )
     distill: DistillSpec = Field(default_factory=DistillSpec)
     prune: PruneSpec | None = Field(default_factory=PruneSpec)
     quantize: QuantizeSpec | None = Field(default_factory=QuantizeSpec)
@@ -412,7 +452,30 @@ class JobSpec(_Spec):
                 "distill.feature: feature losses need the teacher's inner layers, "
                 "which an ONNX teacher does not expose; use a TorchScript or safetensors teacher"
             )
+        if self.compresses_teacher:
+            self._check_compress_only()
         return self
+
+    @property
+    def compresses_teacher(self) -> bool:
+        """A compress-only job, or a search with the teacher itself on its students axis."""
+        if self.search is not None and self.search.student is not None:
+            return any(s is None for s in self.search.student)
+        return self.student is None
+
+    def _check_compress_only(self) -> None:
+        """What a job compressing the teacher itself cannot do, said before anything runs."""
+        if self.search is None and self.prune is None and self.quantize is None:
+            raise ValueError(
+                "student: null compresses the teacher itself; ask for prune, quantize or both"
+            )
+        if self.distill.feature is not None:
+            raise ValueError(
+                "distill.feature: a compress-only job has no student to match the teacher's layers"
+            )
+        if isinstance(self.teacher, OnnxTeacher | TorchScriptTeacher):
+            kind = "an ONNX" if isinstance(self.teacher, OnnxTeacher) else "a TorchScript"
+            check_opaque_teacher(self, kind, "teacher.source")
 
     @property
     def goal(self) -> str:
@@ -420,6 +483,27 @@ class JobSpec(_Spec):
         if self.search is not None and self.search.objective is not None:
             return self.search.objective
         return self.objective
+
+
+def check_opaque_teacher(spec: JobSpec, kind: str, field: str) -> None:
+    """A compress-only job over a teacher without an arch (ONNX, TorchScript): it can be
+    quantized, not pruned (pruning needs the layers), nor searched, nor exported as weights."""
+    if spec.search is not None:
+        raise ValueError(
+            f"{field}: a search that compresses the teacher itself needs its layers; {kind} "
+            "teacher has none (use a teacher trained by the job, or safetensors + arch)"
+        )
+    if spec.prune is not None:
+        raise ValueError(
+            f"prune: {kind} teacher can be quantized but not pruned (pruning needs the "
+            "model's layers: use a teacher trained by the job, or safetensors + arch); "
+            'set "prune": null'
+        )
+    if any(f != "onnx" for f in spec.export):
+        raise ValueError(
+            f'export: {kind} teacher compressed without a student exports only "onnx" '
+            '(its float model) besides the quantized file; set "export": ["onnx"] or []'
+        )
 
 
 def format_validation_error(exc: Exception) -> str:

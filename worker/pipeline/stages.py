@@ -153,7 +153,7 @@ def _distill_epochs(spec: JobSpec) -> float:
 @STAGES.register(
     "baseline",
     weight=_distill_epochs,
-    enabled=lambda spec: spec.distill.baseline,
+    enabled=lambda spec: spec.distill.baseline and spec.student is not None,
     models=("baseline",),
 )
 def baseline(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
@@ -173,7 +173,12 @@ def baseline(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any
     return metrics
 
 
-@STAGES.register("distill", weight=_distill_epochs, models=("student",))
+@STAGES.register(
+    "distill",
+    weight=_distill_epochs,
+    enabled=lambda spec: spec.student is not None,
+    models=("student",),
+)
 def distill(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
     """The student trained against the teacher (measured as `student`); then the better of
     it and the baseline on the validation split is kept and goes on."""
@@ -207,7 +212,8 @@ def distill(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]
     models=("pruned",),
 )
 def prune(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
-    """Prune the kept student and fine-tune it against the teacher."""
+    """Prune the kept student and fine-tune it against the teacher; in a compress-only job,
+    prune the teacher and fine-tune it against its own original outputs (self-distillation)."""
     from worker.pipeline import prune as pruning
 
     s = state.spec
@@ -216,8 +222,9 @@ def prune(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
         return {}
     assert s.prune is not None
     model, metrics = pruning.run(
-        state.models["kept"], state.data, s.prune, s.distill, state.teacher_signal(), ctx, s.seed
+        state.start_model(), state.data, s.prune, s.distill, state.teacher_signal(), ctx, s.seed
     )
+    metrics["self_distilled"] = float(state.compress_only)
     state.models["pruned"] = model
     state.save_student("pruned", model)
     state.measure_module("pruned", model)
@@ -244,17 +251,23 @@ def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any
     """Quantize the last float model through ONNX Runtime; measure the result."""
     from worker.pipeline import quantize as quantization
     from worker.pipeline.archs import count_params
+    from worker.pipeline.evaluate import onnx_params
     from worker.pipeline.export import export_onnx
 
     s = state.spec
     assert s.quantize is not None
     key, model = state.final_float()
     dst = state.out / quantization.QUANTIZERS.get(s.quantize.method).filename
-    if not resumed or not dst.exists():
+    if key == "teacher":  # compress-only without pruning: the teacher as it was measured
+        src = state.teacher_onnx()
+    elif not resumed or not dst.exists():
+        assert model is not None
         src = export_onnx(model, state.data.x_test, state.work / f"{key}.onnx")
+    if not resumed or not dst.exists():
         calib = state.data.calibration(s.quantize.calibration_samples, s.seed)
         quantization.run(src, dst, calib, s.quantize)
-    m = state.measure_onnx("quantized", dst, count_params(model))
+    params = count_params(model) if model is not None else onnx_params(state.teacher_onnx())
+    m = state.measure_onnx("quantized", dst, params)
     return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"]}
 
 
@@ -268,14 +281,20 @@ def _exported_files(spec: JobSpec) -> dict[str, str]:
 def export(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
     """The chosen model's float weights in each format the spec asks for (the quantize
     stage already wrote the quantized file)."""
+    import shutil
+
     from worker.pipeline.export import EXPORTERS
     from worker.pipeline.report import choose_final
 
     choice, _ = choose_final(state)
     model = state.float_of(choice.final)
-    s = state.spec
-    meta = {"arch": s.student.arch, "arch_kwargs": s.student.arch_kwargs, "spec": state.public_spec}
-    for fmt in s.export:
+    arch, kwargs = state.subject_arch()
+    meta = {"arch": arch, "arch_kwargs": kwargs, "spec": state.public_spec}
+    for fmt in state.spec.export:
         exporter = EXPORTERS.get(fmt)
+        if model is None:  # an ONNX teacher compressed by itself: its own file (the spec
+            # allows no other format then)
+            shutil.copyfile(state.teacher_onnx(), state.out / exporter.filename)
+            continue
         exporter.run(model, state.data.x_test[:1], state.out / exporter.filename, meta)
     return {}

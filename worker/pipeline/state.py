@@ -14,6 +14,7 @@ from torch import nn
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
 from worker.pipeline.distill import TeacherSignal
+from worker.pipeline.init_weights import InitPlan
 from worker.pipeline.spec import JobSpec
 from worker.pipeline.teacher import TeacherResult
 
@@ -35,6 +36,8 @@ class JobState:
     # Models by role: baseline (no teacher), kept (the student that goes on), pruned.
     models: dict[str, nn.Module] = field(default_factory=dict)
     kept: str = "distilled"  # which student went on: "distilled" or "baseline"
+    # What each model given starting weights loads from them (field -> plan), from the preflight.
+    inits: dict[str, InitPlan] = field(default_factory=dict)
 
     @property
     def work(self) -> Path:
@@ -85,11 +88,28 @@ class JobState:
         path = self.state_dir / f"{key}.safetensors"
         return load_safetensors(path, arch, arch_kwargs, self.data).to(self.ctx.device)
 
+    @property
+    def compress_only(self) -> bool:
+        """No student: the teacher itself is what the job prunes and quantizes."""
+        return self.spec.student is None
+
+    def subject_arch(self) -> tuple[str | None, dict]:
+        """The arch of the models the job makes: the student's, or in a compress-only job the
+        teacher's (None for a teacher without one: ONNX, TorchScript)."""
+        if self.spec.student is not None:
+            return self.spec.student.arch, self.spec.student.arch_kwargs
+        assert self.teacher is not None
+        return self.teacher.arch, self.teacher.arch_kwargs or {}
+
     def save_student(self, key: str, model: nn.Module) -> None:
-        self.save_model(key, model, self.spec.student.arch, self.spec.student.arch_kwargs)
+        arch, kwargs = self.subject_arch()
+        assert arch is not None
+        self.save_model(key, model, arch, kwargs)
 
     def load_student(self, key: str) -> nn.Module:
-        return self.load_model(key, self.spec.student.arch, self.spec.student.arch_kwargs)
+        arch, kwargs = self.subject_arch()
+        assert arch is not None
+        return self.load_model(key, arch, kwargs)
 
     def record_of(self, stage: str) -> dict[str, Any]:
         return json.loads((self.state_dir / f"{stage}.json").read_text())
@@ -127,13 +147,43 @@ class JobState:
             "val_accuracy_baseline": val["baseline"],
         }
 
-    def float_of(self, key: str) -> nn.Module:
-        """The float model behind a reported model: a quantized one's is the last float one."""
+    def start_model(self) -> nn.Module:
+        """What pruning starts from: the kept student, or in a compress-only job a copy of
+        the teacher (which stays as it was: it is measured, exported, and fine-tuned against)."""
+        import copy
+
+        if "kept" in self.models:
+            return self.models["kept"]
+        assert self.teacher is not None and self.teacher.module is not None
+        return copy.deepcopy(self.teacher.module)
+
+    def float_of(self, key: str) -> nn.Module | None:
+        """The float model behind a reported model: a quantized one's is the last float one.
+        None: the teacher of a compress-only job has no torch module (an ONNX upload)."""
         if key == "quantized":
             return self.final_float()[1]
+        if key == "teacher":
+            assert self.teacher is not None
+            return self.teacher.module
         return self.models["pruned"] if key == "pruned" else self.models["kept"]
 
-    def final_float(self) -> tuple[str, nn.Module]:
-        """The last float model made: pruned if the job prunes, else the kept student."""
-        key = "pruned" if "pruned" in self.models else "kept"
-        return key, self.models[key]
+    def final_float(self) -> tuple[str, nn.Module | None]:
+        """The last float model made: pruned if the job prunes, else the kept student, else
+        (compress-only) the teacher."""
+        for key in ("pruned", "kept"):
+            if key in self.models:
+                return key, self.models[key]
+        return "teacher", self.float_of("teacher")
+
+    def teacher_onnx(self) -> Path:
+        """The teacher as ONNX: the uploaded file, or the export it was measured from."""
+        assert self.teacher is not None
+        if self.teacher.onnx_path is not None:
+            return self.teacher.onnx_path
+        path = self.work / "teacher.onnx"
+        if not path.exists():
+            from worker.pipeline.export import export_onnx
+
+            assert self.teacher.module is not None
+            export_onnx(self.teacher.module, self.data.x_test, path)
+        return path

@@ -21,6 +21,7 @@ from worker.pipeline.archs import build_model, count_params
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
 from worker.pipeline.errors import DatasetIncompatible, ModelLoadError
+from worker.pipeline.init_weights import start_from
 from worker.pipeline.losses import CrossEntropyOnly
 from worker.pipeline.spec import (
     OnnxTeacher,
@@ -191,6 +192,7 @@ def run(spec, data: DataBundle, ctx: StageContext, seed: int) -> TeacherResult:
     if isinstance(spec, TrainedTeacher):
         torch.manual_seed(seed)
         model = build_model(spec.arch, data.input_shape, data.num_classes, **spec.arch_kwargs)
+        init = start_from(model, spec.init, "teacher.init")
         cfg = TrainConfig(spec.epochs, spec.lr, spec.weight_decay, spec.batch_size, seed=seed)
         parts = fit(
             model,
@@ -205,6 +207,7 @@ def run(spec, data: DataBundle, ctx: StageContext, seed: int) -> TeacherResult:
         metrics = {
             "train_loss": parts.get("loss", float("nan")),
             "train_seconds": parts["train_seconds"],
+            **init,
         }
         result = TeacherResult(model, model, None, metrics, spec.arch, dict(spec.arch_kwargs))
     elif isinstance(spec, TorchScriptTeacher):

@@ -58,7 +58,9 @@ AUTH = (Unauthorized,)
             "model": JobPublic,
             "description": "replayed: the job an earlier request with the same Idempotency-Key created",
         },
-        **error_responses(*AUTH, IdempotencyConflict, PayloadTooLarge, SpecInvalid),
+        **error_responses(
+            *AUTH, IdempotencyConflict, PayloadTooLarge, SpecInvalid, StorageUnavailable
+        ),
     },
 )
 def create_job(
@@ -66,6 +68,7 @@ def create_job(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    storage: StorageDep,
     response: Response,
     enqueue=Depends(get_enqueue),
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -75,7 +78,10 @@ def create_job(
     A body over `MAX_REQUEST_BYTES` (1 MiB) is refused with 413 before it is parsed; a spec
     asking for more than the `MAX_SPEC_*` limits (list lengths and nesting in `arch_kwargs`,
     layers and parameters of a model) or failing any check possible before compute (archs
-    that do not fit the data, feature-loss layer names) is refused with 422 naming the field."""
+    that do not fit the data, feature-loss layer names, starting weights whose tensors do not
+    fit the model, read from the upload's safetensors header; a compress-only job,
+    `"student": null`, that asks an ONNX or TorchScript teacher to be pruned) is refused with
+    422 naming the field. 503 when the store holding the uploads cannot be read."""
     job, created = jobs_service.create_job(
         session,
         tenant_id=tenant.id,
@@ -83,6 +89,7 @@ def create_job(
         idempotency_key=idempotency_key,
         settings=settings,
         enqueue=enqueue,
+        storage=storage,
     )
     if not created:
         response.status_code = 200

@@ -11,6 +11,7 @@ import { downloadButton } from "./artifacts.js";
 const has = (v) => v !== null && v !== undefined;
 
 function studentLabel(student) {
+  if (student === null) return "the teacher itself (no student)";
   if (!student) return "";
   const kwargs = Object.entries(student.arch_kwargs || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`);
   return [student.arch, ...kwargs].join(" ");
