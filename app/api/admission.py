@@ -33,12 +33,6 @@ class Admission:
     def held(self, kind: Kind, tenant_id: str) -> int:
         return self.counts[(kind, tenant_id)]
 
-    def take(self, kind: Kind, tenant_id: str) -> Slot:
-        """A slot of the tenant's, held until `release()` (idempotent); 429 when none is left."""
-        slot = Slot(self, kind, "")
-        slot.take(tenant_id)
-        return slot
-
     @asynccontextmanager
     async def slot(self, kind: Kind, key: str) -> AsyncIterator[Slot]:
         digest = hash_key(key)

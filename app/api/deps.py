@@ -137,7 +137,18 @@ async def current_tenant(
         yield tenant
 
 
+async def streaming_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AsyncIterator[Tenant]:
+    """As `current_tenant`, counted against the tenant's open event streams instead: the
+    slot is held until the stream ends (a dependency's exit runs once the response is done)."""
+    async with _admitted(request, _bearer_key(credentials), "streams") as tenant:
+        yield tenant
+
+
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+StreamTenantDep = Annotated[Tenant, Depends(streaming_tenant)]
 
 
 _metrics_bearer = HTTPBearer(

@@ -30,6 +30,7 @@ log = logging.getLogger("distillery.events")
 CHANNEL = "distillery_job_events"  # the trigger of migration 0007 notifies here
 PAGE = 500
 MAX_QUEUED = 2000  # a stream this far behind reads from the database again
+FEED_THREADS = 4  # backlogs of streams opening at once, and the feed's own reads (see PoolSize)
 
 
 class Marker(enum.Enum):
@@ -77,7 +78,9 @@ class EventFeed:
         self.cursors: dict[str, int] = {}  # per job: the last event id the feed has read
         self.postgres = db.engine.dialect.name == "postgresql"
         # Its own thread: the feed never queues behind the requests' thread pool.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-feed")
+        self.executor = ThreadPoolExecutor(
+            max_workers=FEED_THREADS, thread_name_prefix="event-feed"
+        )
         self.task: asyncio.Task | None = None
         self.stopping = threading.Event()
         self.listener: threading.Thread | None = None

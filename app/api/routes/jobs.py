@@ -5,13 +5,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
 
 from app.api import downloads
 from app.api.deps import (
     SessionDep,
     SettingsDep,
     StorageDep,
+    StreamTenantDep,
     TenantDep,
     UnitOfWorkRoute,
     get_enqueue,
@@ -169,7 +169,7 @@ MAX_EVENT_ID = 2**63 - 1  # event ids are 64-bit integers in the database
 async def job_events(
     job_id: str,
     request: Request,
-    tenant: TenantDep,
+    tenant: StreamTenantDep,
     last_event_id: Annotated[
         int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_EVENT_ID)
     ] = None,
@@ -183,36 +183,25 @@ async def job_events(
     EVENTS_HEARTBEAT_SECONDS (15 s) keeps an idle stream open. At most TENANT_MAX_STREAMS open
     at once per tenant (429 above)."""
     feed: EventFeed = request.app.state.feed
-    # The stream's slot is held for as long as the stream is open: released when it ends
-    # (the generator's finally) or, should it never start, once the response is done.
-    slot = request.app.state.admission.take("streams", tenant.id)
-    try:
-        await feed.run_db(_owned, feed, tenant.id, job_id)  # 404 for other tenants
-    except BaseException:
-        slot.release()
-        raise
+    await feed.run_db(_owned, feed, tenant.id, job_id)  # 404 for other tenants
 
     async def stream():
         cursor = max(after, last_event_id or 0)
-        try:
-            async for ev in feed.events(job_id, cursor):
-                if ev is HEARTBEAT:
-                    yield ": keep-alive\n\n"
-                elif ev is END:
-                    status = await feed.run_db(_status, feed, job_id)
-                    yield _sse(cursor, "end", {"status": status})
-                    return
-                else:
-                    cursor = ev.id
-                    yield _sse(ev.id, ev.type, ev.data)
-        finally:
-            slot.release()
+        async for ev in feed.events(job_id, cursor):
+            if ev is HEARTBEAT:
+                yield ": keep-alive\n\n"
+            elif ev is END:
+                status = await feed.run_db(_status, feed, job_id)
+                yield _sse(cursor, "end", {"status": status})
+                return
+            else:
+                cursor = ev.id
+                yield _sse(ev.id, ev.type, ev.data)
 
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(slot.release),
     )
 
 
