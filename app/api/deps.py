@@ -18,7 +18,13 @@ from starlette.concurrency import run_in_threadpool
 from app.api.admission import Admission, Kind
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.errors import MetricsDisabled, Unauthorized
+from app.core.errors import (
+    MetricsDisabled,
+    Overloaded,
+    QuotaExceeded,
+    Unauthorized,
+    error_responses,
+)
 from app.core.storage import Storage
 from app.models import Tenant
 from app.services import tenants
@@ -148,6 +154,8 @@ async def streaming_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+# What any authenticated route may answer under load (its router lists them in OpenAPI).
+LOADED = error_responses(QuotaExceeded, Overloaded)
 StreamTenantDep = Annotated[Tenant, Depends(streaming_tenant)]
 
 

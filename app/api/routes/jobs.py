@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from app.api import downloads
 from app.api.deps import (
+    LOADED,
     SessionDep,
     SettingsDep,
     StorageDep,
@@ -45,7 +46,7 @@ from app.schemas.jobs import (
 from app.services import jobs as jobs_service
 from worker.pipeline.history import to_csv
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=UnitOfWorkRoute)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=UnitOfWorkRoute, responses=LOADED)
 AUTH = (Unauthorized,)
 
 

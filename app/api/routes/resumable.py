@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, UnitOfWorkRoute
+from app.api.deps import LOADED, SessionDep, SettingsDep, StorageDep, TenantDep, UnitOfWorkRoute
 from app.api.upload import UploadTenantDep, in_session, receive_part
 from app.core.errors import (
     InsufficientStorage,
@@ -30,7 +30,7 @@ from distillery.schemas import (
     UploadPublic,
 )
 
-router = APIRouter(tags=["uploads"], route_class=UnitOfWorkRoute)
+router = APIRouter(tags=["uploads"], route_class=UnitOfWorkRoute, responses=LOADED)
 
 PartNumber = Annotated[int, Path(ge=1, le=10_000, description="from 1")]
 

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, UnitOfWorkRoute
+from app.api.deps import LOADED, SessionDep, SettingsDep, StorageDep, TenantDep, UnitOfWorkRoute
 from app.api.upload import UploadTenantDep, in_session, uploaded_file
 from app.core.config import Settings
 from app.core.errors import (
@@ -25,7 +25,7 @@ from app.models import Dataset, UploadedModel
 from app.schemas.uploads import DatasetPublic, DatasetsPublic, ModelPublic, ModelsPublic
 from app.services import uploads as uploads_service
 
-router = APIRouter(tags=["uploads"], route_class=UnitOfWorkRoute)
+router = APIRouter(tags=["uploads"], route_class=UnitOfWorkRoute, responses=LOADED)
 
 _FILE_BODY = {
     "requestBody": {

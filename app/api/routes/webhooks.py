@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep, UnitOfWorkRoute
+from app.api.deps import LOADED, SessionDep, SettingsDep, TenantDep, UnitOfWorkRoute
 from app.core.errors import (
     JobNotFound,
     Unauthorized,
@@ -25,7 +25,7 @@ from app.schemas.webhooks import (
 )
 from app.services import webhooks as webhooks_service
 
-router = APIRouter(tags=["webhooks"], route_class=UnitOfWorkRoute)
+router = APIRouter(tags=["webhooks"], route_class=UnitOfWorkRoute, responses=LOADED)
 Limit = Annotated[int, Query(ge=1, le=200)]
 After = Annotated[
     str | None, Query(max_length=64, description="id of the last delivery of the previous page")
