@@ -128,12 +128,18 @@ def _lifespan(
         from app.core.migrate import upgrade
         from app.services import tenants
         from worker.pipeline.archs import check_arch
+        from worker.pipeline.spec import warm_registries
 
         settings.home.mkdir(parents=True, exist_ok=True)
         storage.ensure()
         # Spec checks build models on PyTorch's meta device; loading torchvision takes seconds
         # the first time, so pay it at start rather than in the first POST (measured: 2-3 s).
         check_arch("resnet18", {}, (3, 32, 32), 10)
+        # The spec's validators look names up in the pipeline's registries, importing their
+        # modules (ONNX, scikit-learn) on first use. FastAPI validates a request body on the
+        # event loop, so the first POST /v1/jobs froze every stream and /healthz for seconds
+        # on a loaded host; import them here instead (the first POST loaded them anyway).
+        warm_registries()
         # torch leaves ~250k long-lived objects; without freezing them every full collection
         # stalled all requests for ~170 ms (measured under wrk: list p99 239 -> 141 ms).
         gc.collect()

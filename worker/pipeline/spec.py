@@ -521,3 +521,9 @@ def field_path(loc: tuple) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "spec"
+
+
+def warm_registries() -> None:
+    """Import every registry the validators above look names up in: the API calls this at
+    start, so that no request pays for the imports (they would block its event loop)."""
+    from worker.pipeline import archs, data, losses, prune, quantize  # noqa: F401
