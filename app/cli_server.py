@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -315,15 +316,26 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_uvicorn(host: str, port: int, workers: int = 1) -> None:
-    """uvicorn.run, except that with several processes the socket is ours (see listen_socket)."""
+def run_uvicorn(
+    host: str, port: int, workers: int = 1, on_exit: Callable[[], None] | None = None
+) -> None:
+    """uvicorn.run, except that with several processes the socket is ours (see listen_socket).
+    `on_exit` (one process only) is called as soon as a signal asks the server to stop, before
+    its graceful shutdown, which takes a while."""
     import uvicorn
 
     config = uvicorn.Config(
         "app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
     )
     if workers <= 1:
-        uvicorn.Server(config).run()  # binds through asyncio, which sets TCP_NODELAY itself
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if on_exit is not None:
+                    on_exit()
+                super().handle_exit(sig, frame)
+
+        Server(config).run()  # binds through asyncio, which sets TCP_NODELAY itself
         return
     from uvicorn.supervisors import Multiprocess
 
@@ -466,7 +478,9 @@ def serve(host: str, port: int, queues: str | None) -> None:
         click.echo(
             f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True
         )
-        run_uvicorn(host, port)
+        # Marked at the signal, not after uvicorn's shutdown: a signal to the whole process
+        # group stops the workers meanwhile, and they must not be restarted.
+        run_uvicorn(host, port, on_exit=lambda: [sv.stopping() for sv in supervisors])
     finally:
         for supervisor in supervisors:
             supervisor.stop()
