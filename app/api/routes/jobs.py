@@ -274,8 +274,10 @@ def list_artifacts(
     response_class=FileResponse,
     responses={
         200: {
-            "content": {"application/octet-stream": {}},
-            "description": "the file; ETag is its sha256",
+            "content": {t: {} for t in (downloads.BINARY, *downloads.MEDIA_TYPES.values())},
+            "description": "the file, with the Content-Type of its kind (models "
+            "application/octet-stream, pareto.png image/png, .json application/json, "
+            ".csv text/csv); ETag is its sha256",
         },
         206: {"description": "the requested byte range"},
         307: {"description": "a bucket store: the object's presigned URL (Location)"},
@@ -307,7 +309,7 @@ def download_artifact(
     etag = f'"{artifact.sha256}"'
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    media = downloads.media_type(name)
     path = storage.local_path(artifact.path)
     if path is None:
         if storage.size(artifact.path) is None:
