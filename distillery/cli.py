@@ -469,8 +469,9 @@ def list_cmd(status_: str | None, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @guard
 def download(job_id: str, names: tuple[str, ...], out_dir: str, as_json: bool) -> None:
-    """Download artifacts of JOB_ID (all, or the NAMES given), verify their sha256, and resume
-    a download that was cut off."""
+    """Download artifacts of JOB_ID (all, or the NAMES given; `final` is the final model,
+    whichever file holds it), verify their sha256, and resume a download that was cut off."""
+    from distillery.client import FINAL
     from distillery.output import emit_json
 
     out = Path(out_dir)
@@ -478,7 +479,9 @@ def download(job_id: str, names: tuple[str, ...], out_dir: str, as_json: bool) -
     done = []
     with connect() as client:
         artifacts = {a.name: a for a in client.artifacts(job_id)}
-        for name in names or tuple(artifacts):
+        final = next((a.name for a in artifacts.values() if a.final), None)
+        for asked in names or tuple(artifacts):
+            name = final if asked == FINAL and final is not None else asked
             if name not in artifacts:
                 raise InputError(
                     f"job {job_id} has no artifact {name!r}; it has: {', '.join(artifacts)}"

@@ -105,6 +105,11 @@ class ArtifactPublic(BaseModel):
     bytes: int
     sha256: str
     url: str
+    final: bool = Field(
+        False,
+        description="the job's final model, in the file to deploy (also at "
+        "/v1/jobs/{id}/artifacts/final); at most one per job",
+    )
 
 
 class ArtifactsPublic(BaseModel):

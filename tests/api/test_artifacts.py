@@ -17,6 +17,7 @@ from app.core.storage import LocalStorage, S3Storage
 from app.jobs import lifecycle
 from app.jobs.states import JobStatus
 from app.models import utcnow
+from distillery import Client
 from tests.service_support import TINY_SPEC
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 8
@@ -111,3 +112,34 @@ def test_a_presigned_url_names_the_content_type(tmp_path):
     assert reply.status_code == 307
     query = parse_qs(urlsplit(reply.headers["location"]).query)
     assert query["response-content-type"] == ["image/png"]
+
+
+def test_the_final_model_has_a_stable_download(api, tmp_path):
+    """Whichever file holds the final model (here the float one: int8 lost), the listing
+    marks it, /artifacts/final serves it under its own name, and the client's download
+    fetches it by default."""
+    files = {n: (f, d) for n, (f, d, _) in TYPES.items() if n != "pareto.png"}
+    with api.client("final") as c:
+        job_id = finished_job(api, c, files, **{"model.onnx": {"final": True}})
+        listed = c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+        assert [a["name"] for a in listed if a["final"]] == ["model.onnx"]
+        assert all(a["final"] is False for a in listed if a["name"] != "model.onnx")
+        r = c.get(f"/v1/jobs/{job_id}/artifacts/final")
+        assert r.status_code == 200 and r.content == TYPES["model.onnx"][1]
+        assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+        assert 'filename="model.onnx"' in r.headers["content-disposition"]
+        ranged = c.get(f"/v1/jobs/{job_id}/artifacts/final", headers={"Range": "bytes=2-"})
+        assert ranged.status_code == 206 and ranged.content == TYPES["model.onnx"][1][2:]
+        with Client(api.url, api.key("final")) as client:
+            path = client.download(job_id, dest=tmp_path)
+        assert path == tmp_path / "model.onnx" and path.read_bytes() == TYPES["model.onnx"][1]
+
+
+def test_a_job_without_a_final_model_says_so(api):
+    with api.client("final") as c:
+        job_id = c.post("/v1/jobs", json=TINY_SPEC).json()["id"]  # queued: nothing yet
+        r = c.get(f"/v1/jobs/{job_id}/artifacts/final")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_not_found"
+        assert "no final model" in r.json()["error"]["message"]
+    with api.client("someone-else") as other:  # another tenant's job: not found either
+        assert other.get(f"/v1/jobs/{job_id}/artifacts/final").status_code == 404

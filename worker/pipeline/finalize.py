@@ -179,6 +179,9 @@ def _report(
     metrics = {"teacher": teacher["metrics"], "final": final}
     public = public_spec if public_spec is not None else spec.model_dump(mode="json")
     made = reports.describe(out, _artifact_files(spec, out, p, choice))
+    picked = p.get(choice.final)
+    quantizer = p.quants[picked.quant] if picked.quant > 0 else None
+    made = reports.mark_final(made, reports.final_file(spec, quantizer))
     search = {
         "objective": p.objective,
         "candidates": p.size,
@@ -212,7 +215,8 @@ def _report(
         "search": search,
         "candidates": candidates,
         "stages": [teacher["stage"]],
-        "artifacts": made + reports.describe(out, {"model_card.json": "json"}),
+        "artifacts": made
+        + reports.mark_final(reports.describe(out, {"model_card.json": "json"}), None),
         "wall_seconds": time.perf_counter() - started,
         "versions": card["versions"],
     }
