@@ -169,19 +169,47 @@ def keys() -> None:
     """Manage API keys."""
 
 
+def _service_database(s) -> str:
+    """The URL of the service's existing database, or a refusal naming where it looked: a key
+    made in a database nobody serves (keys create run in another folder made a new
+    ./.distillery) would be refused by the running service."""
+    from sqlalchemy import create_engine, inspect
+
+    if s.DATABASE_URL is None and not (s.home / "distillery.db").is_file():
+        raise click.ClickException(
+            f"no Distillery database in {s.home} (DISTILLERY_HOME, by default ./.distillery "
+            "in the current folder): run this in the folder where `distillery serve` runs, "
+            "or set DISTILLERY_HOME (or DATABASE_URL) to the service's"
+        )
+    engine = create_engine(s.database_url)
+    try:
+        ready = inspect(engine).has_table("tenants")
+    except Exception as e:  # unreachable, refused: say so in one line
+        raise click.ClickException(f"cannot open {_redact(s.database_url)}: {e}") from None
+    finally:
+        engine.dispose()
+    if not ready:
+        raise click.ClickException(
+            f"{_redact(s.database_url)} has no Distillery tables: run `distillery migrate` "
+            "first, or set DATABASE_URL to the service's database"
+        )
+    return s.database_url
+
+
 @keys.command("create")
 @click.option("--tenant", required=True, help="tenant name (created if new)")
 def keys_create(tenant: str) -> None:
-    """Create an API key for TENANT and print it (it is stored hashed: save it now)."""
+    """Create an API key for TENANT in the service's database (DISTILLERY_HOME's, or
+    DATABASE_URL) and print it (it is stored hashed: save it now)."""
     from app.core.db import Database
     from app.core.migrate import upgrade
     from app.services import tenants
 
-    s = _settings()
-    s.home.mkdir(parents=True, exist_ok=True)
-    upgrade(s.database_url)
-    with Database(s.database_url).session() as session:
+    url = _service_database(_settings())
+    upgrade(url)  # an older schema of the same service: what serve does at start
+    with Database(url).session() as session:
         key = tenants.create_key(session, tenant_name=tenant)
+    click.echo(f"key of tenant {tenant!r} in {_redact(url)}", err=True)
     click.echo(key)
 
 
@@ -192,7 +220,7 @@ def keys_revoke(key: str) -> None:
     from app.core.db import Database
     from app.services import tenants
 
-    with Database(_settings().database_url).session() as session:
+    with Database(_service_database(_settings())).session() as session:
         if not tenants.revoke_key(session, key=key):
             raise click.ClickException("no such active key")
     click.echo("revoked")
