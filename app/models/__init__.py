@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -133,6 +134,12 @@ class JobStage(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     position: Mapped[int] = mapped_column(Integer)
+    # Each attempt at the stage, {attempt, started_at, finished_at, seconds} (ISO times): a
+    # stage cut short by a lost worker and run again has two. `started_at` is the first's
+    # start, `finished_at` the last's end, `seconds` their sum (the gap excluded).
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'")
+    )
 
     __table_args__ = (
         UniqueConstraint("job_id", "name", name="uq_job_stages_job_name"),

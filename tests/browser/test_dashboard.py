@@ -8,8 +8,10 @@ import hashlib
 import json
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from tests.browser.conftest import PHONE
 from tests.service_support import REPO, TINY_SPEC, client, keys_create, wait_for_status
@@ -203,6 +205,80 @@ def test_the_results_show_each_model_against_the_teacher_and_each_gate(web, serv
     assert size.last.inner_text() == f"✗ fail (missed by {float(f'{missed:.4g}'):g})"
     assert size.nth(1).inner_text() == f"{metrics['final']['size_ratio']:.4f}"
     assert p.locator("#gates-verdict").inner_text() == "✗ 1 of 2 gates failed"
+
+
+# A job whose worker was lost in distill and that resumed: teacher 0-19.2 s, distill
+# 19.3-30.0 s, a wait for a worker, distill again 45.0-60.0 s (seconds from its start).
+RESUMED = {"teacher": [(1, 0.0, 19.2)], "distill": [(1, 19.3, 30.0), (2, 45.0, 60.0)]}
+
+
+def _resumed_job(served) -> str:
+    """RESUMED, recorded in the served database as the service records it."""
+    from app.core.db import Database
+    from app.jobs import lifecycle
+    from app.jobs.states import JobStatus
+    from app.models import JobStage, utcnow
+    from app.services import tenants
+
+    db = Database(f"sqlite:///{served[2] / 'home' / 'distillery.db'}")
+    t0 = utcnow() - timedelta(minutes=5)
+    try:
+        with db.session() as s:
+            tenant = tenants.authenticate(s, key=served[1])
+            job_id = lifecycle.create(s, tenant_id=tenant.id, name="resumed", spec=TINY_SPEC,
+                                      queue="nobody-reads-this", stages=list(RESUMED),
+                                      idempotency_key=None, request_hash="-").id  # fmt: skip
+        with db.session() as s:
+            lifecycle.claim(s, job_id=job_id, worker_id="w/1", stale_before=utcnow(),
+                            max_attempts=3)  # fmt: skip
+            lifecycle.finish(s, job_id=job_id, worker_id="w/1", status=JobStatus.SUCCEEDED)
+        with db.session() as s:
+            for name, spans in RESUMED.items():
+                attempts = [
+                    {"attempt": n, "started_at": (t0 + timedelta(seconds=a)).isoformat(),
+                     "finished_at": (t0 + timedelta(seconds=b)).isoformat(), "seconds": b - a}
+                    for n, a, b in spans
+                ]  # fmt: skip
+                s.execute(
+                    update(JobStage)
+                    .where(JobStage.job_id == job_id, JobStage.name == name)
+                    .values(
+                        status="succeeded",
+                        attempts=attempts,
+                        started_at=t0 + timedelta(seconds=spans[0][1]),
+                        finished_at=t0 + timedelta(seconds=spans[-1][2]),
+                        seconds=sum(b - a for _, a, b in spans),
+                    )  # fmt: skip
+                )
+    finally:
+        db.dispose()
+    return job_id
+
+
+def test_a_resumed_stage_is_drawn_as_its_attempts_with_the_wait_between(web, served):
+    job_id = _resumed_job(served)
+    web.sign_in(served[1])
+    web.open_job(job_id)
+    p = web.page
+    p.locator("tr[data-stage=distill] .bar").first.wait_for()
+    drawn = p.evaluate(
+        """() => Object.fromEntries(['teacher', 'distill'].map(name => {
+            const track = document.querySelector(`tr[data-stage=${name}] td.track`).getBoundingClientRect();
+            return [name, [...document.querySelectorAll(`tr[data-stage=${name}] .bar`)].map(b => {
+              const r = b.getBoundingClientRect();
+              return [(r.left - track.left) / track.width, (r.right - track.left) / track.width];
+            })];
+        }))"""
+    )
+    # Where each attempt ran, as fractions of the job's 60 s (the track's width).
+    expected = {name: [(a / 60, b / 60) for _, a, b in spans] for name, spans in RESUMED.items()}
+    assert len(drawn["distill"]) == 2  # one bar per attempt
+    for name, spans in expected.items():
+        for (left, right), (want_left, want_right) in zip(drawn[name], spans, strict=True):
+            assert abs(left - want_left) < 0.01 and abs(right - want_right) < 0.01, (name, drawn)
+    duration = p.locator("tr[data-stage=distill] td.duration").inner_text()
+    assert duration == "26 s (2 attempts)"  # 10.7 + 15.0 s of work, the wait not counted
+    assert p.locator("tr[data-stage=teacher] td.duration").inner_text() == "19 s"
 
 
 def test_a_dataset_uploaded_with_progress_goes_into_the_spec(web, served):
