@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,19 +169,47 @@ def keys() -> None:
     """Manage API keys."""
 
 
+def _service_database(s) -> str:
+    """The URL of the service's existing database, or a refusal naming where it looked: a key
+    made in a database nobody serves (keys create run in another folder made a new
+    ./.distillery) would be refused by the running service."""
+    from sqlalchemy import create_engine, inspect
+
+    if s.DATABASE_URL is None and not (s.home / "distillery.db").is_file():
+        raise click.ClickException(
+            f"no Distillery database in {s.home} (DISTILLERY_HOME, by default ./.distillery "
+            "in the current folder): run this in the folder where `distillery serve` runs, "
+            "or set DISTILLERY_HOME (or DATABASE_URL) to the service's"
+        )
+    engine = create_engine(s.database_url)
+    try:
+        ready = inspect(engine).has_table("tenants")
+    except Exception as e:  # unreachable, refused: say so in one line
+        raise click.ClickException(f"cannot open {_redact(s.database_url)}: {e}") from None
+    finally:
+        engine.dispose()
+    if not ready:
+        raise click.ClickException(
+            f"{_redact(s.database_url)} has no Distillery tables: run `distillery migrate` "
+            "first, or set DATABASE_URL to the service's database"
+        )
+    return s.database_url
+
+
 @keys.command("create")
 @click.option("--tenant", required=True, help="tenant name (created if new)")
 def keys_create(tenant: str) -> None:
-    """Create an API key for TENANT and print it (it is stored hashed: save it now)."""
+    """Create an API key for TENANT in the service's database (DISTILLERY_HOME's, or
+    DATABASE_URL) and print it (it is stored hashed: save it now)."""
     from app.core.db import Database
     from app.core.migrate import upgrade
     from app.services import tenants
 
-    s = _settings()
-    s.home.mkdir(parents=True, exist_ok=True)
-    upgrade(s.database_url)
-    with Database(s.database_url).session() as session:
+    url = _service_database(_settings())
+    upgrade(url)  # an older schema of the same service: what serve does at start
+    with Database(url).session() as session:
         key = tenants.create_key(session, tenant_name=tenant)
+    click.echo(f"key of tenant {tenant!r} in {_redact(url)}", err=True)
     click.echo(key)
 
 
@@ -191,7 +220,7 @@ def keys_revoke(key: str) -> None:
     from app.core.db import Database
     from app.services import tenants
 
-    with Database(_settings().database_url).session() as session:
+    with Database(_service_database(_settings())).session() as session:
         if not tenants.revoke_key(session, key=key):
             raise click.ClickException("no such active key")
     click.echo("revoked")
@@ -315,15 +344,26 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_uvicorn(host: str, port: int, workers: int = 1) -> None:
-    """uvicorn.run, except that with several processes the socket is ours (see listen_socket)."""
+def run_uvicorn(
+    host: str, port: int, workers: int = 1, on_exit: Callable[[], None] | None = None
+) -> None:
+    """uvicorn.run, except that with several processes the socket is ours (see listen_socket).
+    `on_exit` (one process only) is called as soon as a signal asks the server to stop, before
+    its graceful shutdown, which takes a while."""
     import uvicorn
 
     config = uvicorn.Config(
         "app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
     )
     if workers <= 1:
-        uvicorn.Server(config).run()  # binds through asyncio, which sets TCP_NODELAY itself
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if on_exit is not None:
+                    on_exit()
+                super().handle_exit(sig, frame)
+
+        Server(config).run()  # binds through asyncio, which sets TCP_NODELAY itself
         return
     from uvicorn.supervisors import Multiprocess
 
@@ -470,7 +510,9 @@ def serve(host: str, port: int, queues: str | None) -> None:
         click.echo(
             f"  curl -H 'Authorization: Bearer {key}' http://{host}:{port}/v1/jobs", err=True
         )
-        run_uvicorn(host, port)
+        # Marked at the signal, not after uvicorn's shutdown: a signal to the whole process
+        # group stops the workers meanwhile, and they must not be restarted.
+        run_uvicorn(host, port, on_exit=lambda: [sv.stopping() for sv in supervisors])
     finally:
         for supervisor in supervisors:
             supervisor.stop()

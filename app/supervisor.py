@@ -26,6 +26,7 @@ from app.core.db import Database
 from app.jobs import lifecycle
 
 BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
+STOP_GRACE = 0.5  # seconds; part of the restart's backoff, not added to it
 PR_SET_PDEATHSIG = 1
 
 
@@ -76,7 +77,10 @@ class WorkerSupervisor:
             proc, started = self.proc, time.monotonic()
             assert proc is not None
             code = proc.wait()  # reaps it: no zombie
-            if self._stopping.is_set():
+            # A signal to serve's whole process group (systemd, `docker stop`) reaches the
+            # worker and serve together; serve's handler marks the stop (stopping()) within a
+            # moment of the worker's exit, maybe just after it: wait for that moment.
+            if self._stopping.wait(STOP_GRACE):
                 return
             if time.monotonic() - started >= STABLE_AFTER:
                 delay = BACKOFF_FIRST
@@ -87,7 +91,7 @@ class WorkerSupervisor:
                 f"worker (pid {proc.pid}) {describe_exit(code)}{held}; "
                 f"restarting it in {delay:.0f} s (restart {self.restarts})"
             )
-            if self._stopping.wait(delay):
+            if self._stopping.wait(max(delay - STOP_GRACE, 0.0)):
                 return
             self.proc = self._spawn()
             self.log(f"worker restarted (pid {self.proc.pid})")
@@ -112,6 +116,11 @@ class WorkerSupervisor:
             except Exception:  # left unsent: the reaper sends it on its next pass
                 pass
         return [job_id for job_id, _ in to_send]
+
+    def stopping(self) -> None:
+        """serve is shutting down: a worker that exits from now on is not restarted. Safe
+        in a signal handler (it only sets an Event)."""
+        self._stopping.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()

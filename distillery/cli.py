@@ -187,12 +187,10 @@ def _finish(client, job, gates, as_json: bool, *, replayed: bool = False) -> Non
     else:
         job_table(job)
         if table:
-            from rich.console import Console
-
-            from distillery.output import candidate_table
+            from distillery.output import candidate_table, stdout_console
 
             title = f"{len(table)} candidates: * on the Pareto front, >> the final model"
-            Console().print(candidate_table(table, title=title))
+            stdout_console().print(candidate_table(table, title=title))
         show_gates(results)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         artifacts = client.artifacts(job.id) if job.status == "succeeded" else []
@@ -384,8 +382,9 @@ def history(job_id: str, as_json: bool, as_csv: bool) -> None:
     if as_json:
         emit_json({"data": [r.model_dump(mode="json") for r in rows]})
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from distillery.output import stdout_console
 
     table = Table()
     columns = list(HistoryRowPublic.model_fields)  # the columns of history.csv, in order
@@ -393,8 +392,7 @@ def history(job_id: str, as_json: bool, as_csv: bool) -> None:
         table.add_column(col, justify="left" if col in ("stage", "run") else "right")
     for r in rows:
         table.add_row(*(_cell(col, getattr(r, col)) for col in columns))
-    # Eleven columns: piped output (80 columns by default) would fold every cell.
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    stdout_console().print(table)  # eleven columns: piped, they would not fit 80
     if not rows:
         click.echo("no epochs recorded yet", err=True)
 
@@ -469,8 +467,9 @@ def list_cmd(status_: str | None, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @guard
 def download(job_id: str, names: tuple[str, ...], out_dir: str, as_json: bool) -> None:
-    """Download artifacts of JOB_ID (all, or the NAMES given), verify their sha256, and resume
-    a download that was cut off."""
+    """Download artifacts of JOB_ID (all, or the NAMES given; `final` is the final model,
+    whichever file holds it), verify their sha256, and resume a download that was cut off."""
+    from distillery.client import FINAL
     from distillery.output import emit_json
 
     out = Path(out_dir)
@@ -478,7 +477,9 @@ def download(job_id: str, names: tuple[str, ...], out_dir: str, as_json: bool) -
     done = []
     with connect() as client:
         artifacts = {a.name: a for a in client.artifacts(job_id)}
-        for name in names or tuple(artifacts):
+        final = next((a.name for a in artifacts.values() if a.final), None)
+        for asked in names or tuple(artifacts):
+            name = final if asked == FINAL and final is not None else asked
             if name not in artifacts:
                 raise InputError(
                     f"job {job_id} has no artifact {name!r}; it has: {', '.join(artifacts)}"

@@ -88,15 +88,16 @@ def api_error_exit(status: int) -> int:
 
 
 def print_table(columns: tuple[str, ...], rows: list[list[str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from distillery.output import stdout_console
 
     table = Table()
     for col in columns:
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @contextlib.contextmanager

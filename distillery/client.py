@@ -269,10 +269,18 @@ class Calls:
         return Call("GET", path, _model(DeliveriesPublic), {"params": params})
 
 
+FINAL = "final"  # the name that stands for the job's final model, whichever file holds it
+
+
 def _artifact_named(artifacts: list[ArtifactPublic], job_id: str, name: str) -> ArtifactPublic:
-    artifact = next((a for a in artifacts if a.name == name), None)
+    if name == FINAL:
+        artifact = next((a for a in artifacts if a.final), None)
+        what = "final model (it has not succeeded)"
+    else:
+        artifact = next((a for a in artifacts if a.name == name), None)
+        what = f"artifact {name!r}"
     if artifact is None:
-        raise ApiError(404, "artifact_not_found", f"job {job_id} has no artifact {name!r}")
+        raise ApiError(404, "artifact_not_found", f"job {job_id} has no {what}")
     return artifact
 
 
@@ -515,15 +523,16 @@ class Client(_Base):
     def download(
         self,
         job_id: str,
-        name: str,
-        dest: str | Path,
+        name: str = FINAL,
+        dest: str | Path = ".",
         *,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> Path:
-        """Download an artifact to `dest` (a folder or a file path), verify its sha256, and
-        resume from a partial `.part` file with a Range request if an earlier try was cut off."""
+        """Download an artifact (by default the final model, under its own file name) to
+        `dest` (a folder or a file path), verify its sha256, and resume from a partial
+        `.part` file with a Range request if an earlier try was cut off."""
         artifact = _artifact_named(self.artifacts(job_id), job_id, name)
-        target, part = _download_target(dest, name)
+        target, part = _download_target(dest, artifact.name)
         for fresh in (False, True):
             if fresh:
                 part.unlink(missing_ok=True)
@@ -871,9 +880,9 @@ class AsyncClient(_Base):
     async def artifacts(self, job_id: str) -> list[ArtifactPublic]:
         return await self.call(Calls.artifacts(job_id))
 
-    async def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+    async def download(self, job_id: str, name: str = FINAL, dest: str | Path = ".") -> Path:
         artifact = _artifact_named(await self.artifacts(job_id), job_id, name)
-        target, part = _download_target(dest, name)
+        target, part = _download_target(dest, artifact.name)
         for fresh in (False, True):
             if fresh:
                 part.unlink(missing_ok=True)

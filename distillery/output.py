@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,18 @@ from distillery.client import Event
 from distillery.schemas import ArtifactPublic, JobPublic
 
 MODELS = ("teacher", "baseline", "student", "pruned", "quantized")
+
+
+# Wider than any table here: rich then draws each at its natural width.
+UNBOUNDED = 10_000
+
+
+def stdout_console():
+    """rich's Console for stdout: a terminal's width, else (a CI log, a pipe) as wide as each
+    table needs. rich's default there is 80 columns, which cut cells short ("s0-…", "0.9…")."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=UNBOUNDED)
 
 
 def fmt_bytes(n: float) -> str:
@@ -158,14 +171,12 @@ def progress_bar(console, *, disable: bool):
 
 
 def job_table(job: JobPublic) -> None:
-    from rich.console import Console
-
     # Plain lines for the id and the error: scripts grep them, and rich would wrap them.
     stage = f" ({job.stage})" if job.stage and job.status != "succeeded" else ""
     click.echo(f"{job.id} {job.name}: {job.status}{stage}")
     if job.error:
         click.echo(f"error [{job.error.code}]: {job.error.message}")
-    console = Console()
+    console = stdout_console()
     if any(k in job.metrics for k in ("teacher", "student")):
         console.print(metrics_table(job.metrics))
     if "final" in job.metrics:

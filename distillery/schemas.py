@@ -19,15 +19,31 @@ class ErrorPublic(BaseModel):
     message: str
 
 
+class StageAttemptPublic(BaseModel):
+    attempt: int = Field(description="the job's attempt that ran it (1, 2, …)")
+    started_at: datetime
+    finished_at: datetime | None = Field(
+        description="null while it runs; a lost worker's attempt ends at its last heartbeat"
+    )
+    seconds: float | None = None
+
+
 class StagePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     name: str
     status: StageStatus
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    seconds: float | None = None
+    started_at: datetime | None = Field(None, description="its first attempt's start")
+    finished_at: datetime | None = Field(None, description="its last attempt's end")
+    seconds: float | None = Field(
+        None, description="the time it ran, over all its attempts (the gaps between excluded)"
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
+    attempts: list[StageAttemptPublic] = Field(
+        default_factory=list,
+        description="each attempt at the stage: two or more when a worker was lost in it and "
+        "the job resumed",
+    )
 
 
 class GatePublic(BaseModel):
@@ -105,6 +121,11 @@ class ArtifactPublic(BaseModel):
     bytes: int
     sha256: str
     url: str
+    final: bool = Field(
+        False,
+        description="the job's final model, in the file to deploy (also at "
+        "/v1/jobs/{id}/artifacts/final); at most one per job",
+    )
 
 
 class ArtifactsPublic(BaseModel):

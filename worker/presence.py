@@ -31,20 +31,20 @@ class _Beat(threading.Thread):
     def __init__(self, runtime: Runtime, name: str) -> None:
         super().__init__(daemon=True, name=name)
         self.runtime = runtime
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: a method of threading.Thread
 
     def beat(self) -> None:
         raise NotImplementedError
 
     def run(self) -> None:
-        while not self._stop.wait(self.runtime.settings.HEARTBEAT_SECONDS):
+        while not self._halt.wait(self.runtime.settings.HEARTBEAT_SECONDS):
             try:
                 self.beat()
             except Exception:  # the DB blinked: try again next beat; the timeout is generous
                 log.warning("%s failed", self.name, exc_info=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 class JobHeartbeat(_Beat):

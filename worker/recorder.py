@@ -109,7 +109,7 @@ class Recorder:
     def _stage(self, s: Session, e: dict[str, Any]) -> None:
         status = StageStatus(e["status"])
         fresh = status == StageStatus.SUCCEEDED and not e.get("resumed")
-        lifecycle.set_stage(
+        seconds = lifecycle.set_stage(
             s,
             job_id=self.job_id,
             worker_id=self.worker_id,
@@ -117,8 +117,14 @@ class Recorder:
             status=status,
             seconds=e.get("seconds"),
             metrics=e.get("metrics") if fresh else None,
+            resumed=bool(e.get("resumed")),
         )
-        self._event(s, "stage", {k: v for k, v in e.items() if k != "type"})
+        data = {k: v for k, v in e.items() if k != "type"}
+        if fresh and seconds is not None:
+            # As recorded: every attempt's time (one stage can span two workers), and a
+            # search's stage, which its branches ran, gets one at all.
+            data["seconds"] = seconds
+        self._event(s, "stage", data)
 
     def _metrics(self, s: Session, e: dict[str, Any]) -> None:
         lifecycle.set_model_metrics(

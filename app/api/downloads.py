@@ -14,6 +14,23 @@ from app.models import Artifact
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
+# Content-Type by the artifact's suffix: the files a job writes, named here rather than
+# guessed by `mimetypes`, whose answers depend on the host's /etc/mime.types.
+MEDIA_TYPES = {
+    ".png": "image/png",
+    ".json": "application/json",
+    ".csv": "text/csv; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".md": "text/markdown; charset=utf-8",
+}
+BINARY = "application/octet-stream"  # models: .onnx, .pt, .safetensors
+
+
+def media_type(name: str) -> str:
+    """The Content-Type an artifact named `name` is served with."""
+    suffix = name[name.rfind(".") :].lower() if "." in name else ""
+    return MEDIA_TYPES.get(suffix, BINARY)
+
 
 def _span(range_header: str | None, size: int) -> tuple[int, int] | None:
     """The one byte range asked for, as (first, last); None for the whole file (no Range, or
@@ -41,7 +58,10 @@ def from_store(
     headers = {"ETag": etag, "Accept-Ranges": "bytes"}
     if redirect and settings.DOWNLOAD_MODE == "redirect":
         url = storage.presigned_url(
-            artifact.path, filename=artifact.name, expires=settings.PRESIGN_EXPIRY_SECONDS
+            artifact.path,
+            filename=artifact.name,
+            expires=settings.PRESIGN_EXPIRY_SECONDS,
+            content_type=media_type,
         )
         if url is not None:
             return RedirectResponse(url, status_code=307, headers=headers)

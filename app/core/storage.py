@@ -75,8 +75,11 @@ class Storage:
         """The key's file, where the store is a folder this process sees."""
         return None
 
-    def presigned_url(self, key: str, *, filename: str, expires: int) -> str | None:
-        """A time-limited URL a client downloads the object from, where the store has one."""
+    def presigned_url(
+        self, key: str, *, filename: str, expires: int, content_type: str | None = None
+    ) -> str | None:
+        """A time-limited URL a client downloads the object from, where the store has one;
+        its answer carries `content_type` when given."""
         return None
 
 
@@ -306,12 +309,16 @@ class S3Storage(Storage):
         )
         return reply["Body"].iter_chunks(CHUNK)
 
-    def presigned_url(self, key: str, *, filename: str, expires: int) -> str:
+    def presigned_url(
+        self, key: str, *, filename: str, expires: int, content_type: str | None = None
+    ) -> str:
         params = {
             "Bucket": self.bucket,
             "Key": self._key(key),
             "ResponseContentDisposition": f'attachment; filename="{filename}"',
         }
+        if content_type is not None:  # the object was stored without one
+            params["ResponseContentType"] = content_type
         return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
 
     # -- a multipart upload whose parts the client sends straight to the bucket ------------

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import insert_if_absent
 from app.core.errors import public_message
+from app.jobs import attempts as stage_attempts
 from app.jobs.states import ACTIVE, TERMINAL, JobStatus, StageStatus, check_transition, sources
 from app.models import (
     Artifact,
@@ -139,6 +140,10 @@ def claim(
     One conditional UPDATE: two workers with the same message cannot both win."""
     assert sources(JobStatus.RUNNING) == {JobStatus.QUEUED, JobStatus.RUNNING}
     now = utcnow()
+    # A redelivered job whose worker went silent: its stages stopped at its last heartbeat.
+    before = session.execute(
+        select(Job.status, Job.heartbeat_at, Job.updated_at).where(Job.id == job_id)
+    ).one_or_none()
     claimed = session.execute(
         update(Job)
         .where(
@@ -161,6 +166,9 @@ def claim(
     job = session.scalar(select(Job).where(Job.id == job_id))
     if job is None or not claimed:
         return None
+    if before is not None and before.status == JobStatus.RUNNING:
+        last = stage_attempts.last_sign_of_life(before.heartbeat_at, before.updated_at)
+        stage_attempts.interrupt(session, job_id=job_id, at=last or now)
     if job.started_at is None:
         job.started_at = now
     data = {"status": JobStatus.RUNNING.value, "attempt": job.attempts}
@@ -208,24 +216,26 @@ def set_stage(
     status: StageStatus,
     seconds: float | None = None,
     metrics: dict[str, Any] | None = None,
-) -> None:
+    resumed: bool = False,
+) -> float | None:
+    """Record a stage's start or end; returns its `seconds` as recorded (None while it runs).
+    `resumed`: an earlier attempt finished it and this one only reloaded it, so its record
+    (times, metrics) stands."""
     job = session.scalar(select(Job).where(_owned(job_id, worker_id)))
     if job is None:
-        return
+        return None
     stage = session.scalar(select(JobStage).where(JobStage.job_id == job_id, JobStage.name == name))
     if stage is None:
-        return
+        return None
     outbox.record(
         session, job=job, event="job.stage", detail={"stage": name, "status": status.value}
     )
     now = utcnow()
     stage.status = status
     if status == StageStatus.RUNNING:
-        stage.started_at, stage.finished_at, stage.seconds = now, None, None
-    else:
-        stage.finished_at = now
-        stage.started_at = stage.started_at or now
-        stage.seconds = seconds
+        stage_attempts.begin(stage, attempt=job.attempts, now=now)
+    elif not resumed:
+        stage_attempts.end(stage, attempt=job.attempts, now=now, seconds=seconds)
         if metrics is not None:
             stage.metrics = metrics
     session.execute(
@@ -234,6 +244,7 @@ def set_stage(
         .values(stage=name, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    return stage.seconds
 
 
 def set_model_metrics(
@@ -311,6 +322,7 @@ def finish(
         session.execute(delete(JobHistory).where(JobHistory.job_id == job_id))
         session.add_all(_history_row(job_id, row) for row in history)
     if status != JobStatus.SUCCEEDED:
+        stage_attempts.interrupt(session, job_id=job_id, at=now)
         ended = StageStatus.CANCELLED if status == JobStatus.CANCELLED else StageStatus.FAILED
         session.execute(
             update(JobStage)
@@ -460,6 +472,9 @@ def release(session: Session, job: Job, *, now: datetime, max_attempts: int, rea
     """Take an active job away from a worker that is gone: re-queued while attempts remain
     (its checkpoints let the next worker resume), else failed `worker_lost`; a cancelling one
     just ends cancelled. Returns what happened: requeued, lost or cancelled."""
+    # Its stage stopped at the worker's last sign of life, not now (the reaper notices late).
+    last = stage_attempts.last_sign_of_life(job.heartbeat_at, job.updated_at)
+    stage_attempts.interrupt(session, job_id=job.id, at=last or now)
     if job.status == JobStatus.CANCELLING:
         job.error_code, job.error_message = "cancelled", "cancelled (its worker stopped responding)"
         _move(session, job, JobStatus.CANCELLED, now=now)

@@ -32,7 +32,9 @@ class Reaper(threading.Thread):
         self.database, self.settings = database, settings
         self.enqueue, self.queue_size = enqueue, queue_size
         self.chores = list(chores)  # given, not imported: they live above app/jobs
-        self._stop = threading.Event()
+        # Not `_stop`: threading.Thread has a method of that name, which join() and the
+        # child of a fork call (an Event there made both raise TypeError).
+        self._halt = threading.Event()
 
     def run_once(self) -> dict[str, int]:
         with self.database.session() as s:
@@ -56,7 +58,7 @@ class Reaper(threading.Thread):
         return counts
 
     def run(self) -> None:
-        while not self._stop.wait(self.settings.REAPER_INTERVAL_SECONDS):
+        while not self._halt.wait(self.settings.REAPER_INTERVAL_SECONDS):
             try:
                 counts = self.run_once()
                 if any(counts.values()):
@@ -65,4 +67,4 @@ class Reaper(threading.Thread):
                 log.warning("reaper pass failed", exc_info=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

@@ -18,6 +18,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -132,6 +134,12 @@ class JobStage(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     position: Mapped[int] = mapped_column(Integer)
+    # Each attempt at the stage, {attempt, started_at, finished_at, seconds} (ISO times): a
+    # stage cut short by a lost worker and run again has two. `started_at` is the first's
+    # start, `finished_at` the last's end, `seconds` their sum (the gap excluded).
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'")
+    )
 
     __table_args__ = (
         UniqueConstraint("job_id", "name", name="uq_job_stages_job_name"),
@@ -202,6 +210,8 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # relative to the storage root
+    # The job's final model, in the file a user deploys (at most one per job).
+    final: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_name"),)

@@ -602,6 +602,17 @@ def get_artifact(session: Session, *, tenant_id: str, job_id: str, name: str) ->
     return artifact
 
 
+def get_final_artifact(session: Session, *, tenant_id: str, job_id: str) -> Artifact:
+    """The file of the job's final model (`final` in its listing)."""
+    _unexpired_job(session, tenant_id=tenant_id, job_id=job_id)
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.final.is_(True))
+    )
+    if artifact is None:
+        raise ArtifactNotFound(f"job {job_id} has no final model (it has not succeeded)")
+    return artifact
+
+
 def history_of(session: Session, *, tenant_id: str, job_id: str) -> list[JobHistory]:
     """Every recorded epoch of the job's training runs, in the order they ran; a search's
     include its branches' (their run names say which student and candidate)."""

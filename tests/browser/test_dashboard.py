@@ -8,8 +8,10 @@ import hashlib
 import json
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from tests.browser.conftest import PHONE
 from tests.service_support import REPO, TINY_SPEC, client, keys_create, wait_for_status
@@ -205,6 +207,129 @@ def test_the_results_show_each_model_against_the_teacher_and_each_gate(web, serv
     assert p.locator("#gates-verdict").inner_text() == "✗ 1 of 2 gates failed"
 
 
+def test_the_results_fit_a_1280_px_screen(web, served, finished_job):
+    """Every column of the metrics table and each gate's whole verdict in view at 1280 px,
+    none behind a scroll bar: side by side the two tables once cut off the ratios and
+    "(missed by …)"."""
+    web.sign_in(served[1])
+    web.open_job(finished_job["id"])
+    p = web.page
+    assert p.viewport_size["width"] == 1280
+    p.locator("#metrics tr[data-model=final]").wait_for()
+    p.locator("#gates tbody tr").first.wait_for()
+    overflow = """sel => [...document.querySelectorAll(sel + ' .table-wrap')].map(w => ({
+        hidden: w.scrollWidth - w.clientWidth,
+        cells: [...w.querySelectorAll('td, th')].filter(
+            c => c.getBoundingClientRect().right > w.getBoundingClientRect().right + 1
+        ).map(c => c.textContent)}))"""
+    for panel in ("#metrics", "#gates"):
+        (wrap,) = p.evaluate(overflow, panel)
+        assert wrap == {"hidden": 0, "cells": []}, (panel, wrap)
+    verdict = p.locator("#gates td.fail")
+    assert "(missed by " in verdict.inner_text() and verdict.is_visible()
+    smaller = p.locator("#metrics tr[data-model=final] td").nth(6)
+    assert smaller.inner_text().endswith("×") and smaller.is_visible()
+
+
+# A job whose worker was lost in distill and that resumed: teacher 0-19.2 s, distill
+# 19.3-30.0 s, a wait for a worker, distill again 45.0-60.0 s (seconds from its start).
+RESUMED = {"teacher": [(1, 0.0, 19.2)], "distill": [(1, 19.3, 30.0), (2, 45.0, 60.0)]}
+
+
+def _resumed_job(served) -> str:
+    """RESUMED, recorded in the served database as the service records it."""
+    from app.core.db import Database
+    from app.jobs import lifecycle
+    from app.jobs.states import JobStatus
+    from app.models import JobStage, utcnow
+    from app.services import tenants
+
+    db = Database(f"sqlite:///{served[2] / 'home' / 'distillery.db'}")
+    t0 = utcnow() - timedelta(minutes=5)
+    try:
+        with db.session() as s:
+            tenant = tenants.authenticate(s, key=served[1])
+            job_id = lifecycle.create(s, tenant_id=tenant.id, name="resumed", spec=TINY_SPEC,
+                                      queue="nobody-reads-this", stages=list(RESUMED),
+                                      idempotency_key=None, request_hash="-").id  # fmt: skip
+        with db.session() as s:
+            lifecycle.claim(s, job_id=job_id, worker_id="w/1", stale_before=utcnow(),
+                            max_attempts=3)  # fmt: skip
+            lifecycle.finish(s, job_id=job_id, worker_id="w/1", status=JobStatus.SUCCEEDED)
+        with db.session() as s:
+            for name, spans in RESUMED.items():
+                attempts = [
+                    {"attempt": n, "started_at": (t0 + timedelta(seconds=a)).isoformat(),
+                     "finished_at": (t0 + timedelta(seconds=b)).isoformat(), "seconds": b - a}
+                    for n, a, b in spans
+                ]  # fmt: skip
+                s.execute(
+                    update(JobStage)
+                    .where(JobStage.job_id == job_id, JobStage.name == name)
+                    .values(
+                        status="succeeded",
+                        attempts=attempts,
+                        started_at=t0 + timedelta(seconds=spans[0][1]),
+                        finished_at=t0 + timedelta(seconds=spans[-1][2]),
+                        seconds=sum(b - a for _, a, b in spans),
+                    )  # fmt: skip
+                )
+    finally:
+        db.dispose()
+    return job_id
+
+
+def test_a_resumed_stage_is_drawn_as_its_attempts_with_the_wait_between(web, served):
+    job_id = _resumed_job(served)
+    web.sign_in(served[1])
+    web.open_job(job_id)
+    p = web.page
+    p.locator("tr[data-stage=distill] .bar").first.wait_for()
+    drawn = p.evaluate(
+        """() => Object.fromEntries(['teacher', 'distill'].map(name => {
+            const track = document.querySelector(`tr[data-stage=${name}] td.track`).getBoundingClientRect();
+            return [name, [...document.querySelectorAll(`tr[data-stage=${name}] .bar`)].map(b => {
+              const r = b.getBoundingClientRect();
+              return [(r.left - track.left) / track.width, (r.right - track.left) / track.width];
+            })];
+        }))"""
+    )
+    # Where each attempt ran, as fractions of the job's 60 s (the track's width).
+    expected = {name: [(a / 60, b / 60) for _, a, b in spans] for name, spans in RESUMED.items()}
+    assert len(drawn["distill"]) == 2  # one bar per attempt
+    for name, spans in expected.items():
+        for (left, right), (want_left, want_right) in zip(drawn[name], spans, strict=True):
+            assert abs(left - want_left) < 0.01 and abs(right - want_right) < 0.01, (name, drawn)
+    duration = p.locator("tr[data-stage=distill] td.duration").inner_text()
+    assert duration == "26 s (2 attempts)"  # 10.7 + 15.0 s of work, the wait not counted
+    assert p.locator("tr[data-stage=teacher] td.duration").inner_text() == "19 s"
+
+
+def test_the_new_job_page_offers_uploads_made_elsewhere(web, served, finished_job):
+    """A dataset and a teacher uploaded with curl (not from this tab) are listed on the New job
+    page and go into the spec from there: nothing to upload again."""
+    with client(served[0], served[1]) as c:
+        with open(REPO / "examples" / "tabular" / "wine.npz", "rb") as f:
+            dataset = c.post("/v1/datasets", files={"file": ("wine.npz", f)}).json()
+        onnx = c.get(f"/v1/jobs/{finished_job['id']}/artifacts/model.onnx").content
+        files = {"file": ("elsewhere.onnx", onnx)}
+        model = c.post("/v1/models", files=files, data={"input_shape": "1,8,8"}).json()
+    web.sign_in(served[1])
+    p = web.page
+    p.goto("/#/submit")
+    row = p.locator(f"#dataset-list li[data-id='{dataset['id']}']")
+    row.wait_for()
+    assert "wine.npz" in row.inner_text() and "178 samples, 3 classes" in row.inner_text()
+    row.get_by_role("button", name=f"Use in spec: {dataset['id']}").click()
+    spec = json.loads(p.get_by_label("Job spec (JSON)").input_value())
+    assert spec["dataset"]["source"] == "upload" and spec["dataset"]["id"] == dataset["id"]
+    teacher = p.locator(f"#model-list li[data-id='{model['id']}']")
+    assert "elsewhere.onnx" in teacher.inner_text()
+    teacher.get_by_role("button", name=f"Use as teacher: {model['id']}").click()
+    spec = json.loads(p.get_by_label("Job spec (JSON)").input_value())
+    assert spec["teacher"] == {"source": "upload", "id": model["id"]}
+
+
 def test_a_dataset_uploaded_with_progress_goes_into_the_spec(web, served):
     web.sign_in(served[1])
     p = web.page
@@ -217,12 +342,15 @@ def test_a_dataset_uploaded_with_progress_goes_into_the_spec(web, served):
     status.get_by_text("Uploaded: ds_").wait_for()
     dataset_id = status.inner_text().removeprefix("Uploaded: ")
     assert p.locator("#dataset-progress").get_attribute("value") == "100"
-    listed = p.locator("#dataset-list li")
-    assert dataset_id in listed.inner_text() and "178 samples, 3 classes" in listed.inner_text()
+    # The newest first: this one heads the tenant's list.
+    p.locator(f"#dataset-list li[data-id='{dataset_id}']").wait_for()
+    listed = p.locator("#dataset-list li").first
+    assert listed.get_attribute("data-id") == dataset_id
+    assert "178 samples, 3 classes" in listed.inner_text()
     listed.get_by_role("button", name=f"Use in spec: {dataset_id}").click()
     spec = json.loads(p.get_by_label("Job spec (JSON)").input_value())
     assert spec["dataset"]["source"] == "upload" and spec["dataset"]["id"] == dataset_id
-    # The list outlives a reload of the tab (sessionStorage), not the tab itself.
+    # The list is the API's: a reload of the tab, or another tab, lists it too.
     p.reload()
     p.locator("#dataset-list li code").get_by_text(dataset_id).wait_for()
 
@@ -245,8 +373,9 @@ def test_a_teacher_uploaded_from_the_page_becomes_the_specs_teacher(
     status = p.locator("#model-status")
     status.get_by_text("Uploaded: mdl_").wait_for()
     model_id = status.inner_text().removeprefix("Uploaded: ")
-    listed = p.locator("#model-list li")
-    assert model_id in listed.inner_text() and "onnx, input [1,8,8]" in listed.inner_text()
+    listed = p.locator(f"#model-list li[data-id='{model_id}']")
+    listed.wait_for()
+    assert "onnx, input [1,8,8]" in listed.inner_text()
     listed.get_by_role("button", name=f"Use as teacher: {model_id}").click()
     spec = json.loads(p.get_by_label("Job spec (JSON)").input_value())
     assert spec["teacher"] == {"source": "upload", "id": model_id}

@@ -6,9 +6,12 @@ with its sha256."""
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
+
+import pytest
 
 from tests.browser.conftest import SEARCH_SPEC
-from tests.service_support import client
+from tests.service_support import client, sse_events
 
 # Every mark of both scatters as drawn: its data, its classes, its shape and where it is on
 # the screen (the centre of its box).
@@ -163,3 +166,26 @@ def test_the_candidates_sort_from_their_headers_and_a_front_model_downloads(
     digest = hashlib.sha256(open(download.path(), "rb").read()).hexdigest()
     assert digest == artifacts[name]["sha256"]
     row.get_by_text("saved, sha256 verified").wait_for()
+
+
+def test_a_searchs_stage_line_says_how_long_its_branches_ran(web, served, finished_search):
+    """The `search` stage spans the branches: its record, its stage event (what `--wait`
+    prints: once "search succeeded (0.0s)") and its line on the page all say how long."""
+    job = finished_search
+    stage = next(s for s in job["stages"] if s["name"] == "search")
+    span = datetime.fromisoformat(stage["finished_at"]) - datetime.fromisoformat(
+        stage["started_at"]
+    )
+    assert stage["seconds"] is not None and stage["seconds"] > 1.0  # branches train for seconds
+    assert stage["seconds"] == pytest.approx(span.total_seconds(), abs=0.01)
+    with client(served[0], served[1]) as c:
+        events = sse_events(c, job["id"])
+    (ended,) = [d for k, d in events if k == "stage" and d["stage"] == "search"]
+    assert ended["status"] == "succeeded" and ended["seconds"] == pytest.approx(stage["seconds"])
+    web.sign_in(served[1])
+    web.open_job(job["id"])
+    cell = web.page.locator("tr[data-stage=search] td.duration")
+    cell.wait_for()
+    seconds = stage["seconds"]
+    shown = f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"  # dom.js's fmtDuration
+    assert cell.inner_text() == shown

@@ -201,6 +201,16 @@ def test_download_verifies_and_resumes(served, finished_job, tmp_path):
     assert code == 0, err
     assert (bad_dir / "model.onnx").read_bytes() == whole
 
+    # `final`: the final model's file, whichever it is.
+    int8_won = finished_job["job"]["metrics"]["final"]["model"] == "quantized"
+    final = ["model.int8.onnx" if int8_won else "model.onnx"]
+    code, out, err = run_cli(
+        served, "download", job_id, "final", "--out", str(tmp_path / "f"), "--json"
+    )
+    assert code == 0, err
+    assert [d["name"] for d in json.loads(out)] == final
+    assert (tmp_path / "f" / final[0]).read_bytes() == (tmp_path / "all" / final[0]).read_bytes()
+
 
 def test_status_list_and_logs(served, finished_job):
     job_id = finished_job["job"]["id"]

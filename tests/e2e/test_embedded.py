@@ -28,6 +28,13 @@ def test_serve_runs_a_job_and_serves_the_int8_model(served, tmp_path):
         artifacts = {a["name"]: a for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
         int8 = artifacts["model.int8.onnx"]
         body = c.get(int8["url"]).content
+        # TINY_SPEC's int8 file is bigger than the pruned float model: the final is the latter,
+        # marked so by the worker's record, and served at a name that does not change.
+        assert done["metrics"]["final"]["model"] == "pruned"
+        assert [n for n, a in artifacts.items() if a["final"]] == ["model.onnx"]
+        final = c.get(f"/v1/jobs/{job['id']}/artifacts/final")
+        assert final.headers["etag"] == f'"{artifacts["model.onnx"]["sha256"]}"'
+        assert hashlib.sha256(final.content).hexdigest() == artifacts["model.onnx"]["sha256"]
     assert hashlib.sha256(body).hexdigest() == int8["sha256"]
     path = tmp_path / "model.int8.onnx"
     path.write_bytes(body)

@@ -178,6 +178,9 @@ def _report(
     metrics = {"teacher": teacher["metrics"], "final": final}
     public = public_spec if public_spec is not None else spec.model_dump(mode="json")
     made = reports.describe(out, _artifact_files(spec, out, p, choice))
+    picked = p.get(choice.final)
+    quantizer = p.quants[picked.quant] if picked.quant > 0 else None
+    made = reports.mark_final(made, reports.final_file(spec, quantizer))
     search = {
         "objective": p.objective,
         "candidates": p.size,
@@ -211,7 +214,8 @@ def _report(
         "search": search,
         "candidates": candidates,
         "stages": [teacher["stage"]],
-        "artifacts": made + reports.describe(out, {"model_card.json": "json"}),
+        "artifacts": made
+        + reports.mark_final(reports.describe(out, {"model_card.json": "json"}), None),
         "wall_seconds": time.perf_counter() - started,
         "versions": card["versions"],
     }
@@ -226,8 +230,19 @@ def _plot(
     spec: JobSpec,
     objective: str,
 ) -> None:
-    """Accuracy against size and against latency: every candidate, the front joined up, the
+    """Accuracy against size and against latency: every candidate, the front marked, the
     final marked, the teacher for reference."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(candidates, teacher, spec, objective)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_figure(
+    candidates: list[dict[str, Any]], teacher: dict[str, Any], spec: JobSpec, objective: str
+) -> Any:
+    """pareto.png's matplotlib Figure (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +281,7 @@ def _plot(
         )
         ax.axhline(teacher["accuracy"], ls="--", c="#555555", lw=1, label="teacher accuracy")
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_locator(_log_axis_locator(*ax.get_xlim()))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
@@ -275,5 +290,16 @@ def _plot(
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{spec.name}: {len(candidates)} candidates, objective {objective}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _log_axis_locator(low: float, high: float) -> Any:
+    """Ticks for a log axis from `low` to `high` that leave room for their labels: 1-2-5 per
+    decade over a decade or more; over less, where 1-2-5 leaves one tick or none and
+    matplotlib falls back to a linear locator with up to 9 ticks (labels ran together,
+    "0.00850.009"), at most 4 round values."""
+    import matplotlib.ticker
+
+    if high / low >= 10:
+        return matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0))
+    return matplotlib.ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10])

@@ -12,6 +12,7 @@ from typing import Any
 from distillery.gates import spec_gates
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.files import sha256_file
+from worker.pipeline.spec import JobSpec
 from worker.pipeline.stages import STAGES
 from worker.pipeline.state import JobState
 
@@ -97,6 +98,23 @@ def describe(out: Path, files: dict[str, str]) -> list[dict[str, Any]]:
     ]
 
 
+def final_file(spec: JobSpec, quantizer: str | None) -> str | None:
+    """The file a user deploys the final model from: the quantized ONNX when the final model
+    is quantized (by `quantizer`), else its float export (ONNX if the spec exports it)."""
+    from worker.pipeline.export import EXPORTERS
+    from worker.pipeline.quantize import QUANTIZERS
+
+    if quantizer is not None:
+        return QUANTIZERS.get(quantizer).filename
+    formats = sorted(spec.export, key=lambda f: f != "onnx")  # onnx first: what is measured
+    return EXPORTERS.get(formats[0]).filename if formats else None
+
+
+def mark_final(artifacts: list[dict[str, Any]], name: str | None) -> list[dict[str, Any]]:
+    """`artifacts` (describe's), each with `final`: whether it is the file named `name`."""
+    return [{**a, "final": a["name"] == name} for a in artifacts]
+
+
 def versions() -> dict[str, str]:
     import onnxruntime
     import torch
@@ -116,6 +134,8 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
     state.metrics["final"] = final
     gates = choice.gates[choice.final]
     made = describe(out, {**STAGES.artifacts(spec), "history.csv": "csv"})
+    quantizer = spec.quantize.method if choice.final == "quantized" and spec.quantize else None
+    made = mark_final(made, final_file(spec, quantizer))
     card = {
         "name": spec.name,
         "created_at": now(),
@@ -144,7 +164,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "compress_only": state.compress_only,
         "init": card["init"],
         "stages": state.records,
-        "artifacts": made + describe(out, {"model_card.json": "json"}),
+        "artifacts": made + mark_final(describe(out, {"model_card.json": "json"}), None),
         "wall_seconds": wall_seconds,
         "versions": card["versions"],
     }

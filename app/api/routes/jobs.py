@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -18,6 +19,7 @@ from app.api.deps import (
     get_enqueue,
 )
 from app.api.events import END, HEARTBEAT, EventFeed
+from app.core.config import Settings
 from app.core.errors import (
     ArtifactNotFound,
     ArtifactsExpired,
@@ -31,7 +33,9 @@ from app.core.errors import (
     Unauthorized,
     error_responses,
 )
+from app.core.storage import Storage
 from app.jobs.states import JobStatus
+from app.models import Artifact
 from app.schemas.jobs import (
     ArtifactPublic,
     ArtifactsPublic,
@@ -273,7 +277,9 @@ def _artifact_public(request: Request, job_id: str, a) -> ArtifactPublic:
     url = request.app.url_path_for("download_artifact", job_id=job_id, name=a.name)
     public = request.app.state.settings.PUBLIC_URL
     url = f"{public.rstrip('/')}{url}" if public else str(url)
-    return ArtifactPublic(name=a.name, format=a.format, bytes=a.bytes, sha256=a.sha256, url=url)
+    return ArtifactPublic(
+        name=a.name, format=a.format, bytes=a.bytes, sha256=a.sha256, url=url, final=a.final
+    )
 
 
 @router.get(
@@ -290,22 +296,71 @@ def list_artifacts(
     return ArtifactsPublic(data=[_artifact_public(request, job_id, a) for a in rows])
 
 
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {t: {} for t in (downloads.BINARY, *downloads.MEDIA_TYPES.values())},
+        "description": "the file, with the Content-Type of its kind (models "
+        "application/octet-stream, pareto.png image/png, .json application/json, "
+        ".csv text/csv); ETag is its sha256",
+    },
+    206: {"description": "the requested byte range"},
+    307: {"description": "a bucket store: the object's presigned URL (Location)"},
+    304: {"description": "If-None-Match matched the ETag"},
+    **error_responses(*AUTH, JobNotFound, ArtifactNotFound, ArtifactsExpired, StorageUnavailable),
+}
+
+
+@dataclass(frozen=True)
+class DownloadAsk:
+    """What a download request asks for besides the file."""
+
+    redirect: bool
+    if_none_match: str | None
+    range_header: str | None
+    if_range: str | None
+
+
+def download_ask(
+    redirect: Annotated[
+        bool,
+        Query(description="false: the bytes through the API, never a redirect to the store"),
+    ] = True,
+    if_none_match: Annotated[str | None, Header()] = None,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
+) -> DownloadAsk:
+    return DownloadAsk(redirect, if_none_match, range_header, if_range)
+
+
+DownloadAskDep = Annotated[DownloadAsk, Depends(download_ask)]
+
+
+@router.get(
+    "/{job_id}/artifacts/final",
+    name="download_final_artifact",
+    response_class=FileResponse,
+    responses=_DOWNLOAD_RESPONSES,
+)
+def download_final_artifact(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    ask: DownloadAskDep,
+) -> Response:
+    """The job's final model, whichever file holds it (`model.int8.onnx` when int8 won,
+    `model.onnx` when pruning alone did): a name a script can rely on. Served as
+    `/artifacts/{name}` serves that file, under its own name; 404 until the job succeeded."""
+    artifact = jobs_service.get_final_artifact(session, tenant_id=tenant.id, job_id=job_id)
+    return _serve(job_id, artifact, storage, settings, ask)
+
+
 @router.get(
     "/{job_id}/artifacts/{name}",
     name="download_artifact",
     response_class=FileResponse,
-    responses={
-        200: {
-            "content": {"application/octet-stream": {}},
-            "description": "the file; ETag is its sha256",
-        },
-        206: {"description": "the requested byte range"},
-        307: {"description": "a bucket store: the object's presigned URL (Location)"},
-        304: {"description": "If-None-Match matched the ETag"},
-        **error_responses(
-            *AUTH, JobNotFound, ArtifactNotFound, ArtifactsExpired, StorageUnavailable
-        ),
-    },
+    responses=_DOWNLOAD_RESPONSES,
 )
 def download_artifact(
     job_id: str,
@@ -314,22 +369,23 @@ def download_artifact(
     tenant: TenantDep,
     storage: StorageDep,
     settings: SettingsDep,
-    redirect: Annotated[
-        bool,
-        Query(description="false: the bytes through the API, never a redirect to the store"),
-    ] = True,
-    if_none_match: Annotated[str | None, Header()] = None,
-    range_header: Annotated[str | None, Header(alias="Range")] = None,
-    if_range: Annotated[str | None, Header()] = None,
+    ask: DownloadAskDep,
 ) -> Response:
     """The file, with `ETag: "<sha256>"`; honours `Range` and `If-Range`. With a bucket as
     the store (`STORAGE_URL=s3://…`) it answers 307 to a presigned URL of the object
     (`DOWNLOAD_MODE=redirect`, the default; ETag as here) unless `redirect=false`."""
     artifact = jobs_service.get_artifact(session, tenant_id=tenant.id, job_id=job_id, name=name)
+    return _serve(job_id, artifact, storage, settings, ask)
+
+
+def _serve(
+    job_id: str, artifact: Artifact, storage: Storage, settings: Settings, ask: DownloadAsk
+) -> Response:
+    name = artifact.name
     etag = f'"{artifact.sha256}"'
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if ask.if_none_match is not None and etag in [t.strip() for t in ask.if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    media = downloads.media_type(name)
     path = storage.local_path(artifact.path)
     if path is None:
         if storage.size(artifact.path) is None:
@@ -338,9 +394,9 @@ def download_artifact(
             storage,
             settings,
             artifact,
-            redirect=redirect,
-            range_header=range_header,
-            if_range=if_range,
+            redirect=ask.redirect,
+            range_header=ask.range_header,
+            if_range=ask.if_range,
             media_type=media,
         )
     if not path.is_file():

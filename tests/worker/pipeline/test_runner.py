@@ -111,7 +111,10 @@ def test_artifacts_are_listed_with_their_sha256(finished):
     for a in report["artifacts"]:
         body = (out / a["name"]).read_bytes()
         assert a["sha256"] == hashlib.sha256(body).hexdigest() and a["bytes"] == len(body)
+    # int8 won here (the report's final model is `quantized`): its file is the final one.
+    assert [a["name"] for a in report["artifacts"] if a["final"]] == ["model.int8.onnx"]
     card = json.loads((out / "model_card.json").read_text())
+    assert [a["name"] for a in card["artifacts"] if a["final"]] == ["model.int8.onnx"]
     assert {a["name"]: a["sha256"] for a in card["artifacts"]} == {
         a["name"]: a["sha256"] for a in report["artifacts"] if a["name"] != "model_card.json"
     }
@@ -453,6 +456,8 @@ def test_final_is_the_best_model_by_the_objective_not_the_last_stage(tmp_path):
     m = report["metrics"]
     assert m["quantized"]["size_bytes"] > m["pruned"]["size_bytes"]  # the case in point
     assert m["final"]["model"] == "pruned"
+    # The file to deploy is then the float export, not the int8 file the job also keeps.
+    assert [a["name"] for a in report["artifacts"] if a["final"]] == ["model.onnx"]
     assert "not smaller than the model they came from" in m["final"]["reason"]
     assert m["final"]["accuracy_drop_ci"][0] <= m["final"]["accuracy_drop"]
     by_accuracy = run_pipeline(

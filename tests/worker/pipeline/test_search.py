@@ -133,6 +133,11 @@ def test_the_chosen_model_and_every_front_candidate_are_handed_over(searched):
     # The exported model gives the chosen candidate's predictions (its float model, exactly
     # when the final is float).
     chosen = next(c for c in report["candidates"] if c["final"])
+    # The listing marks the file to deploy: the chosen quantizer's file, or the float export.
+    files = {"int8_static": "model.int8.onnx", "int8_dynamic": "model.int8_dynamic.onnx"}
+    files |= {"fp16": "model.fp16.onnx", None: "model.onnx"}
+    marked = [name for name, a in listed.items() if a["final"]]
+    assert marked == [files[chosen["axes"]["quantize.method"]]]
     if chosen["axes"]["quantize.method"] is None:
         x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
         ours = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})[0]

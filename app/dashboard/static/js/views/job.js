@@ -55,27 +55,39 @@ function errorBox(job) {
 
 // --- stage timeline -------------------------------------------------------------------------
 
+// A stage's spans on the timeline: one per attempt (a stage a lost worker cut short ran
+// again: two bars with the wait between), or its start to its end.
+function spans(s, now) {
+  const at = (t) => (t ? Date.parse(t) : now);
+  if (s.attempts?.length) return s.attempts.map((a) => ({ start: at(a.started_at), end: at(a.finished_at), attempt: a.attempt }));
+  return s.started_at ? [{ start: at(s.started_at), end: at(s.finished_at), attempt: null }] : [];
+}
+
 function timeline(job) {
   const now = Date.now();
-  const starts = job.stages.filter((s) => s.started_at).map((s) => Date.parse(s.started_at));
-  const origin = starts.length ? Math.min(...starts) : now;
-  const ends = job.stages.map((s) => (s.finished_at ? Date.parse(s.finished_at) : s.started_at ? now : origin));
-  const span = Math.max(...ends, origin + 1) - origin;
+  const all = job.stages.flatMap((s) => spans(s, now));
+  const origin = all.length ? Math.min(...all.map((p) => p.start)) : now;
+  const span = Math.max(...all.map((p) => p.end), origin + 1) - origin;
   const rows = job.stages.map((s) => {
-    const start = s.started_at ? Date.parse(s.started_at) : null;
-    const end = s.finished_at ? Date.parse(s.finished_at) : start !== null ? now : null;
-    const seconds = s.seconds ?? (start !== null ? (end - start) / 1000 : null);
-    const bar = h("span", { class: `bar s-${s.status}` });
-    if (start !== null) {
-      bar.style.left = `${((start - origin) / span) * 100}%`;
-      bar.style.width = `${Math.max(((end - start) / span) * 100, 0.5)}%`;
-    }
-    return h("tr", { dataset: { stage: s.name } },
+    const parts = spans(s, now);
+    const start = parts.length ? parts[0].start : null;
+    // Running: the time so far; else as recorded (every attempt's time, the waits excluded).
+    const seconds = s.status === "running" || s.seconds === null
+      ? (parts.length ? parts.reduce((t, p) => t + (p.end - p.start), 0) / 1000 : null)
+      : s.seconds;
+    const bars = parts.map((p, i) => {
+      const bar = h("span", { class: `bar s-${i < parts.length - 1 ? "interrupted" : s.status}` });
+      bar.style.left = `${((p.start - origin) / span) * 100}%`;
+      bar.style.width = `${Math.max(((p.end - p.start) / span) * 100, 0.5)}%`;
+      return bar;
+    });
+    const retried = parts.length > 1 ? h("span", { class: "muted" }, ` (${parts.length} attempts)`) : "";
+    return h("tr", { dataset: { stage: s.name, attempts: String(parts.length) } },
       h("th", { scope: "row" }, s.name),
       h("td", {}, statusBadge(s.status)),
       h("td", {}, start === null ? "—" : `+${fmtDuration((start - origin) / 1000)}`),
-      h("td", {}, seconds === null ? "—" : fmtDuration(seconds)),
-      h("td", { class: "track", "aria-hidden": "true" }, bar));
+      h("td", { class: "duration" }, seconds === null ? "—" : fmtDuration(seconds), retried),
+      h("td", { class: "track", "aria-hidden": "true" }, ...bars));
   });
   return table(["Stage", "State", "Start", "Duration", "Timeline"], rows, { className: "timeline" });
 }

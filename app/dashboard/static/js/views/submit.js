@@ -6,7 +6,7 @@ import { fmtBytes, h, replace } from "../dom.js";
 import { keyLines, lineOf, splitErrors } from "../specerrors.js";
 
 const DRAFT = "distillery.draft";
-const UPLOADS = "distillery.uploads";
+const LISTED = 20; // the newest uploads of each kind the page offers
 // The spec's top-level fields, for telling a field's message from a "; " inside a message;
 // replaced by the API's own schema (/openapi.json) once it has loaded.
 let specFields = new Set(["name", "dataset", "teacher", "student", "distill", "prune", "quantize",
@@ -17,16 +17,6 @@ async function loadSpecFields() {
     const doc = await getJSON("/openapi.json");
     specFields = new Set(Object.keys(doc.components.schemas.JobSpec.properties));
   } catch { /* keep the list above */ }
-}
-
-function uploads() {
-  try { return JSON.parse(sessionStorage.getItem(UPLOADS)) || { datasets: [], models: [] }; } catch { return { datasets: [], models: [] }; }
-}
-
-function saveUpload(kind, item) {
-  const all = uploads();
-  all[kind] = [item, ...all[kind].filter((x) => x.id !== item.id)];
-  sessionStorage.setItem(UPLOADS, JSON.stringify(all));
 }
 
 // --- the editor ------------------------------------------------------------------------------
@@ -90,12 +80,21 @@ function uploadForm({ kind, title, accept, fields, send, describe, useLabel, use
   const list = h("ul", { class: "uploads", id: `${kind}-list` });
   const button = h("button", { type: "submit" }, `Upload ${kind}`);
 
-  function drawList() {
-    const items = uploads()[`${kind}s`];
-    replace(list, items.length ? items.map((item) => h("li", {},
+  // The tenant's uploads as the API lists them (newest first): one uploaded earlier, from
+  // another tab or with curl, is picked here instead of uploaded again.
+  async function drawList() {
+    let items;
+    try {
+      items = (await getJSON(`${send}?limit=${LISTED}`)).data;
+    } catch (e) {
+      replace(list, h("li", { class: "muted" }, `Could not list the uploads: ${e.message}`));
+      return;
+    }
+    replace(list, items.length ? items.map((item) => h("li", { dataset: { id: item.id } },
       h("code", {}, item.id), " ", item.filename, h("span", { class: "muted" }, ` · ${describe(item)}`), " ",
       h("button", { type: "button", class: "link", "aria-label": `${useLabel}: ${item.id}`, onclick: () => use(item) }, useLabel)))
       : h("li", { class: "muted" }, "None yet."));
+    list.dataset.loaded = "";
   }
 
   async function submit(event) {
@@ -111,9 +110,8 @@ function uploadForm({ kind, title, accept, fields, send, describe, useLabel, use
     try {
       const item = await upload(send, form, (f) => { bar.value = Math.round(f * 100); });
       bar.value = 100;
-      saveUpload(`${kind}s`, item);
       status.textContent = `Uploaded: ${item.id}`;
-      drawList();
+      await drawList();
     } catch (e) {
       status.textContent = `Refused: ${e.code ? `[${e.code}] ` : ""}${e.message}`;
     } finally {
@@ -127,7 +125,7 @@ function uploadForm({ kind, title, accept, fields, send, describe, useLabel, use
     h("label", { for: file.id }, `${title} file (${accept})`), file,
     Object.entries(fields).map(([name, input]) => [h("label", { for: input.id }, input.dataset.label), input]),
     button, bar, status,
-    h("h3", {}, `${title}s uploaded in this browser session`), list);
+    h("h3", {}, `Your ${kind}s (newest first)`), list);
 }
 
 // --- the view -------------------------------------------------------------------------------
@@ -228,8 +226,7 @@ export function submitView(root) {
           describe: (m) => `${m.format}${m.arch ? ` ${m.arch}` : ""}${m.input_shape ? `, input ${JSON.stringify(m.input_shape)}` : ""}`,
           useLabel: "Use as teacher",
           use: (m) => edit((spec) => { spec.teacher = { source: "upload", id: m.id }; }),
-        }),
-        h("p", { class: "muted" }, "The lists show what was uploaded in this browser tab; the service has no listing of uploads yet."))));
+        }))));
 
   document.title = "New job · Distillery";
   getJSON("/dashboard/examples.json").then((list) => {
