@@ -107,6 +107,7 @@ def test_artifacts_are_listed_with_their_sha256(finished):
         "model.safetensors",
         "model.torchscript.pt",
         "model_card.json",
+        "profile.json",
     ]
     for a in report["artifacts"]:
         body = (out / a["name"]).read_bytes()
@@ -312,6 +313,26 @@ def _cli(*args, cwd):
     )
 
 
+def test_the_final_models_operator_profile_is_an_artifact(finished):
+    """profile.json: ONNX Runtime's profiler on the final model, time per operator type; the
+    op types are those of the model's graph (after ONNX Runtime's fusions, so a subset plus
+    what it inserts) and the shares add up to 1."""
+    import onnx
+
+    out, report, _ = finished
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["key"] == report["metrics"]["final"]["model"] and profile["runs"] > 0
+    path = next(p for p in (out / ".work", out) if (p / profile["model"]).exists())
+    graph_ops = {n.op_type for n in onnx.load(str(path / profile["model"])).graph.node}
+    # What ONNX Runtime runs: the graph's ops, or what it fused them into.
+    assert set(profile) and {o["op_type"] for o in profile["ops"]} & (
+        graph_ops | {"QLinearConv", "QGemm", "FusedConv"}
+    )
+    assert all(o["us_per_run"] > 0 and o["nodes"] >= 1 for o in profile["ops"])
+    assert abs(sum(o["share"] for o in profile["ops"]) - 1.0) < 1e-6
+    assert report["speed"]["cpu"]["weight_bits"] in (7, 8)
+
+
 def test_cli_runs_a_job_and_uses_exit_codes(tmp_path):
     repo = Path(__file__).parents[3]
     small = {
@@ -459,8 +480,13 @@ def test_final_is_the_best_model_by_the_objective_not_the_last_stage(tmp_path):
         JobSpec.model_validate({**TINY_SPEC, "objective": "accuracy"}), tmp_path / "acc"
     )["metrics"]
     kept = "baseline" if by_accuracy["final"]["student_kept"] == "baseline" else "student"
+    # Whatever the objective, a compression proven slower than its parent is left out.
+    speed = json.loads((tmp_path / "acc" / "report.json").read_text())["speed"]["comparisons"]
+    slower = {
+        k for k, c in speed.items() if c.get("parent", {}).get("b1", {}).get("verdict") == "slower"
+    }
     best = max(
-        (kept, "pruned", "quantized"),
+        (k for k in (kept, "pruned", "quantized") if k not in slower),
         key=lambda k: (by_accuracy[k]["accuracy"], -by_accuracy[k]["size_bytes"]),
     )
     assert by_accuracy["final"]["model"] == best
