@@ -384,6 +384,20 @@ class GatesSpec(_Spec):
         "be and still be chosen (default 1: never proven slower, whatever the objective)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_gates(cls, data: Any) -> Any:
+        """A typo in a gate's name is refused naming the gates there are (a gate silently
+        dropped would pass by omission)."""
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown gate {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(cls.model_fields)}"
+                )
+        return data
+
 
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]
 WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage"]

@@ -333,6 +333,42 @@ def test_the_final_models_operator_profile_is_an_artifact(finished):
     assert report["speed"]["cpu"]["weight_bits"] in (7, 8)
 
 
+def test_min_speedup_fails_when_the_interval_says_not_faster(tmp_path):
+    """`distillery run` of a job whose student is the teacher's own arch: the two run alike,
+    whatever two medians taken apart say, so `min_speedup: 1.3` must fail on the interval; the
+    report says the CPU's int8 capability and whether int8 paid; profile.json is handed over."""
+    from app.testing import TINY_SPEC
+
+    repo = Path(__file__).parents[3]
+    spec = {
+        **TINY_SPEC,
+        "student": {"arch": "cnn_tiny"},  # = the teacher's
+        "prune": None,
+        "quantize": {"method": "int8_static", "calibration_samples": 32, "weight_bits": 7},
+        "evaluate": {"latency_runs": 5, "latency_warmup": 1, "compare_rounds": 8},
+        "gates": {"min_speedup": 1.3},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = _cli("run", str(tmp_path / "spec.json"), "--out", str(tmp_path / "out"), "--json", cwd=repo)
+    assert r.returncode == 1, r.stderr  # it ran, and the gate failed
+    report = json.loads(r.stdout)
+    final = report["metrics"]["final"]
+    [gate] = report["gates"]
+    assert gate["gate"] == "final.speedup_lower>=1.3" and gate["passed"] is False
+    assert gate["value"] == final["speedup_ci"][0] < 1.3
+    assert report["speed"]["cpu"]["flags"].keys() == {"avx2", "avx512_vnni", "avx_vnni", "amx_int8"}
+    int8 = report["speed"]["int8"]
+    assert int8["pays"] is True or int8["why"]
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["quantize"] == {
+        "method": "int8_static",
+        "weight_bits": 7,
+        "weight_bits_from": "spec",
+    }
+    assert "profile.json" in {a["name"] for a in report["artifacts"]}
+    assert json.loads((tmp_path / "out" / "profile.json").read_text())["ops"]
+
+
 def test_cli_runs_a_job_and_uses_exit_codes(tmp_path):
     repo = Path(__file__).parents[3]
     small = {
