@@ -1,6 +1,6 @@
 """The end of a search: every candidate against the teacher, the Pareto front, the choice,
 and what the job hands over (the chosen model in the spec's formats, every front
-candidate's ONNX, candidates.json, pareto.png, report.json, model_card.json)."""
+candidate's ONNX, candidates.json, pareto.png, profile.json, report.json, model_card.json)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from distillery.gates import spec_gates
 from worker.pipeline import report as reports
+from worker.pipeline import speed
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.history import HistoryLog
@@ -46,7 +47,8 @@ def finalize(
     started: float | None = None,
 ) -> dict[str, Any]:
     """Choose among every candidate on record and write what the job hands over; returns the
-    report. Measures nothing: the branches did."""
+    report. Measures only speed, by interleaved runs on this host (a latency from another
+    branch's host compares with nothing); the branches measured the rest."""
     started = started if started is not None else time.perf_counter()
     emit: EventFn = on_event or (lambda e: None)
     p = plan(spec)
@@ -58,21 +60,21 @@ def finalize(
     gates = spec_gates(spec.gates)
     # Every candidate against its parent; against the teacher too when a gate reads it.
     vs_teacher = list(records) if spec.gates.min_speedup is not None else []
-    speed = _speed(spec, out, teacher, records, vs_teacher)
-    metrics = _against_teacher(out, teacher, records, speed)
+    timed = _speed(spec, out, teacher, records, vs_teacher)
+    metrics = _against_teacher(out, teacher, records, timed)
     choice = choose(
         metrics, parents, objective=p.objective, gates=gates, max_slowdown=spec.gates.max_slowdown
     )
-    if "teacher" not in speed.get(choice.final, {}):  # the report's speedup interval
-        speed = _speed(spec, out, teacher, records, [choice.final])
-        metrics = _against_teacher(out, teacher, records, speed)
+    if "teacher" not in timed.get(choice.final, {}):  # the report's speedup interval
+        timed = _speed(spec, out, teacher, records, [choice.final])
+        metrics = _against_teacher(out, teacher, records, timed)
     emit({"type": "log", "stage": "export", "message": f"final: {choice.final}: {choice.reason}"})
     _export(spec, out, p, records, choice)
     candidates = _table(records, metrics, choice)
     (out / "candidates.json").write_text(json.dumps(candidates, indent=2))
     _plot(out / "pareto.png", candidates, teacher["metrics"], spec, p.objective)
     _merged_history(out, p).write_csv(out / "history.csv")
-    speed_section = _speed_report(spec, out, p, records, metrics, speed, choice.final)
+    speed_section = _speed_report(spec, out, p, records, metrics, timed, choice.final)
     result = _report(spec, out, p, teacher, candidates, choice, public_spec, started, speed_section)
     emit({"type": "done", "report": result})
     return result
@@ -82,7 +84,7 @@ def _against_teacher(
     out: Path,
     teacher: dict[str, Any],
     records: dict[str, dict[str, Any]],
-    speed: dict[str, dict[str, Any]],
+    timed: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     t_correct = np.load(shared_dir(out) / "teacher_correct.npy")
     return {
@@ -91,7 +93,7 @@ def _against_teacher(
             teacher["metrics"],
             t_correct,
             np.load(branch_dir(out, r["branch"]) / r["files"]["correct"]),
-            speed.get(k),
+            timed.get(k),
         )
         for k, r in records.items()
     }
@@ -107,8 +109,6 @@ def _speed(
     """Interleaved comparisons, on this host, of each candidate with its parent and those in
     `vs_teacher` with the teacher; kept in .work/speed.json (a finalize run again measures
     only what is missing, and chooses as before)."""
-    from worker.pipeline import speed
-
     path = out / ".work" / "speed.json"
     done: dict[str, dict[str, Any]] = read_json(path) or {}
     files = {k: branch_dir(out, r["branch"]) / r["files"]["onnx"] for k, r in records.items()}
@@ -202,8 +202,6 @@ def _speed_report(
 ) -> dict[str, Any]:
     """The host's int8 capability, the comparisons, why each int8 candidate did or did not
     pay against its float parent; and profile.json, the final model's time per op type."""
-    from worker.pipeline import speed
-
     files = {k: branch_dir(out, r["branch"]) / r["files"]["onnx"] for k, r in records.items()}
     int8 = {}
     for key, r in sorted(records.items()):
@@ -249,7 +247,7 @@ def _report(
     choice: Choice,
     public_spec: dict[str, Any] | None,
     started: float,
-    speed: dict[str, Any],
+    speed_section: dict[str, Any],
 ) -> dict[str, Any]:
     chosen = next(c for c in candidates if c["final"])
     final = {**chosen["metrics"], "model": chosen["key"], "axes": chosen["axes"]}
@@ -276,7 +274,7 @@ def _report(
         "metrics": metrics,
         "search": search,
         "quantize": reports.quantize_card(spec.quantize, chosen["metrics"]),
-        "speed": speed,
+        "speed": speed_section,
         "artifacts": made,
         "versions": reports.versions(),
     }
@@ -291,7 +289,7 @@ def _report(
         "gates_passed": choice.gates_passed,
         "search": search,
         "candidates": candidates,
-        "speed": speed,
+        "speed": speed_section,
         "stages": [teacher["stage"]],
         "artifacts": made + reports.describe(out, {"model_card.json": "json"}),
         "wall_seconds": time.perf_counter() - started,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.gates import spec_gates
+from worker.pipeline import speed
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.files import sha256_file
 from worker.pipeline.stages import STAGES
@@ -64,8 +65,6 @@ def model_files(state: JobState, keys: list[str]) -> dict[str, Path]:
 def speed_evidence(state: JobState, parents: dict[str, str | None]) -> dict[str, Any]:
     """Each model against its parent and the teacher, by interleaved runs: measured once per
     job and kept (the export stage and the report must make the same choice)."""
-    from worker.pipeline import speed
-
     path = state.state_dir / "speed.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -122,8 +121,6 @@ def choose_final(state: JobState) -> tuple[Choice, dict[str, Any]]:
 def speed_report(state: JobState, final_key: str) -> dict[str, Any]:
     """The host's int8 capability, every comparison, whether int8 paid and if not why; and
     profile.json, the final model's time per operator type."""
-    from worker.pipeline import speed
-
     parents = stage_models(state)
     ev = speed_evidence(state, parents)
     files = model_files(state, [final_key, *parents])
@@ -204,7 +201,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
     arch, arch_kwargs = state.subject_arch()
     state.metrics["final"] = final
     gates = choice.gates[choice.final]
-    speed = speed_report(state, choice.final)
+    speed_section = speed_report(state, choice.final)
     made = describe(out, {**STAGES.artifacts(spec), "history.csv": "csv", PROFILE: "json"})
     card = {
         "name": spec.name,
@@ -220,7 +217,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "metrics": state.metrics,
         "init": init_report(state),
         "quantize": quantize_card(spec.quantize, state.metrics.get("quantized")),
-        "speed": speed,
+        "speed": speed_section,
         "artifacts": made,
         "versions": versions(),
     }
@@ -235,7 +232,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "gates_passed": choice.gates_passed,
         "compress_only": state.compress_only,
         "init": card["init"],
-        "speed": speed,
+        "speed": speed_section,
         "stages": state.records,
         "artifacts": made + describe(out, {"model_card.json": "json"}),
         "wall_seconds": wall_seconds,
