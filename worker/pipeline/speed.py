@@ -67,10 +67,6 @@ def int8_capability(flags: Iterable[str]) -> dict[str, Any]:
     return {"flags": found, "vnni": vnni, "weight_bits": 8 if vnni else 7}
 
 
-def host_weight_bits() -> int:
-    return int(int8_capability(cpu_flags())["weight_bits"])
-
-
 # -- interleaved comparison --------------------------------------------------------------------
 
 
