@@ -104,10 +104,13 @@ def _no_better_than_ancestor(
     if first == "accuracy":
         return False
     own = metrics[key]
+    ancestors = _ancestors(key, parents)
     ci = own.get(_parent_ci(objective))
-    if first != "size_bytes" and ci is not None and verdict(*ci) != "faster":
-        return True  # a latency objective wants it proven faster than its parent
-    return any(own[first] >= metrics[a][first] for a in _ancestors(key, parents) if a in metrics)
+    if first != "size_bytes" and ci is not None:
+        if verdict(*ci) != "faster":
+            return True  # a latency objective wants it proven faster than its parent
+        ancestors = ancestors[1:]  # the interval, not two medians, decides against the parent
+    return any(own[first] >= metrics[a][first] for a in ancestors if a in metrics)
 
 
 def _parent_ci(objective: str) -> str:
@@ -174,8 +177,8 @@ def choose(
         reason += f"; {n} compression(s) not {better} than the model they came from were left out"
     if slower:
         reason += (
-            f"; {len(slower)} compression(s) slower than the model they came from (95% interval"
-            f" of the speedup below 1) were left out: {', '.join(slower)}"
+            f"; {len(slower)} compression(s) proven slower than the model they came from (the"
+            f" 95% interval of the speedup from interleaved runs) were left out: {', '.join(slower)}"
         )
     return Choice(final, bool(passing), reason, front, results, excluded)
 
