@@ -150,7 +150,9 @@ def _minute():
 # --- overload: a fast, honest 503 ------------------------------------------------------------
 
 
-def test_no_database_connection_in_time_is_a_fast_503_and_healthz_still_answers(api, monkeypatch):
+def test_no_database_connection_in_time_is_a_fast_503_and_healthz_still_answers(
+    api, monkeypatch
+):
     """Every pooled connection taken (a database that answers too slowly): a request gets 503
     `overloaded` with Retry-After after DB_POOL_TIMEOUT_SECONDS, not a 500 after 30 s; the
     liveness check, which needs no connection, answers at once."""
@@ -188,9 +190,7 @@ def test_a_job_queue_must_be_one_the_operator_lists(api, queue):
         r = _submit(c, queue=queue)
         assert r.status_code == 422, r.text
         message = r.json()["error"]["message"]
-        assert (
-            message.startswith(f"queue: {queue!r} is not a job queue") and "JOB_QUEUES" in message
-        )
+        assert message.startswith(f"queue: {queue!r} is not a job queue") and "JOB_QUEUES" in message
 
 
 def test_listed_queues_and_patterns_are_accepted(api, monkeypatch):
