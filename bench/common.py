@@ -16,6 +16,7 @@ PROFILES = ("default", "full")
 BENCHMARKS = (
     "distill_speed",
     "compression",
+    "quantization",
     "distill_pays",
     "pretrained_init",
     "search",

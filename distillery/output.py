@@ -95,12 +95,21 @@ def drop_text(m: dict[str, Any]) -> str:
     return f"{_pt(m['accuracy_drop'])} pt" + (f" [{_pt(ci[0])}, {_pt(ci[1])}]" if ci else "")
 
 
+def speed_text(m: dict[str, Any]) -> str:
+    """The speedup over the teacher: its 95% interval from interleaved runs when the job
+    measured one (two medians alone can be far off on a busy host)."""
+    ci = m.get("speedup_ci")
+    if ci is None:
+        return f"{m['speedup']:.1f}x faster (medians)"
+    return f"{ci[0]:.2f}-{ci[1]:.2f}x the teacher's speed (95%, {m.get('speedup_verdict', '')})"
+
+
 def final_summary(final: dict[str, Any]) -> str:
     parts = [
         f"final = {final['model']}",
         f"accuracy drop {drop_text(final)}",
         f"{final['size_ratio']:.1f}x smaller",
-        f"{final['speedup']:.1f}x faster",
+        speed_text(final),
     ]
     if "distill_gain" in final:
         parts.append(f"distillation vs no teacher {final['distill_gain'] * 100:+.2f} pt")

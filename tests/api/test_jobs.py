@@ -60,6 +60,12 @@ def test_submit_returns_a_queued_job_with_its_plan(api):
             {"student": {"arch": "cnn_small", "arch_kwargs": {"widths": [0]}}},
             "student.arch: 'cnn_small' does not fit",
         ),
+        (
+            {"gates": {"min_speedupp": 2}},
+            "gates: Value error, unknown gate 'min_speedupp'; known: max_accuracy_drop, "
+            "min_size_ratio, min_speedup, min_accuracy, max_slowdown",
+        ),
+        ({"quantize": {"weight_bits": 6}}, "quantize.weight_bits: Input should be 7 or 8"),
     ],
 )
 def test_invalid_specs_are_refused_before_queueing(api, spec, field):

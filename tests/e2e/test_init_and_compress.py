@@ -21,7 +21,12 @@ FAST = {
     "distill": {"epochs": 2},
     "prune": {"amount": 0.5, "finetune_epochs": 1},
     "quantize": {"method": "int8_dynamic"},
-    "evaluate": {"latency_runs": 5, "latency_warmup": 1, "latency_b32_runs": 0},
+    "evaluate": {
+        "latency_runs": 5,
+        "latency_warmup": 1,
+        "latency_b32_runs": 0,
+        "compare_rounds": 0,
+    },
 }
 TRAIN = {"source": "train", "arch": "cnn_tiny", "epochs": 2}
 # cnn_tiny [8, 16]: 2 conv blocks (conv weight; bn weight, bias, mean, var, count) + the head

@@ -322,10 +322,13 @@ def _measure_quantized(branch: _Branch, q: Candidate, parent: Candidate) -> None
     calib = state.data.calibration(qspec.calibration_samples, s.seed)
     quantization.run(src, dst, calib, qspec)
     record = read_json(branch.record_path(parent.key))
-    _write(branch, q, dst, record["metrics"]["params"], record["metrics"]["macs"])
+    extra = {"weight_bits": quantization.weight_bits(qspec)[0]} if method == "int8_static" else {}
+    _write(branch, q, dst, record["metrics"]["params"], record["metrics"]["macs"], extra)
 
 
-def _write(branch: _Branch, c: Candidate, onnx: Path, params: int, macs: int) -> None:
+def _write(
+    branch: _Branch, c: Candidate, onnx: Path, params: int, macs: int, extra: dict | None = None
+) -> None:
     from worker.pipeline.evaluate import measured
 
     state = branch.state
@@ -333,6 +336,7 @@ def _write(branch: _Branch, c: Candidate, onnx: Path, params: int, macs: int) ->
         onnx, state.data.x_test, state.data.y_test, state.spec.evaluate, params
     )
     metrics["macs"] = int(macs)
+    metrics.update(extra or {})
     correct_path = branch.model_path(c.key, ".correct.npy")
     np.save(_ensure(correct_path), correct)
     rel = lambda path: str(path.relative_to(branch.dir))  # noqa: E731

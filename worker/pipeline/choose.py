@@ -3,7 +3,11 @@
 The final model is the best by the job's objective (`size`, `latency`, `latency_b32`,
 `accuracy`) among the candidates that pass every gate. A "compression" that is not smaller
 (objective size) or not faster (objective latency) than a model it was derived from is never
-chosen: an int8 file bigger than its float parent is not a result. When no candidate passes,
+chosen: an int8 file bigger than its float parent is not a result. Nor, whatever the objective,
+is one proven slower than the model it came from (`gates.max_slowdown` allows some). "Faster"
+and "slower" rest on the 95% interval of the speedup from interleaved runs of the two models
+(worker/pipeline/speed.py); where no such comparison was made, speed excludes nothing but the
+latency objectives' point comparison. When no candidate passes,
 the job still hands over its best effort: the candidate that fails the fewest gates, then
 misses them by the least (each miss relative to its limit), then the best by the objective;
 each gate says by how much it was missed.
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distillery.gates import Gate, check
+from worker.pipeline.stats import paired_drop_ci, verdict
 
 # The metric each objective minimises (accuracy: maximised), and the one breaking ties.
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -98,8 +103,24 @@ def _no_better_than_ancestor(
     first = OBJECTIVES[objective][0]
     if first == "accuracy":
         return False
-    own = metrics[key][first]
-    return any(own >= metrics[a][first] for a in _ancestors(key, parents) if a in metrics)
+    own = metrics[key]
+    ancestors = _ancestors(key, parents)
+    ci = own.get(_parent_ci(objective))
+    if first != "size_bytes" and ci is not None:
+        if verdict(*ci) != "faster":
+            return True  # a latency objective wants it proven faster than its parent
+        ancestors = ancestors[1:]  # the interval, not two medians, decides against the parent
+    return any(own[first] >= metrics[a][first] for a in ancestors if a in metrics)
+
+
+def _parent_ci(objective: str) -> str:
+    return "parent_speedup_b32_ci" if objective == "latency_b32" else "parent_speedup_ci"
+
+
+def _proven_slower(m: dict[str, Any], objective: str, max_slowdown: float) -> bool:
+    """Slower than the model it came from by more than allowed, by the interval."""
+    ci = m.get(_parent_ci(objective))
+    return ci is not None and verdict(*ci, max_slowdown) == "slower"
 
 
 def _miss(results: list[dict], gates: list[Gate]) -> tuple[int, float]:
@@ -117,13 +138,21 @@ def choose(
     *,
     objective: str,
     gates: list[Gate],
+    max_slowdown: float | None = None,
 ) -> Choice:
     """Choose among candidates (`metrics`: key -> their numbers, already relative to the
-    teacher where gates need it; `parents`: key -> the candidate it was derived from)."""
+    teacher where gates need it, and to their parent where compared; `parents`: key -> the
+    candidate it was derived from)."""
     latency = "latency_b32_ms" if objective == "latency_b32" else "latency_ms"
     front = pareto_front(metrics, latency)
     results = {k: gate_results(gates, m) for k, m in metrics.items()}
     excluded = [k for k in metrics if _no_better_than_ancestor(k, metrics, parents, objective)]
+    slower = [
+        k
+        for k, m in metrics.items()
+        if k not in excluded and _proven_slower(m, objective, max_slowdown or 1.0)
+    ]
+    excluded += slower
     eligible = [k for k in metrics if k not in excluded] or list(metrics)
     passing = [k for k in eligible if all(r["passed"] for r in results[k])]
     word = WORDS[objective]
@@ -142,9 +171,15 @@ def choose(
             f"no candidate passes every gate: best effort, the one failing the fewest gates "
             f"({n_failed}) and missing them by the least, then the {word}"
         )
-    if excluded:
+    if len(excluded) > len(slower):
         better = "smaller" if objective == "size" else "faster"
-        reason += f"; {len(excluded)} compression(s) not {better} than the model they came from were left out"
+        n = len(excluded) - len(slower)
+        reason += f"; {n} compression(s) not {better} than the model they came from were left out"
+    if slower:
+        reason += (
+            f"; {len(slower)} compression(s) proven slower than the model they came from (the"
+            f" 95% interval of the speedup from interleaved runs) were left out: {', '.join(slower)}"
+        )
     return Choice(final, bool(passing), reason, front, results, excluded)
 
 
@@ -153,11 +188,12 @@ def relative(
     teacher: dict[str, Any],
     teacher_correct: Any = None,
     correct: Any = None,
+    speed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A model's numbers against the teacher's: what gates and the choice read. With which
-    test samples each got right, the accuracy drop gets its paired 95% interval."""
-    from worker.pipeline.stats import paired_drop_ci
-
+    test samples each got right, the accuracy drop gets its paired 95% interval; with
+    interleaved comparisons (`speed`, from speed.evidence), the speedups over the teacher and
+    over the parent get theirs."""
     out = dict(metrics)
     out["accuracy_drop"] = teacher["accuracy"] - metrics["accuracy"]
     if teacher_correct is not None and correct is not None:
@@ -166,4 +202,14 @@ def relative(
     out["speedup"] = teacher["latency_ms"] / max(metrics["latency_ms"], 1e-9)
     if "latency_b32_ms" in metrics and "latency_b32_ms" in teacher:
         out["speedup_b32"] = teacher["latency_b32_ms"] / max(metrics["latency_b32_ms"], 1e-9)
+    for against, prefix in (("teacher", "speedup"), ("parent", "parent_speedup")):
+        for batch, suffix in (("b1", ""), ("b32", "_b32")):
+            c = (speed or {}).get(against, {}).get(batch)
+            if c is not None:
+                out[f"{prefix}{suffix}_ci"] = c["ci"]
+                out[f"{prefix}{suffix}_verdict"] = c["verdict"]
+                if against == "parent":
+                    out[f"{prefix}{suffix}"] = c["speedup"]
+    if "speedup_ci" in out:
+        out["speedup_lower"] = out["speedup_ci"][0]
     return out

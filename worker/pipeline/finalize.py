@@ -1,6 +1,6 @@
 """The end of a search: every candidate against the teacher, the Pareto front, the choice,
 and what the job hands over (the chosen model in the spec's formats, every front
-candidate's ONNX, candidates.json, pareto.png, report.json, model_card.json)."""
+candidate's ONNX, candidates.json, pareto.png, profile.json, report.json, model_card.json)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from distillery.gates import spec_gates
 from worker.pipeline import report as reports
+from worker.pipeline import speed
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.history import HistoryLog
@@ -46,7 +47,8 @@ def finalize(
     started: float | None = None,
 ) -> dict[str, Any]:
     """Choose among every candidate on record and write what the job hands over; returns the
-    report. Measures nothing: the branches did."""
+    report. Measures only speed, by interleaved runs on this host (a latency from another
+    branch's host compares with nothing); the branches measured the rest."""
     started = started if started is not None else time.perf_counter()
     emit: EventFn = on_event or (lambda e: None)
     p = plan(spec)
@@ -54,22 +56,35 @@ def finalize(
     records = candidate_records(out, p)
     if teacher is None or not records:
         raise PipelineError("the search made no candidate to choose from")
-    metrics = _against_teacher(out, teacher, records)
     parents = {k: r["parent"] for k, r in records.items()}
-    choice = choose(metrics, parents, objective=p.objective, gates=spec_gates(spec.gates))
+    gates = spec_gates(spec.gates)
+    # Every candidate against its parent; against the teacher too when a gate reads it.
+    vs_teacher = list(records) if spec.gates.min_speedup is not None else []
+    timed = _speed(spec, out, teacher, records, vs_teacher)
+    metrics = _against_teacher(out, teacher, records, timed)
+    choice = choose(
+        metrics, parents, objective=p.objective, gates=gates, max_slowdown=spec.gates.max_slowdown
+    )
+    if "teacher" not in timed.get(choice.final, {}):  # the report's speedup interval
+        timed = _speed(spec, out, teacher, records, [choice.final])
+        metrics = _against_teacher(out, teacher, records, timed)
     emit({"type": "log", "stage": "export", "message": f"final: {choice.final}: {choice.reason}"})
     _export(spec, out, p, records, choice)
     candidates = _table(records, metrics, choice)
     (out / "candidates.json").write_text(json.dumps(candidates, indent=2))
     _plot(out / "pareto.png", candidates, teacher["metrics"], spec, p.objective)
     _merged_history(out, p).write_csv(out / "history.csv")
-    result = _report(spec, out, p, teacher, candidates, choice, public_spec, started)
+    speed_section = _speed_report(spec, out, p, records, metrics, timed, choice.final)
+    result = _report(spec, out, p, teacher, candidates, choice, public_spec, started, speed_section)
     emit({"type": "done", "report": result})
     return result
 
 
 def _against_teacher(
-    out: Path, teacher: dict[str, Any], records: dict[str, dict[str, Any]]
+    out: Path,
+    teacher: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    timed: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     t_correct = np.load(shared_dir(out) / "teacher_correct.npy")
     return {
@@ -78,9 +93,44 @@ def _against_teacher(
             teacher["metrics"],
             t_correct,
             np.load(branch_dir(out, r["branch"]) / r["files"]["correct"]),
+            timed.get(k),
         )
         for k, r in records.items()
     }
+
+
+def _speed(
+    spec: JobSpec,
+    out: Path,
+    teacher: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    vs_teacher: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Interleaved comparisons, on this host, of each candidate with its parent and those in
+    `vs_teacher` with the teacher; kept in .work/speed.json (a finalize run again measures
+    only what is missing, and chooses as before)."""
+    path = out / ".work" / "speed.json"
+    done: dict[str, dict[str, Any]] = read_json(path) or {}
+    files = {k: branch_dir(out, r["branch"]) / r["files"]["onnx"] for k, r in records.items()}
+    teacher_onnx = shared_dir(out) / "teacher.onnx"
+    parents = {k: r["parent"] for k, r in records.items() if "parent" not in done.get(k, {})}
+    todo = [k for k in vs_teacher if "teacher" not in done.get(k, {})]
+    shape = teacher["input_contract"]["shape"][1:]
+    # Latency does not depend on the values: any input of the contract's shape will do.
+    sample = np.random.default_rng(spec.seed).normal(size=(1, *shape)).astype(np.float32)
+    new = speed.evidence(
+        files,
+        parents,
+        teacher_onnx if teacher_onnx.exists() else None,
+        sample,
+        spec.evaluate,
+        vs_teacher=todo,
+        seed=spec.seed,
+    )
+    for k, v in new.items():
+        done.setdefault(k, {}).update(v)
+    path.write_text(json.dumps(done))
+    return done
 
 
 def _table(
@@ -141,6 +191,32 @@ def _export(
         shutil.copyfile(src, out / front_file(key))
 
 
+def _speed_report(
+    spec: JobSpec,
+    out: Path,
+    p: SearchPlan,
+    records: dict[str, dict[str, Any]],
+    metrics: dict[str, dict[str, Any]],
+    comparisons: dict[str, dict[str, Any]],
+    final: str,
+) -> dict[str, Any]:
+    """The host's int8 capability, the comparisons, why each int8 candidate did or did not
+    pay against its float parent; and profile.json, the final model's time per op type."""
+    files = {k: branch_dir(out, r["branch"]) / r["files"]["onnx"] for k, r in records.items()}
+    int8 = {}
+    for key, r in sorted(records.items()):
+        c = p.get(key)
+        if c.quant > 0 and p.quants[c.quant].startswith("int8") and r["parent"] in metrics:
+            comparison = comparisons.get(key, {}).get("parent", {}).get("b1")
+            parent_ms = metrics[r["parent"]]["latency_ms"]
+            int8[key] = speed.int8_verdict(key, parent_ms, files[key], comparison)
+    shape = read_json(shared_dir(out) / "teacher.json")["input_contract"]["shape"][1:]
+    sample = np.random.default_rng(spec.seed).normal(size=(1, *shape)).astype(np.float32)
+    profile = speed.op_profile(files[final], sample, threads=spec.evaluate.threads)
+    (out / reports.PROFILE).write_text(json.dumps({"key": final, **profile}, indent=2))
+    return {"cpu": speed.host(), "comparisons": comparisons, "int8": int8}
+
+
 def _merged_history(out: Path, p: SearchPlan) -> HistoryLog:
     merged = HistoryLog(out / ".work" / "history.jsonl")
     for i in range(len(p.students)):
@@ -159,7 +235,7 @@ def _artifact_files(spec: JobSpec, out: Path, p: SearchPlan, choice: Choice) -> 
         q = QUANTIZERS.get(p.quants[final.quant])
         files[q.filename] = q.format
     files.update({front_file(k): "onnx" for k in choice.front})
-    return {**files, **SEARCH_FILES, "history.csv": "csv"}
+    return {**files, **SEARCH_FILES, "history.csv": "csv", reports.PROFILE: "json"}
 
 
 def _report(
@@ -171,6 +247,7 @@ def _report(
     choice: Choice,
     public_spec: dict[str, Any] | None,
     started: float,
+    speed_section: dict[str, Any],
 ) -> dict[str, Any]:
     chosen = next(c for c in candidates if c["final"])
     final = {**chosen["metrics"], "model": chosen["key"], "axes": chosen["axes"]}
@@ -199,6 +276,8 @@ def _report(
         "input": teacher["input_contract"],
         "metrics": metrics,
         "search": search,
+        "quantize": reports.quantize_card(spec.quantize, chosen["metrics"]),
+        "speed": speed_section,
         "artifacts": made,
         "versions": reports.versions(),
     }
@@ -213,6 +292,7 @@ def _report(
         "gates_passed": choice.gates_passed,
         "search": search,
         "candidates": candidates,
+        "speed": speed_section,
         "stages": [teacher["stage"]],
         "artifacts": made
         + reports.mark_final(reports.describe(out, {"model_card.json": "json"}), None),

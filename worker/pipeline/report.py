@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.gates import spec_gates
+from worker.pipeline import speed
 from worker.pipeline.choose import Choice, choose, relative
 from worker.pipeline.files import sha256_file
 from worker.pipeline.spec import JobSpec
@@ -18,6 +19,7 @@ from worker.pipeline.state import JobState
 
 # Files the runner itself writes beside the stages' artifacts.
 RUN_FILES = {"history.csv": "csv", "model_card.json": "json"}
+PROFILE = "profile.json"  # the final model's time per operator type on ONNX Runtime
 
 
 def now() -> str:
@@ -43,30 +45,114 @@ def stage_models(state: JobState) -> dict[str, str | None]:
     return made
 
 
+def model_files(state: JobState, keys: list[str]) -> dict[str, Path]:
+    """The ONNX file each model was measured from (those still on disk)."""
+    from worker.pipeline.quantize import QUANTIZERS
+
+    files = {}
+    for key in keys:
+        if key == "teacher":
+            path = state.teacher_onnx()
+        elif key == "quantized":
+            assert state.spec.quantize is not None
+            path = state.out / QUANTIZERS.get(state.spec.quantize.method).filename
+        else:
+            path = state.work / f"{key}.onnx"
+        if path.exists():
+            files[key] = path
+    return files
+
+
+def speed_evidence(state: JobState, parents: dict[str, str | None]) -> dict[str, Any]:
+    """Each model against its parent and the teacher, by interleaved runs: measured once per
+    job and kept (the export stage and the report must make the same choice)."""
+    path = state.state_dir / "speed.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    files = model_files(state, ["teacher", *parents])
+    sample = state.data.x_test[:1].numpy()
+    ev = speed.evidence(
+        files,
+        parents,
+        files.get("teacher"),
+        sample,
+        state.spec.evaluate,
+        vs_teacher=list(parents),
+        seed=state.spec.seed,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ev))
+    return ev
+
+
 def choose_final(state: JobState) -> tuple[Choice, dict[str, Any]]:
     """Which model the job hands over, by the spec's objective among the models passing the
-    gates (a compression no smaller, or no faster, than its parent is never it); and its
-    metrics against the teacher, with the accuracy drop's paired interval."""
+    gates (a compression no smaller, or no faster, than its parent is never it, nor one proven
+    slower than it); and its metrics against the teacher, with the accuracy drop's paired
+    interval and the speedups' intervals from interleaved runs."""
     import numpy as np
 
     parents = stage_models(state)
     teacher_correct = np.load(state.correct_path("teacher"))
+    ev = speed_evidence(state, parents)
 
     def correct(key: str):
         path = state.correct_path(key)
         return np.load(path) if path.exists() else None
 
+    t = state.metrics["teacher"]
     metrics = {
-        k: relative(state.metrics[k], state.metrics["teacher"], teacher_correct, correct(k))
-        for k in parents
+        k: relative(state.metrics[k], t, teacher_correct, correct(k), ev.get(k)) for k in parents
     }
-    choice = choose(metrics, parents, objective=state.spec.goal, gates=spec_gates(state.spec.gates))
+    choice = choose(
+        metrics,
+        parents,
+        objective=state.spec.goal,
+        gates=spec_gates(state.spec.gates),
+        max_slowdown=state.spec.gates.max_slowdown,
+    )
     final = {**metrics[choice.final], "model": choice.final, "reason": choice.reason}
     if "baseline" in state.metrics:
         # What the teacher bought: positive when distillation beat training alone.
         gain = state.metrics["student"]["accuracy"] - state.metrics["baseline"]["accuracy"]
         final["distill_gain"], final["student_kept"] = gain, state.kept
     return choice, final
+
+
+def speed_report(state: JobState, final_key: str) -> dict[str, Any]:
+    """The host's int8 capability, every comparison, whether int8 paid and if not why; and
+    profile.json, the final model's time per operator type."""
+    parents = stage_models(state)
+    ev = speed_evidence(state, parents)
+    files = model_files(state, [final_key, *parents])
+    out: dict[str, Any] = {"cpu": speed.host(), "comparisons": ev}
+    q = state.spec.quantize
+    if "quantized" in files and q is not None and q.method.startswith("int8"):
+        parent = parents["quantized"]
+        assert parent is not None
+        parent_ms = state.metrics[parent]["latency_ms"]
+        comparison = ev.get("quantized", {}).get("parent", {}).get("b1")
+        out["int8"] = speed.int8_verdict("quantized", parent_ms, files["quantized"], comparison)
+    if final_key in files:
+        profile = speed.op_profile(
+            files[final_key], state.data.x_test[:1].numpy(), threads=state.spec.evaluate.threads
+        )
+        (state.out / PROFILE).write_text(json.dumps({"key": final_key, **profile}, indent=2))
+    return out
+
+
+def quantize_card(spec: Any, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the model card says of quantization: the method and, for int8_static, the weight
+    width and what chose it (the spec's deployment target or this worker's CPU)."""
+    if spec is None:
+        return None
+    out: dict[str, Any] = {"method": spec.method}
+    if metrics is not None and "weight_bits" in metrics:
+        out["weight_bits"] = metrics["weight_bits"]
+        out["weight_bits_from"] = (
+            "spec" if spec.weight_bits is not None else "the worker's CPU flags"
+        )
+    return out
 
 
 def init_report(state: JobState) -> dict[str, Any]:
@@ -133,7 +219,8 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
     arch, arch_kwargs = state.subject_arch()
     state.metrics["final"] = final
     gates = choice.gates[choice.final]
-    made = describe(out, {**STAGES.artifacts(spec), "history.csv": "csv"})
+    speed_section = speed_report(state, choice.final)
+    made = describe(out, {**STAGES.artifacts(spec), "history.csv": "csv", PROFILE: "json"})
     quantizer = spec.quantize.method if choice.final == "quantized" and spec.quantize else None
     made = mark_final(made, final_file(spec, quantizer))
     card = {
@@ -149,6 +236,8 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "input": state.data.input_contract,
         "metrics": state.metrics,
         "init": init_report(state),
+        "quantize": quantize_card(spec.quantize, state.metrics.get("quantized")),
+        "speed": speed_section,
         "artifacts": made,
         "versions": versions(),
     }
@@ -163,6 +252,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "gates_passed": choice.gates_passed,
         "compress_only": state.compress_only,
         "init": card["init"],
+        "speed": speed_section,
         "stages": state.records,
         "artifacts": made + mark_final(describe(out, {"model_card.json": "json"}), None),
         "wall_seconds": wall_seconds,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -244,6 +245,8 @@ def _share_teacher(spec: JobSpec, state: Any, shared: Path, p: SearchPlan) -> di
             (state.state_dir / "teacher.safetensors").read_bytes()
         )
     np.save(shared / "teacher_correct.npy", np.load(state.correct_path("teacher")))
+    # The file it was measured from: the final choice times candidates against it.
+    shutil.copyfile(state.teacher_onnx(), shared / "teacher.onnx")
     record = {
         "metrics": state.metrics["teacher"],
         "logits_cached": signal.logits is not None,

@@ -343,6 +343,12 @@ class QuantizeSpec(_Spec):
     method: QuantizerName = "int8_static"
     calibration_samples: int = Field(512, ge=1, le=100_000)
     per_channel: bool = True
+    weight_bits: Literal[7, 8] | None = Field(
+        None,
+        description="int8_static weight width for the deployment CPU: 8 where it has VNNI "
+        "(avx512_vnni, avx_vnni, amx_int8), 7 where it has not (8-bit weights can saturate "
+        "its int16 sums); null: this worker's CPU decides. Recorded in the model card",
+    )
 
 
 class EvaluateSpec(_Spec):
@@ -352,13 +358,45 @@ class EvaluateSpec(_Spec):
         30, ge=0, le=100_000, description="timed runs at batch 32 (0: not measured)"
     )
     threads: int = Field(1, ge=1, le=256, description="ONNX Runtime intra-op threads")
+    compare_rounds: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="interleaved rounds when two models' latencies are compared (each "
+        "compression against its parent and the teacher) for a 95% interval on the speedup; "
+        "0: no comparison (then min_speedup fails and slowness excludes nothing)",
+    )
 
 
 class GatesSpec(_Spec):
     max_accuracy_drop: float | None = Field(None, description="teacher.accuracy - final.accuracy")
     min_size_ratio: float | None = Field(None, description="teacher.size_bytes / final.size_bytes")
-    min_speedup: float | None = Field(None, description="teacher.latency_ms / final.latency_ms")
+    min_speedup: float | None = Field(
+        None,
+        description="passes when the lower end of the 95% interval on teacher latency / final "
+        "latency at batch 1 (interleaved runs on the same host) is at least this",
+    )
     min_accuracy: float | None = None
+    max_slowdown: float | None = Field(
+        None,
+        ge=1.0,
+        description="how many times slower than the model it was made from a compression may "
+        "be and still be chosen (default 1: never proven slower, whatever the objective)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_gates(cls, data: Any) -> Any:
+        """A typo in a gate's name is refused naming the gates there are (a gate silently
+        dropped would pass by omission)."""
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown gate {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(cls.model_fields)}"
+                )
+        return data
 
 
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]

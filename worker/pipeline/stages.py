@@ -268,6 +268,8 @@ def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any
         quantization.run(src, dst, calib, s.quantize)
     params = count_params(model) if model is not None else onnx_params(state.teacher_onnx())
     m = state.measure_onnx("quantized", dst, params)
+    if s.quantize.method == "int8_static":  # the model card says which width it got
+        m["weight_bits"] = quantization.weight_bits(s.quantize)[0]
     return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"]}
 
 

@@ -1,5 +1,6 @@
-"""Confidence intervals for what a test split measures: a model's accuracy, and the accuracy
-it lost against the teacher on the same samples."""
+"""Confidence intervals for what a test split measures (a model's accuracy, and the accuracy
+it lost against the teacher on the same samples) and for a speedup measured in interleaved
+rounds (worker/pipeline/speed.py), with what such an interval says."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import math
 import numpy as np
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
+# Two sessions of one and the same file differ by up to ~1 % here, steadily enough for an
+# interval to exclude 1; a difference within this share counts as none.
+SAME = 0.05
 
 
 def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -49,3 +53,22 @@ def paired_drop_ci(
         means[start:stop] = diff[idx].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def ratio_interval(
+    log_ratios: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The ratio (geometric mean over rounds) and its 95% percentile-bootstrap interval."""
+    lr = np.asarray(log_ratios, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = lr[rng.integers(0, len(lr), size=(resamples, len(lr)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return math.exp(lr.mean()), math.exp(lo), math.exp(hi)
+
+
+def verdict(lo: float, hi: float, allowed_slowdown: float = 1.0) -> str:
+    """What an interval on a speedup says: `faster` only when it lies above 1 + SAME,
+    `slower` when it lies below 1 / (allowed_slowdown * (1 + SAME)), else `not different`."""
+    if lo > 1.0 + SAME:
+        return "faster"
+    return "slower" if hi < 1.0 / (allowed_slowdown * (1.0 + SAME)) else "not different"

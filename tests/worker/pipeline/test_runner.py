@@ -107,6 +107,7 @@ def test_artifacts_are_listed_with_their_sha256(finished):
         "model.safetensors",
         "model.torchscript.pt",
         "model_card.json",
+        "profile.json",
     ]
     for a in report["artifacts"]:
         body = (out / a["name"]).read_bytes()
@@ -315,6 +316,62 @@ def _cli(*args, cwd):
     )
 
 
+def test_the_final_models_operator_profile_is_an_artifact(finished):
+    """profile.json: ONNX Runtime's profiler on the final model, time per operator type; the
+    op types are those of the model's graph (after ONNX Runtime's fusions, so a subset plus
+    what it inserts) and the shares add up to 1."""
+    import onnx
+
+    out, report, _ = finished
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["key"] == report["metrics"]["final"]["model"] and profile["runs"] > 0
+    path = next(p for p in (out / ".work", out) if (p / profile["model"]).exists())
+    graph_ops = {n.op_type for n in onnx.load(str(path / profile["model"])).graph.node}
+    # What ONNX Runtime runs: the graph's ops, or what it fused them into.
+    assert set(profile) and {o["op_type"] for o in profile["ops"]} & (
+        graph_ops | {"QLinearConv", "QGemm", "FusedConv"}
+    )
+    assert all(o["us_per_run"] > 0 and o["nodes"] >= 1 for o in profile["ops"])
+    assert abs(sum(o["share"] for o in profile["ops"]) - 1.0) < 1e-6
+    assert report["speed"]["cpu"]["weight_bits"] in (7, 8)
+
+
+def test_min_speedup_fails_when_the_interval_says_not_faster(tmp_path):
+    """`distillery run` of a job whose student is the teacher's own arch: the two run alike,
+    whatever two medians taken apart say, so `min_speedup: 1.3` must fail on the interval; the
+    report says the CPU's int8 capability and whether int8 paid; profile.json is handed over."""
+    from app.testing import TINY_SPEC
+
+    repo = Path(__file__).parents[3]
+    spec = {
+        **TINY_SPEC,
+        "student": {"arch": "cnn_tiny"},  # = the teacher's
+        "prune": None,
+        "quantize": {"method": "int8_static", "calibration_samples": 32, "weight_bits": 7},
+        "evaluate": {"latency_runs": 5, "latency_warmup": 1, "compare_rounds": 8},
+        "gates": {"min_speedup": 1.3},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = _cli("run", str(tmp_path / "spec.json"), "--out", str(tmp_path / "out"), "--json", cwd=repo)
+    assert r.returncode == 1, r.stderr  # it ran, and the gate failed
+    report = json.loads(r.stdout)
+    final = report["metrics"]["final"]
+    [gate] = report["gates"]
+    assert gate["gate"] == "final.speedup_lower>=1.3" and gate["passed"] is False
+    assert gate["value"] == final["speedup_ci"][0] < 1.3
+    assert report["speed"]["cpu"]["flags"].keys() == {"avx2", "avx512_vnni", "avx_vnni", "amx_int8"}
+    int8 = report["speed"]["int8"]
+    assert int8["pays"] is True or int8["why"]
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["quantize"] == {
+        "method": "int8_static",
+        "weight_bits": 7,
+        "weight_bits_from": "spec",
+    }
+    assert "profile.json" in {a["name"] for a in report["artifacts"]}
+    assert json.loads((tmp_path / "out" / "profile.json").read_text())["ops"]
+
+
 def test_cli_runs_a_job_and_uses_exit_codes(tmp_path):
     repo = Path(__file__).parents[3]
     small = {
@@ -464,8 +521,13 @@ def test_final_is_the_best_model_by_the_objective_not_the_last_stage(tmp_path):
         JobSpec.model_validate({**TINY_SPEC, "objective": "accuracy"}), tmp_path / "acc"
     )["metrics"]
     kept = "baseline" if by_accuracy["final"]["student_kept"] == "baseline" else "student"
+    # Whatever the objective, a compression proven slower than its parent is left out.
+    speed = json.loads((tmp_path / "acc" / "report.json").read_text())["speed"]["comparisons"]
+    slower = {
+        k for k, c in speed.items() if c.get("parent", {}).get("b1", {}).get("verdict") == "slower"
+    }
     best = max(
-        (kept, "pruned", "quantized"),
+        (k for k in (kept, "pruned", "quantized") if k not in slower),
         key=lambda k: (by_accuracy[k]["accuracy"], -by_accuracy[k]["size_bytes"]),
     )
     assert by_accuracy["final"]["model"] == best

@@ -30,6 +30,8 @@ SEARCH = {
         "objective": "size",
     },
     "gates": {"max_accuracy_drop": 0.15},
+    # Every candidate timed against its parent, interleaved (the never-slower rule).
+    "evaluate": {**LEARNING_SPEC["evaluate"], "compare_rounds": 10},
 }
 
 
@@ -103,7 +105,11 @@ def test_the_front_and_the_final_follow_the_rules(searched):
             parent = by_key[parent]["parent"]
         return False
 
-    eligible = [c for c in candidates if not grew(c)]
+    def slower(c):  # proven slower than its parent by the interleaved runs
+        return c["metrics"].get("parent_speedup_verdict") == "slower"
+
+    assert all("parent_speedup_ci" in c["metrics"] for c in candidates if c["parent"])
+    eligible = [c for c in candidates if not grew(c) and not slower(c)]
     passing = [c for c in eligible if c["metrics"]["accuracy_drop"] <= 0.15]
     assert passing, "the spec's gate is one the search can meet"
     smallest = min(passing, key=lambda c: (c["metrics"]["size_bytes"], -c["metrics"]["accuracy"]))
@@ -130,6 +136,13 @@ def test_the_chosen_model_and_every_front_candidate_are_handed_over(searched):
     for name, a in listed.items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == a["sha256"], name
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    profile = json.loads((out / "profile.json").read_text())
+    assert "profile.json" in listed and profile["key"] == final and profile["ops"]
+    # The final's speedup over the teacher has its interval, from runs on this host.
+    m = report["metrics"]["final"]
+    assert m["speedup_ci"][0] <= m["speedup_ci"][1] and "cpu" in report["speed"]
+    int8 = report["speed"]["int8"]
+    assert int8 and all(v["pays"] or v["why"] for v in int8.values())
     # The exported model gives the chosen candidate's predictions (its float model, exactly
     # when the final is float).
     chosen = next(c for c in report["candidates"] if c["final"])

@@ -33,3 +33,15 @@ def test_identical_models_lose_nothing():
     assert paired_drop_ci(same, same) == (0.0, 0.0)
     with pytest.raises(ValueError):
         paired_drop_ci(same, same[:3])
+
+
+def test_the_speedup_interval_is_seeded_and_holds_the_ratio():
+    from worker.pipeline.stats import ratio_interval
+
+    rng = np.random.default_rng(1)
+    log_ratios = np.log(2.0) + rng.normal(0, 0.1, size=20)
+    ratio, lo, hi = ratio_interval(log_ratios, seed=3)
+    assert (ratio, lo, hi) == ratio_interval(log_ratios, seed=3)  # same rounds, same interval
+    assert lo < ratio < hi and 1.8 < lo and hi < 2.2
+    # Every round saying the same: the interval is that one value.
+    assert ratio_interval(np.full(10, np.log(0.5)))[1:] == pytest.approx((0.5, 0.5))
