@@ -34,11 +34,17 @@ FEED_THREADS = 4  # backlogs of streams opening at once, and the feed's own read
 
 
 class Marker(enum.Enum):
-    END = "end"  # the job has ended: the stream closes
     HEARTBEAT = "heartbeat"  # nothing new for a while: a comment keeps proxies from closing
 
 
-END, HEARTBEAT = Marker.END, Marker.HEARTBEAT
+HEARTBEAT = Marker.HEARTBEAT
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The job has ended with `status`: the stream closes (its terminal event came first)."""
+
+    status: str | None
 
 
 @dataclass(frozen=True)
@@ -90,33 +96,47 @@ class EventFeed:
     async def run_db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def backlog(self, job_id: str, after: int) -> tuple[list[Event], str | None]:
+    def backlog(
+        self, job_id: str, after: int, tenant_id: str | None = None
+    ) -> tuple[list[Event], str | None]:
         with self.db.session() as s:
+            if tenant_id is not None:  # 404 for another tenant's job
+                jobs_service.get_job(s, tenant_id=tenant_id, job_id=job_id)
             rows = jobs_service.events_after(s, job_id=job_id, after_id=after, limit=PAGE)
             status = jobs_service.job_status(s, job_id=job_id)
         return [_event(r) for r in rows], status
 
-    async def events(self, job_id: str, after: int) -> AsyncIterator[Event | Marker]:
-        """The job's events after `after`; END once the job has ended (nothing follows), and
-        HEARTBEAT after EVENTS_HEARTBEAT_SECONDS without an event."""
+    async def open(self, *, job_id: str, tenant_id: str, after: int) -> Stream:
+        """Subscribe to the job's events after `after`, once its first page is read (with
+        the check that the job is the tenant's: JobNotFound otherwise) in one database trip.
+        Iterate the stream for its events; `close()` it when done (idempotent)."""
         sub = Subscriber(job_id)
         self.subscribers.setdefault(job_id, set()).add(sub)  # before the backlog: no gap
         try:
-            cursor = after
-            while True:
-                events, status = await self.run_db(self.backlog, job_id, cursor)
-                for ev in events:
-                    cursor = ev.id
-                    yield ev
-                if len(events) < PAGE:
-                    break
-            if status in TERMINAL or any(ev.ends for ev in events):
-                yield END
-                return
-            async for ev in self._live(sub, cursor):
+            first = await self.run_db(self.backlog, job_id, after, tenant_id)
+        except BaseException:
+            self.leave(sub)
+            raise
+        return Stream(self, sub, self._events(sub, after, first))
+
+    async def _events(
+        self, sub: Subscriber, after: int, page: tuple[list[Event], str | None]
+    ) -> AsyncIterator[Event | Ended | Marker]:
+        cursor = after
+        while True:
+            events, status = page
+            for ev in events:
+                cursor = ev.id
                 yield ev
-        finally:
-            self._leave(sub)
+            if len(events) < PAGE:
+                break
+            page = await self.run_db(self.backlog, sub.job_id, cursor)
+        ended = next((ev for ev in reversed(events) if ev.ends), None)
+        if ended is not None or status in TERMINAL:
+            yield Ended(ended.data["status"] if ended else status)
+            return
+        async for item in self._live(sub, cursor):
+            yield item
 
     async def _live(self, sub: Subscriber, cursor: int) -> AsyncIterator[Event | Marker]:
         self._join(sub, cursor)
@@ -136,7 +156,7 @@ class EventFeed:
                     cursor = ev.id
                     yield ev
                     if ev.ends:
-                        yield END
+                        yield Ended(ev.data["status"])
                         return
                 sub.lagging = len(events) == PAGE
                 if sub.lagging:
@@ -149,7 +169,7 @@ class EventFeed:
                 cursor = ev.id
                 yield ev
                 if ev.ends:
-                    yield END
+                    yield Ended(ev.data["status"])
                     return
 
     def _join(self, sub: Subscriber, cursor: int) -> None:
@@ -159,7 +179,7 @@ class EventFeed:
         self.cursors.setdefault(sub.job_id, cursor)
         self.poke()
 
-    def _leave(self, sub: Subscriber) -> None:
+    def leave(self, sub: Subscriber) -> None:
         subs = self.subscribers.get(sub.job_id)
         if subs is not None:
             subs.discard(sub)
@@ -247,3 +267,18 @@ class EventFeed:
             except Exception:
                 log.warning("event feed: LISTEN connection lost; reconnecting", exc_info=True)
                 self.stopping.wait(1.0)
+
+
+class Stream:
+    """One open stream's events: iterate it; close() unsubscribes, also when it never ran."""
+
+    def __init__(
+        self, feed: EventFeed, sub: Subscriber, items: AsyncIterator[Event | Ended | Marker]
+    ) -> None:
+        self.feed, self.sub, self.items = feed, sub, items
+
+    def __aiter__(self) -> AsyncIterator[Event | Ended | Marker]:
+        return self.items
+
+    def close(self) -> None:
+        self.feed.leave(self.sub)

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from app.api import downloads
 from app.api.deps import (
@@ -18,7 +19,7 @@ from app.api.deps import (
     UnitOfWorkRoute,
     get_enqueue,
 )
-from app.api.events import END, HEARTBEAT, EventFeed
+from app.api.events import HEARTBEAT, Ended, EventFeed
 from app.core.config import Settings
 from app.core.errors import (
     ArtifactNotFound,
@@ -188,36 +189,31 @@ async def job_events(
     EVENTS_HEARTBEAT_SECONDS (15 s) keeps an idle stream open. At most TENANT_MAX_STREAMS open
     at once per tenant (429 above)."""
     feed: EventFeed = request.app.state.feed
-    await feed.run_db(_owned, feed, tenant.id, job_id)  # 404 for other tenants
+    events = await feed.open(
+        job_id=job_id, tenant_id=tenant.id, after=max(after, last_event_id or 0)
+    )
 
     async def stream():
         cursor = max(after, last_event_id or 0)
-        async for ev in feed.events(job_id, cursor):
-            if ev is HEARTBEAT:
-                yield ": keep-alive\n\n"
-            elif ev is END:
-                status = await feed.run_db(_status, feed, job_id)
-                yield _sse(cursor, "end", {"status": status})
-                return
-            else:
-                cursor = ev.id
-                yield _sse(ev.id, ev.type, ev.data)
+        try:
+            async for item in events:
+                if item is HEARTBEAT:
+                    yield ": keep-alive\n\n"
+                elif isinstance(item, Ended):
+                    yield _sse(cursor, "end", {"status": item.status})
+                    return
+                else:
+                    cursor = item.id
+                    yield _sse(item.id, item.type, item.data)
+        finally:
+            events.close()
 
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(events.close),  # should the stream never start
     )
-
-
-def _owned(feed: EventFeed, tenant_id: str, job_id: str) -> None:
-    with feed.db.session() as s:
-        jobs_service.get_job(s, tenant_id=tenant_id, job_id=job_id)
-
-
-def _status(feed: EventFeed, job_id: str) -> str | None:
-    with feed.db.session() as s:
-        return jobs_service.job_status(s, job_id=job_id)
 
 
 @router.get(
