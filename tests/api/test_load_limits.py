@@ -18,7 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from app.models import Job, utcnow
 from app.services import jobs as jobs_service
 from app.services import tenants
-from tests.service_support import TINY_SPEC, client
+from tests.service_support import TINY_SPEC, client, wait_until
 
 
 def _tenant() -> str:
@@ -106,8 +106,12 @@ def test_event_streams_over_the_quota_get_429_and_recover(api, monkeypatch):
             assert c.get("/v1/jobs").status_code == 200  # streams are not requests
             with api.client(_tenant()) as other:  # another tenant's quota is its own
                 assert other.get(path).status_code == 404
-        with c.stream("GET", path) as again:  # the two closed: room again
-            assert again.status_code == 200 and _first_event(again) == "status"
+
+        def reopened() -> bool:  # the two closed: room again once the server saw them go
+            with c.stream("GET", path) as again:
+                return again.status_code == 200 and _first_event(again) == "status"
+
+        wait_until(reopened, 20, interval=0.2, what="a stream slot to be free again")
 
 
 def test_active_jobs_and_submissions_per_minute_have_quotas(api, monkeypatch):
