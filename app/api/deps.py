@@ -137,7 +137,7 @@ async def current_tenant(
         yield tenant
 
 
-TenantDep = Annotated[Tenant, Depends(current_tenant, scope="function")]
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 
 _metrics_bearer = HTTPBearer(
