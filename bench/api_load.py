@@ -3,6 +3,10 @@ list, measured by wrk against the real server (`python -m app.cli api`) on loopb
 PostgreSQL and Redis behind it.
 
     python -m bench.api_load [--profile default|full] [--write docs/BENCHMARKS.md]
+    python -m bench.api_load --scenario waiting [--mode embedded|postgres|both] [--write ...]
+
+(`--scenario waiting` runs bench/api_waiting.py instead: open event streams, slow uploads and
+tenant quotas, in a section of its own.)
 
 A fresh PostgreSQL database (dropped at the end) is migrated with `python -m app.cli migrate`,
 gets one tenant and API key (app.services.tenants.create_key) and is filled with COPY: jobs

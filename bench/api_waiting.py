@@ -44,6 +44,7 @@ import asyncio
 import io
 import json
 import multiprocessing
+import os
 import random
 import resource
 import shutil
@@ -753,6 +754,8 @@ def bench(
     """Run the scenario in each mode, print the tables, write the section; True when it passes."""
     chosen = PROFILES[profile]
     raise_fd_limit()
+    # What the API processes get too (base_env); set before bench.common.machine() imports torch.
+    os.environ.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     tmp = Path(tempfile.mkdtemp(prefix="distillery-api-waiting-"))
     started_load = load_average()
     try:
