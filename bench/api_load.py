@@ -3,6 +3,10 @@ list, measured by wrk against the real server (`python -m app.cli api`) on loopb
 PostgreSQL and Redis behind it.
 
     python -m bench.api_load [--profile default|full] [--write docs/BENCHMARKS.md]
+    python -m bench.api_load --scenario waiting [--mode embedded|postgres|both] [--write ...]
+
+(`--scenario waiting` runs bench/api_waiting.py instead: open event streams, slow uploads and
+tenant quotas, in a section of its own.)
 
 A fresh PostgreSQL database (dropped at the end) is migrated with `python -m app.cli migrate`,
 gets one tenant and API key (app.services.tenants.create_key) and is filled with COPY: jobs
@@ -70,7 +74,7 @@ from app.testing import (
     spawn_cli,
     stop_group,
 )
-from bench.common import REPO, command_line, markers, utc_now, write_section
+from bench.common import REPO, command_line, load_average, markers, utc_now, write_section
 
 NAME = "api_load"
 START, END = markers(NAME)
@@ -391,6 +395,7 @@ def base_env() -> dict[str, str]:
 class Server:
     url: str
     workers: int
+    pid: int  # the process started (with one worker, the one that serves)
 
 
 @contextmanager
@@ -417,7 +422,7 @@ def api_server(env: dict[str, str], workers: int, log_path: Path) -> Iterator[Se
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the API was not ready after 120 s; see {log_path}")
             time.sleep(0.2)
-        yield Server(url, workers)
+        yield Server(url, workers, proc.pid)
 
 
 def ready(url: str) -> bool:
@@ -662,6 +667,10 @@ def server_env(env: dict[str, str], db: Db, redis_url: str, queue: str, tmp: Pat
         "DISTILLERY_HOME": str(tmp / f"home-{db.name}"),
         "DEFAULT_QUEUE": queue,
         "REAPER_INTERVAL_SECONDS": "86400",  # no reaper pass inside a timed run
+        # The seeded tenant has ~1,700 queued or running jobs and wrk creates ~100 a second:
+        # the job quotas would answer 429 (bench.api_waiting measures them).
+        "TENANT_MAX_ACTIVE_JOBS": "0",
+        "TENANT_MAX_SUBMISSIONS_PER_MINUTE": "0",
     }
 
 
@@ -882,7 +891,13 @@ def notes(out: Outcome) -> list[str]:
 
 
 def section(
-    command: str, profile_name: str, profile: Profile, out: Outcome, where: str, versions: str
+    command: str,
+    profile_name: str,
+    profile: Profile,
+    out: Outcome,
+    where: str,
+    versions: str,
+    loads: tuple[str, str],
 ) -> str:
     _, line = verdict(out)
     fills = ", ".join(f"{n:,} in {s:.1f} s" for n, s in sorted(out.fill_s.items()))
@@ -918,6 +933,8 @@ def section(
             f"- Machine: {where}",
             f"- Software: {versions}",
             f"- Date: {utc_now()}",
+            f"- Load average (1, 5, 15 min; 2 CPUs shared with other users) at the start: "
+            f"{loads[0]}; at the end: {loads[1]}",
             f"- Tool: {tool_version()}, `-t{profile.threads} -c{profile.connections} "
             f"-d{profile.seconds}s --latency` (`-t1 -c1` for the 1-connection rows), "
             f"{profile.rounds} rounds, a Lua `done()` hook printing the percentiles; warm-up "
@@ -933,7 +950,11 @@ def section(
             f"({fills}). One holds {SMALL:,} jobs; the other {MID:,} for one job and create "
             "a job (create adds jobs: the counts are at each cell's first run), then topped "
             f"up to {LARGE:,} for the list.",
-            "- API settings: defaults (uvicorn access log on, SQLAlchemy pool 10 + 20), "
+            "- API settings: defaults (uvicorn access log on, API_THREADS=40 and a SQLAlchemy "
+            "pool sized from them, 10 + 35, TENANT_MAX_REQUESTS=20 above the 8 connections), "
+            "TENANT_MAX_ACTIVE_JOBS=0 and TENANT_MAX_SUBMISSIONS_PER_MINUTE=0 (off: the "
+            "tenant's ~1,700 queued and running jobs, and wrk's submissions, are over their "
+            "defaults), "
             "REAPER_INTERVAL_SECONDS=86400 so that no reaper pass lands in a run, "
             "OMP_NUM_THREADS=1",
             "",
@@ -972,6 +993,7 @@ def bench(
     # What the API processes get too; set before bench.common.machine() imports torch.
     os.environ.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     tmp = Path(tempfile.mkdtemp(prefix="distillery-api-load-"))
+    started_load = load_average()
     try:
         out = measure(chosen, pg_admin, redis_url, tmp)
     finally:
@@ -987,11 +1009,13 @@ def bench(
     print(plan_block(out))
     ok, line = verdict(out)
     print(line.replace("**", ""))
+    loads = (started_load, load_average())
+    print(f"load average: {loads[0]} -> {loads[1]}")
     if write is not None:
         from bench.common import machine  # imports torch: only now, the servers are gone
 
         versions = software(pg_admin, redis_url)
-        body = section(command_line(), profile, chosen, out, machine(), versions)
+        body = section(command_line(), profile, chosen, out, machine(), versions, loads)
         write_section(write, NAME, body)  # re-reads the file: other sections survive
         print(f"wrote {write}")
     return ok
@@ -1009,8 +1033,18 @@ def _exit_on_signal(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import api_waiting
+
     parser = argparse.ArgumentParser(prog="python -m bench.api_load", description=__doc__)
+    parser.add_argument(
+        "--scenario",
+        choices=["rows", "waiting"],
+        default="rows",
+        help="rows: the wrk rows above; waiting: open streams, slow uploads and quotas "
+        "(bench/api_waiting.py, its own section)",
+    )
     parser.add_argument("--profile", choices=list(PROFILES), default="default")
+    api_waiting.add_arguments(parser)
     parser.add_argument("--pg-admin", default=PG_ADMIN, help="a database to CREATE DATABASE from")
     parser.add_argument("--redis-url", default=REDIS_URL)
     parser.add_argument("--keep-logs", action="store_true", help="keep the API and wrk logs")
@@ -1018,6 +1052,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGHUP, _exit_on_signal)
+    if args.scenario == "waiting":
+        ok = api_waiting.bench(
+            args.profile,
+            args.write,
+            modes=api_waiting.modes(args.mode),
+            pg_admin=args.pg_admin,
+            redis_url=args.redis_url,
+            keep_logs=args.keep_logs,
+        )
+        return 0 if ok else 1
     ok = bench(
         args.profile,
         args.write,

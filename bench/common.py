@@ -24,6 +24,7 @@ BENCHMARKS = (
     "storage",
     "upload",
     "api_load",
+    "api_waiting",
     "dashboard",
 )
 
@@ -65,6 +66,15 @@ def machine(device: object = None) -> str:
     if isinstance(device, torch.device) and device.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     return ", ".join(parts)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` prints them: how busy the shared
+    machine was around a run (timings on a loaded machine are slower and noisier)."""
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def utc_now() -> str:
