@@ -17,6 +17,7 @@ BENCHMARKS = (
     "distill_speed",
     "compression",
     "distill_pays",
+    "data_scale",
     "search",
     "service_overhead",
     "storage",

@@ -78,8 +78,8 @@ class DataSettings:
     # DataLoader worker processes that decode images and read training batches; None: from
     # the host's cores (one left for the training loop itself).
     workers: int | None = None
-    # What one prediction batch's activations may take; None: an eighth of the host's memory
-    # (at most 2 GiB), or a quarter of the GPU's free memory on CUDA.
+    # What one prediction batch's activations may take; None: a sixteenth of the host's
+    # memory (at most 1 GiB), or a quarter of the GPU's free memory on CUDA.
     memory_budget_bytes: int | None = None
     # Splits up to this size (float32) stay in memory; 0 streams every split.
     resident_bytes: int = RESIDENT_BYTES
@@ -103,4 +103,6 @@ class DataSettings:
             free, _ = torch.cuda.mem_get_info(device)
             return max(free // 4, 1 << 20)
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return min(host // 8, 2 << 30)
+        # Batches past a few hundred images gain nothing on a CPU; the budget is a ceiling
+        # on the job's peak, which other jobs on the host share.
+        return min(host // 16, 1 << 30)
