@@ -10,6 +10,7 @@ instead. The bundle's `input_contract` is what a user needs to feed the exported
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from worker.pipeline.archives import MAX_MEMBERS, MAX_TOTAL_BYTES
+from worker.pipeline.archives import MAX_MEMBERS, MAX_TOTAL_BYTES, safe_extract
 from worker.pipeline.checks import (
     MAX_CLASSES,
     NOT_FINITE,
@@ -34,14 +35,10 @@ from worker.pipeline.checks import (
 )
 from worker.pipeline.errors import DatasetError
 from worker.pipeline.imagecache import build_image_cache, class_folders, decode_image
+from worker.pipeline.limits import DataSettings
+from worker.pipeline.npz import open_npz
 from worker.pipeline.registry import Registry
-from worker.pipeline.samples import (
-    ArraySource,
-    DataSettings,
-    Samples,
-    Split,
-    streaming_stats,
-)
+from worker.pipeline.samples import ArraySource, Samples, Split, streaming_stats
 from worker.pipeline.spec import (
     BuiltinDataset,
     ImageFolderDataset,
@@ -186,9 +183,7 @@ def load_imagefolder(
 ) -> RawData:
     """Every image of an ImageFolder archive decoded into one in-memory array (the API checks
     an upload with it, at a few dozen pixels); jobs use `imagecache`, read per batch."""
-    from torchvision import datasets
-
-    from worker.pipeline.archives import safe_extract
+    from torchvision import datasets  # torchvision loads slowly: only where archives are read
 
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
@@ -272,8 +267,6 @@ def _source(spec: Any, workdir: Path | None, settings: DataSettings, progress) -
         x, y, names, scale = BUILTIN_DATASETS.get(spec.name)()
         return _Source(ArraySource(x), y, names, scale, f"builtin:{spec.name}")
     if isinstance(spec, NpzDataset):
-        from worker.pipeline.npz import open_npz
-
         npz = open_npz(Path(spec.path), _work(workdir), max_total_bytes=MAX_TOTAL_BYTES)
         return _Source(npz.x, npz.y, npz.class_names, npz.scale, "npz", info=npz.info)
     if isinstance(spec, ImageFolderDataset):
@@ -302,8 +295,6 @@ def _source(spec: Any, workdir: Path | None, settings: DataSettings, progress) -
 
 def _work(workdir: Path | None) -> Path:
     if workdir is None:  # outside a job (tests, notebooks): a folder of the process's own
-        import tempfile
-
         workdir = Path(tempfile.mkdtemp(prefix="distillery-data-"))
     workdir.mkdir(parents=True, exist_ok=True)  # a fresh job's working folder is not there yet
     return workdir

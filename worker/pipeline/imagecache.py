@@ -173,8 +173,6 @@ def build_image_cache(
     """Decode the archive's images once into `workdir/images-<size>-<mode>/` (or reuse the
     cache an earlier attempt completed). Raises DatasetError naming an undecodable member or
     a full disk; nothing is left behind on failure."""
-    from torchvision import datasets
-
     if not archive.is_file():
         raise DatasetError(f"{archive}: no such file")
     key = _key(archive, image_size, grayscale)
@@ -184,10 +182,8 @@ def build_image_cache(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     try:
-        return _build(
-            archive, folder, key, settings, progress, max_members, max_total_bytes,
-            max_image_pixels, datasets,
-        )  # fmt: skip
+        limits = (max_members, max_total_bytes, max_image_pixels)
+        return _build(archive, folder, key, settings, progress, limits)
     except OSError as e:
         shutil.rmtree(folder, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -200,7 +196,17 @@ def build_image_cache(
         raise
 
 
-def _build(archive, folder, key, settings, progress, max_members, max_total, max_pixels, datasets):
+def _build(
+    archive: Path,
+    folder: Path,
+    key: dict[str, Any],
+    settings: DataSettings,
+    progress: Progress | None,
+    limits: tuple[int, int, int],
+) -> ImageCache:
+    from torchvision import datasets  # torchvision loads slowly: only where archives are read
+
+    max_members, max_total, max_pixels = limits
     started = time.perf_counter()
     if progress is not None:
         progress(0.0, f"extracting {archive.name}")
