@@ -6,14 +6,13 @@ under noise; made once and cached under bench/.cache/data_scale/), one `distille
 per size with a small student, one epoch per stage (no baseline, prune or quantize). While a
 job runs, the proportional set size (PSS) of its whole process tree (the job and its
 DataLoader workers; RSS would count forked pages once per process) is sampled from
-/proc/<pid>/smaps_rollup every 0.2 s; the peak is reported. The same run times a
+/proc/<pid>/smaps_rollup every 0.5 s; the peak is reported. The same run then times, in
+alternating rounds, the distill stage's training loop on the job's decoded cache and a
 hand-written torchvision `ImageFolder` + `DataLoader` loop (decoding the JPEGs each epoch)
-training the same student with the same batch size, workers, threads and seed, and compares
-images/s with the distill stage's (its training loop; the teacher's logits were cached
-before it).
+training the same student with the same batch size, workers, threads and seed.
 
     python -m bench.data_scale [--sizes 1000 4000 16000] [--workers N] [--threads 2]
-                               [--write docs/BENCHMARKS.md]
+                               [--loop-images 1024] [--rounds 3] [--write docs/BENCHMARKS.md]
 
 Targets: peak PSS at the largest size <= 1.25 x the peak at the smallest, and under 3 GB;
 distill images/s >= 0.9 x the hand-written loop's at every size.
@@ -26,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,7 +119,7 @@ def tree_pss(pid: int) -> int:
     return total
 
 
-def peak_pss(proc: subprocess.Popen, every: float = 0.2) -> dict:
+def peak_pss(proc: subprocess.Popen, every: float = 0.5) -> dict:
     """Samples the tree of `proc` until it ends; {'peak': bytes} when it has."""
     seen = {"peak": 0}
 
@@ -175,12 +175,13 @@ def run_job(n: int, workers: int, threads: int, out: Path) -> dict:
     distill = stages["distill"]["metrics"]
     return {
         "n": n,
+        "job": out / "job",
         "peak_pss": mem["peak"],
         "wall": time.perf_counter() - started,
         "data_seconds": stages["data"]["seconds"],
         "decode_ips": report["dataset"]["decode_images_per_second"],
         "train": train,
-        "distill_ips": train / distill["train_seconds"],
+        "job_distill_ips": train / distill["train_seconds"],
         "student_accuracy": report["metrics"]["student"]["accuracy"],
         "mean": contract["mean"],
         "std": contract["std"],
@@ -205,7 +206,7 @@ tf = v2.Compose([
 ])
 ds = datasets.ImageFolder(a["root"], transform=tf)
 g = torch.Generator().manual_seed(a["seed"])
-ds = Subset(ds, torch.randperm(len(ds), generator=g)[: a["train"]].tolist())
+ds = Subset(ds, torch.randperm(len(ds), generator=g)[: a["images"]].tolist())
 loader = DataLoader(ds, batch_size=a["batch"], shuffle=True, generator=g,
                     num_workers=a["workers"], persistent_workers=a["workers"] > 0)
 model = build_model("cnn_tiny", (3, a["px"], a["px"]), a["classes"], **a["kwargs"]).train()
@@ -220,24 +221,40 @@ for x, y in loader:
 print(json.dumps({"seconds": time.perf_counter() - start, "n": len(ds)}))
 """
 
+# The distill stage's own loop (train.fit with the KD loss against the job's cached teacher
+# logits) on the job's decoded cache, over the same number of images.
+DISTILL_LOOP = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from worker.pipeline.archs import build_model
+from worker.pipeline.context import StageContext
+from worker.pipeline.data import load_dataset
+from worker.pipeline.limits import DataSettings
+from worker.pipeline.losses import build_kd_loss
+from worker.pipeline.spec import DistillSpec, ImageFolderDataset
+from worker.pipeline.train import TrainConfig, fit
 
-def run_hand_loop(n: int, job: dict, workers: int, threads: int) -> dict:
-    args = {
-        "root": str(extracted(n)),
-        "px": SIZE_PX,
-        "mean": job["mean"],
-        "std": job["std"],
-        "seed": SEED,
-        "train": job["train"],
-        "batch": BATCH,
-        "workers": workers,
-        "classes": CLASSES,
-        "kwargs": STUDENT["arch_kwargs"],
-        "lr": LR,
-    }
+a = json.loads(sys.argv[1])
+spec = ImageFolderDataset(source="imagefolder", path=a["archive"], image_size=a["px"])
+settings = DataSettings(workers=a["workers"], resident_bytes=0)
+data = load_dataset(spec, a["seed"], workdir=Path(a["job"]) / ".work" / "data", settings=settings)
+logits = torch.from_numpy(np.load(a["logits"], mmap_mode="c"))
+x, y = data.x_train.subset(np.arange(a["images"])), data.y_train[: a["images"]]
+torch.manual_seed(a["seed"])
+model = build_model("cnn_tiny", data.input_shape, data.num_classes, **a["kwargs"])
+d = DistillSpec(epochs=1, lr=a["lr"], batch_size=a["batch"])
+cfg = TrainConfig(1, d.lr, d.weight_decay, d.batch_size, False, d.amp, a["seed"])
+parts = fit(model, x, y, cfg=cfg, loss_fn=build_kd_loss(d), ctx=StageContext(),
+            teacher_logits=logits[: a["images"]])
+print(json.dumps({"seconds": parts["train_seconds"], "n": a["images"]}))
+"""
+
+
+def _loop(script: str, args: dict, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", HAND_LOOP, json.dumps(args)],
+        [sys.executable, "-c", script, json.dumps(args)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -248,9 +265,36 @@ def run_hand_loop(n: int, job: dict, workers: int, threads: int) -> dict:
     stdout, stderr = proc.communicate()
     mem["thread"].join()
     if proc.returncode != 0:
-        raise RuntimeError(f"the hand-written loop failed: {stderr[-2000:]}")
+        raise RuntimeError(f"a training loop failed: {stderr[-2000:]}")
     out = json.loads(stdout)
     return {"ips": out["n"] / out["seconds"], "peak_pss": mem["peak"]}
+
+
+def compare_loops(n: int, job: dict, workers: int, threads: int, images: int, rounds: int):
+    """Images/s of the hand-written loop and of the distill stage's loop, on the same number
+    of images, alternating (hand first, then distill first) so that a machine whose load
+    drifts weighs on both: the median of each over the rounds."""
+    common = {"px": SIZE_PX, "seed": SEED, "batch": BATCH, "workers": workers, "lr": LR}
+    common |= {"kwargs": STUDENT["arch_kwargs"], "images": min(images, job["train"])}
+    hand = {**common, "root": str(extracted(n)), "mean": job["mean"], "std": job["std"]}
+    hand["classes"] = CLASSES
+    ours = {**common, "archive": str(archive(n)), "job": str(job["job"])}
+    ours["logits"] = str(job["job"] / ".work" / "checkpoints" / "distill" / "teacher_logits.npy")
+    rates: dict[str, list[float]] = {"hand": [], "distill": [], "hand_pss": []}
+    for r in range(rounds):
+        order = [("hand", HAND_LOOP, hand), ("distill", DISTILL_LOOP, ours)]
+        for name, script, args in order if r % 2 == 0 else order[::-1]:
+            got = _loop(script, args, threads)
+            rates[name].append(got["ips"])
+            if name == "hand":
+                rates["hand_pss"].append(got["peak_pss"])
+    return {
+        "hand_ips": statistics.median(rates["hand"]),
+        "distill_ips": statistics.median(rates["distill"]),
+        "hand_pss": max(rates["hand_pss"]),
+        "loop_images": common["images"],
+        "rounds": rounds,
+    }
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -262,29 +306,33 @@ def _gb(b: int) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| images (224 px) | data stage | decode | peak PSS, job tree | distill images/s | "
-        "hand-written loop images/s | ratio | hand loop peak PSS | student accuracy |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| images (224 px) | data stage | decode | peak PSS, job tree | job: distill stage "
+        "images/s | loops: distill images/s | loops: hand-written images/s | ratio | "
+        "hand loop peak PSS | student accuracy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     return head + "\n".join(
         f"| {r['n']:,} | {r['data_seconds']:.0f} s | {r['decode_ips']:.0f} images/s | "
-        f"{_gb(r['peak_pss'])} | {r['distill_ips']:.1f} | {r['hand_ips']:.1f} | "
-        f"{r['distill_ips'] / r['hand_ips']:.2f}x | {_gb(r['hand_pss'])} | "
+        f"{_gb(r['peak_pss'])} | {r['job_distill_ips']:.1f} | {r['distill_ips']:.1f} | "
+        f"{r['hand_ips']:.1f} | {r['distill_ips'] / r['hand_ips']:.2f}x | {_gb(r['hand_pss'])} | "
         f"{r['student_accuracy']:.3f} |"
         for r in rows
     )
 
 
-def measure(sizes: list[int], workers: int, threads: int) -> list[dict]:
+def measure(sizes: list[int], args: argparse.Namespace, done=None) -> list[dict]:
+    """One job and `rounds` loop pairs per size; `done(rows)` after each size."""
     rows = []
     for n in sizes:
         archive(n)
         with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
-            job = run_job(n, workers, threads, Path(tmp))
-        hand = run_hand_loop(n, job, workers, threads)
-        job.update(hand_ips=hand["ips"], hand_pss=hand["peak_pss"])
+            job = run_job(n, args.workers, args.threads, Path(tmp))
+            loops = compare_loops(n, job, args.workers, args.threads, args.loop_images, args.rounds)
+        job.update(loops)
         print(table([job]).splitlines()[-1], flush=True)
         rows.append(job)
+        if done is not None:
+            done(rows)
     return rows
 
 
@@ -302,23 +350,29 @@ def verdict(rows: list[dict]) -> tuple[bool, list[str]]:
     return ok, lines
 
 
-def section(rows: list[dict], workers: int, threads: int) -> str:
+def section(rows: list[dict], args: argparse.Namespace) -> str:
     ok, lines = verdict(rows)
     return f"""<!-- data_scale:start -->
 ## Datasets of real size: flat memory, and the data path as fast as a hand-written loop
 
 Command: `{command_line()}`
-Machine: {machine()}; {workers} DataLoader worker(s), OMP_NUM_THREADS={threads}
+Machine: {machine()}; {args.workers} DataLoader worker(s), OMP_NUM_THREADS={args.threads}
 Date: {utc_now()}
 
 One `distillery run` job per size: generated JPEG ImageFolder archives at 224 px ({CLASSES}
 classes), teacher cnn_tiny and student cnn_tiny (widths 8, 16), one epoch each, batch {BATCH},
 no baseline, prune or quantize. The data stage decodes each archive once (DataLoader workers)
 into a uint8 cache that the stages read per batch. Peak PSS is summed over the job's process
-tree (the job and its DataLoader workers), sampled every 0.2 s. The hand-written loop is
+tree (the job and its DataLoader workers), sampled every 0.5 s. The hand-written loop is
 torchvision `ImageFolder` + `DataLoader` decoding the JPEGs each epoch (transforms.v2), training
-the same student with the same batch size, workers, threads and seed in the same run; distill
-images/s is the distill stage's training loop (its teacher logits were cached before it).
+the same student (cross-entropy) with the same batch size, workers, threads and seed. "job:
+distill stage images/s" is the job's own distill training loop (its teacher logits cached
+before it; one epoch, so it includes the DataLoader workers' start). On a shared machine whose
+load drifts, the comparison is made on loops run alternately in this run: the distill stage's
+loop (`train.fit`, KD loss against the job's cached logits, reading the job's decoded cache)
+and the hand-written loop, each over the same {rows[0]["loop_images"]:,} training images
+(fewer when the split is smaller), {rows[0]["rounds"]} rounds, median images/s of each. Student
+accuracy is after one epoch (tens of optimizer steps): not a target, shown as a sanity check.
 
 {table(rows)}
 
@@ -339,13 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     parser.add_argument("--workers", type=int, default=DataSettings().resolved_workers())
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loop-images", type=int, default=1024, help="per loop measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating loop pairs")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args(argv)
-    rows = measure(sorted(args.sizes), args.workers, args.threads)
-    text = section(rows, args.workers, args.threads)
-    print(text)
-    if args.write:
-        write_section(args.write, "data_scale", text)
+
+    def done(rows: list[dict]) -> None:  # each size as it ends: a cut run keeps what it measured
+        if args.write:
+            write_section(args.write, "data_scale", section(rows, args))
+
+    rows = measure(sorted(args.sizes), args, done)
+    print(section(rows, args))
     return 0 if verdict(rows)[0] else 1
 
 

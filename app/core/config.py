@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     # How jobs read their data (worker/pipeline/limits.py DataSettings): DataLoader worker
     # processes that decode images and read batches (unset: the host's cores less one, at
     # most 8), and the bytes one prediction batch's activations may take (unset: a sixteenth
-    # of the host's memory, at most 1 GiB; a quarter of the free GPU memory on CUDA).
+    # of the host's memory, at most 512 MiB; a quarter of the free GPU memory on CUDA).
     DATA_WORKERS: int | None = Field(None, ge=0)
     DATA_MEMORY_BUDGET_BYTES: int | None = Field(None, ge=1 << 20)
     # A dataset up to this many bytes (as float32) is held in memory; larger ones are read per

@@ -125,7 +125,8 @@ def _export(
     record = records[float_key]
     bdir = branch_dir(out, record["branch"])
     student = p.students[final.branch]
-    data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
+    # The folder the teacher phase read the data into: an image cache there is reused.
+    data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work" / "data")
     model = load_safetensors(
         bdir / record["files"]["safetensors"], student.arch, student.arch_kwargs, data
     )

@@ -79,7 +79,7 @@ class DataSettings:
     # the host's cores (one left for the training loop itself).
     workers: int | None = None
     # What one prediction batch's activations may take; None: a sixteenth of the host's
-    # memory (at most 1 GiB), or a quarter of the GPU's free memory on CUDA.
+    # memory (at most 512 MiB), or a quarter of the GPU's free memory on CUDA.
     memory_budget_bytes: int | None = None
     # Splits up to this size (float32) stay in memory; 0 streams every split.
     resident_bytes: int = RESIDENT_BYTES
@@ -105,4 +105,4 @@ class DataSettings:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         # Batches past a few hundred images gain nothing on a CPU; the budget is a ceiling
         # on the job's peak, which other jobs on the host share.
-        return min(host // 16, 1 << 30)
+        return min(host // 16, 512 << 20)
