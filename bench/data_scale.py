@@ -238,7 +238,7 @@ from worker.pipeline.train import TrainConfig, fit
 a = json.loads(sys.argv[1])
 spec = ImageFolderDataset(source="imagefolder", path=a["archive"], image_size=a["px"])
 settings = DataSettings(workers=a["workers"], resident_bytes=0)
-data = load_dataset(spec, a["seed"], workdir=Path(a["job"]) / ".work" / "data", settings=settings)
+data = load_dataset(spec, a["seed"], workdir=Path(a["job"]) / ".work" / "tmp-data", settings=settings)
 logits = torch.from_numpy(np.load(a["logits"], mmap_mode="c"))
 x, y = data.x_train.subset(np.arange(a["images"])), data.y_train[: a["images"]]
 torch.manual_seed(a["seed"])

@@ -77,4 +77,4 @@ def test_a_corrupt_jpeg_fails_distillery_run_as_a_dataset_error_naming_it(tmp_pa
     assert proc.returncode == 2, err  # EXIT_JOB_FAILED
     assert "error [invalid_dataset]: broken.tar.gz: cannot decode blue/0042.jpg (" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
-    assert not list((tmp_path / "out" / ".work" / "data").glob("images-*"))  # nothing kept
+    assert not list((tmp_path / "out" / ".work" / "tmp-data").glob("images-*"))  # nothing kept

@@ -440,6 +440,12 @@ def load_dataset(
     )
 
 
+def data_dir(out: Path) -> Path:
+    """Where a job's data is decoded (or converted) to: a `.work/tmp…` folder, which the
+    service's job folder never sends to a bucket (it is rebuilt, not shipped, on another host)."""
+    return out / ".work" / "tmp-data"
+
+
 def _part(progress: Progress | None, lo: float, hi: float) -> Progress | None:
     """`progress` for a part of the data stage that spans lo..hi of it."""
     if progress is None:

@@ -21,7 +21,7 @@ import torch
 
 from worker.pipeline import preflight, report
 from worker.pipeline.context import StageContext, resolve_device
-from worker.pipeline.data import DataBundle, load_dataset
+from worker.pipeline.data import DataBundle, data_dir, load_dataset
 from worker.pipeline.history import HistoryLog, log_path
 from worker.pipeline.limits import DataSettings, SpecLimits
 from worker.pipeline.spec import JobSpec
@@ -162,7 +162,7 @@ def load_data(
     data = load_dataset(
         spec.dataset,
         spec.seed,
-        workdir=out / ".work" / "data",
+        workdir=data_dir(out),
         settings=settings,
         progress=progress,
     )
