@@ -84,6 +84,7 @@ def run(spec_path: str, out_dir: str, fresh: bool, as_json: bool, debug: bool) -
                 on_event=on_event,
                 resume=not fresh,
                 limits=_settings().spec_limits(),  # MAX_SPEC_* from the environment
+                data_settings=_settings().data_settings(),  # DATA_* likewise
             )
     except PipelineError as e:
         # Plain, unwrapped, one line: scripts grep for the code.

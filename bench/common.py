@@ -19,6 +19,7 @@ BENCHMARKS = (
     "quantization",
     "distill_pays",
     "pretrained_init",
+    "data_scale",
     "search",
     "service_overhead",
     "storage",

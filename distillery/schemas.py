@@ -31,7 +31,12 @@ class StageAttemptPublic(BaseModel):
 class StagePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    name: str
+    name: str = Field(
+        description="data (reading, decoding and normalising the dataset: its metrics hold "
+        "samples, bytes and, for an image archive, decode_images_per_second), then teacher, "
+        "baseline, distill, prune, quantize, export as the spec asks; a search: teacher, "
+        "search, export"
+    )
     status: StageStatus
     started_at: datetime | None = Field(None, description="its first attempt's start")
     finished_at: datetime | None = Field(None, description="its last attempt's end")

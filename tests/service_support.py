@@ -320,3 +320,47 @@ def run_cli(served, *args, timeout=300, url=None, key=None, stdin=None, env=None
 def result_of(out: str) -> dict:
     """`--wait --json` prints the events as JSON lines, then the result: the last line."""
     return json.loads(out.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def serving(home, **env_extra: str):
+    """`distillery serve` on the embedded defaults in `home`, with `env_extra` settings:
+    (url, key, home)."""
+    port = free_port()
+    log = open(home / "serve.log", "wb")
+    # No DATABASE_URL / BROKER_URL: the embedded defaults. A key is made and printed.
+    env = {
+        "DISTILLERY_HOME": str(home / "home"),
+        "OMP_NUM_THREADS": "1",
+        "DATABASE_URL": "",
+        "BROKER_URL": "",
+        "DISTILLERY_API_KEY": "",
+        "STORAGE_DIR": "",
+        "JOB_QUEUES": '["parked"]',  # a queue no worker reads (tests/browser)
+        # Webhook tests send to a receiver on loopback, over http, retrying fast and briefly.
+        "WEBHOOK_ALLOW_HTTP": "true",
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+        "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+        "WEBHOOK_RETRY_FOR_SECONDS": "30",
+        **env_extra,
+    }
+    proc = cli("serve", "--port", str(port), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 90, what="distillery serve")
+        key = (home / "home" / "api_key").read_text().strip()
+        assert f"API key: {key}" in (home / "serve.log").read_text()
+        yield url, key, home
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

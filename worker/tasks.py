@@ -95,6 +95,7 @@ def _pipeline(runtime: Runtime, claimed: Claimed, folder: JobFolder) -> Work:
             should_cancel=should_cancel,
             public_spec=claimed.spec,
             limits=runtime.settings.spec_limits(),
+            data_settings=runtime.settings.data_settings(),
         )
         folder.publish(artifact_names(report))
         return report

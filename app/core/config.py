@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.pipeline.limits import SpecLimits
+from worker.pipeline.limits import RESIDENT_BYTES, DataSettings, SpecLimits
 
 
 class Settings(BaseSettings):
@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     RETENTION_INTERVAL_SECONDS: float = Field(3600.0, gt=0)
     RETENTION_BATCH: int = Field(200, ge=1)
     DATA_ROOT: Path | None = None  # torchvision datasets live (or are downloaded) here
+    # How jobs read their data (worker/pipeline/limits.py DataSettings): DataLoader worker
+    # processes that decode images and read batches (unset: the host's cores less one, at
+    # most 8), and the bytes one prediction batch's activations may take (unset: a sixteenth
+    # of the host's memory, at most 512 MiB; a quarter of the free GPU memory on CUDA).
+    DATA_WORKERS: int | None = Field(None, ge=0)
+    DATA_MEMORY_BUDGET_BYTES: int | None = Field(None, ge=1 << 20)
+    # A dataset up to this many bytes (as float32) is held in memory; larger ones are read per
+    # batch from disk. 0 reads every dataset per batch.
+    DATA_RESIDENT_BYTES: int = Field(RESIDENT_BYTES, ge=0)
     ALLOW_DATASET_DOWNLOAD: bool = False  # may jobs ask torchvision to download?
 
     DISTILLERY_API_KEY: str | None = None  # ensured at start as a key of tenant "default"
@@ -177,6 +186,13 @@ class Settings(BaseSettings):
     @property
     def data_root(self) -> Path:
         return (self.DATA_ROOT or self.home / "data").resolve()
+
+    def data_settings(self) -> DataSettings:
+        return DataSettings(
+            workers=self.DATA_WORKERS,
+            memory_budget_bytes=self.DATA_MEMORY_BUDGET_BYTES,
+            resident_bytes=self.DATA_RESIDENT_BYTES,
+        )
 
     def spec_limits(self) -> SpecLimits:
         # Built at each call, not cached: a test may change a setting of a live app.

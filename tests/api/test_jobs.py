@@ -13,6 +13,7 @@ def test_submit_returns_a_queued_job_with_its_plan(api):
         job = r.json()
         assert job["id"].startswith("job_") and job["status"] == "queued" and job["progress"] == 0.0
         assert [s["name"] for s in job["stages"]] == [
+            "data",
             "teacher",
             "baseline",
             "distill",

@@ -84,7 +84,7 @@ def test_distillery_run_takes_every_dataset_and_teacher_source(tmp_path, case):
     assert proc.returncode in (0, 1), err  # 1 would be a gate; these specs have none
     report = json.loads(out)
     assert [s["name"] for s in report["stages"]] == [
-        "teacher", "baseline", "distill", "prune", "quantize", "export"
+        "data", "teacher", "baseline", "distill", "prune", "quantize", "export"
     ]  # fmt: skip
     assert {a["name"] for a in report["artifacts"]} >= EXPECTED
     assert 0.0 <= report["metrics"]["final"]["accuracy"] <= 1.0

@@ -155,7 +155,8 @@ def _teacher_signal(spec: JobSpec, out: Path, state: JobState) -> TeacherSignal:
 
     logits = shared_dir(out) / "logits.npy"
     if logits.exists():
-        return TeacherSignal(torch.from_numpy(np.load(logits)), None)
+        # Memory-mapped (copy-on-write): rows are read per batch, not held whole.
+        return TeacherSignal(torch.from_numpy(np.load(logits, mmap_mode="c")), None)
     return TeacherSignal(None, _load_teacher(spec, out, state).logits_fn)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,6 +17,7 @@ from worker.pipeline.data import DataBundle
 from worker.pipeline.init_weights import start_from
 from worker.pipeline.losses import CrossEntropyOnly, build_kd_loss
 from worker.pipeline.preflight import feature_layer, feature_loss
+from worker.pipeline.samples import Samples
 from worker.pipeline.spec import DistillSpec, FeatureLossSpec, StudentSpec
 from worker.pipeline.teacher import TeacherResult
 from worker.pipeline.train import (
@@ -22,7 +26,7 @@ from worker.pipeline.train import (
     TrainConfig,
     accuracy,
     fit,
-    predict_logits,
+    predict_batches,
 )
 
 
@@ -46,9 +50,31 @@ def teacher_signal(
     """
     if spec.cache_teacher_logits and not spec.augment and spec.feature is None:
         started = time.perf_counter()
-        logits = predict_logits(teacher.logits_fn, data.x_train, ctx.device)
+        folder = ctx.checkpoint_dir or Path(tempfile.mkdtemp(prefix="distillery-logits-"))
+        logits = cache_logits(teacher.logits_fn, data.x_train, ctx.device, folder)
         return TeacherSignal(logits, None, time.perf_counter() - started)
     return TeacherSignal(None, teacher.logits_fn)
+
+
+def cache_logits(fn, x: Samples, device: torch.device, folder: Path) -> torch.Tensor:
+    """The teacher's logits for `x` written to `folder/teacher_logits.npy` batch by batch and
+    handed back memory-mapped: the training loop reads the rows of each batch from the page
+    cache, and the job's memory does not hold N x classes floats."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "teacher_logits.npy"
+    out = None
+    done = 0
+    for batch in predict_batches(fn, x, device):
+        if out is None:
+            shape = (len(x), batch.shape[1])
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        out[done : done + len(batch)] = batch.numpy()
+        done += len(batch)
+    assert out is not None
+    out.flush()
+    del out
+    # Copy-on-write: the tensor is writable (as torch wants) and the file stays as written.
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
 def feature_term(

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from worker.pipeline.samples import DataSettings, Samples, Split, batch_size_for, batches
 from worker.pipeline.spec import EvaluateSpec
 
 
@@ -36,12 +37,39 @@ def onnx_params(path: Path) -> int:
     )
 
 
-def onnx_logits(path: Path, x: torch.Tensor, batch_size: int = 256, threads: int = 0) -> np.ndarray:
+def onnx_activation_bytes(path: Path) -> int:
+    """Bytes per sample of every tensor the graph computes, from ONNX shape inference with the
+    batch axis at 1: the meta trace that sizes evaluation batches (an upper bound, as ONNX
+    Runtime reuses buffers)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    total = 0
+    for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        t = v.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+        total += int(np.prod(dims, dtype=np.int64)) * itemsize
+    return max(total, 1)
+
+
+def onnx_logits(
+    path: Path,
+    x: Samples,
+    batch_size: int | None = None,
+    threads: int = 0,
+    settings: DataSettings | None = None,
+) -> np.ndarray:
+    """Logits of the model at `path` for `x`, read and run a batch at a time; the batch size,
+    unless given, from the memory budget and the graph's activation bytes per sample."""
     sess = _session(path, threads)
     name = sess.get_inputs()[0].name
-    xs = x.numpy().astype(np.float32)
+    if batch_size is None:
+        settings = settings or (x.settings if isinstance(x, Split) else DataSettings())
+        per_sample = onnx_activation_bytes(path)
+        batch_size = batch_size_for(per_sample, settings.budget(torch.device("cpu")), len(x))
     return np.concatenate(
-        [sess.run(None, {name: xs[i : i + batch_size]})[0] for i in range(0, len(xs), batch_size)]
+        [sess.run(None, {name: xb.numpy().astype(np.float32)})[0] for xb in batches(x, batch_size)]
     )
 
 
@@ -67,7 +95,7 @@ def latency_ms(
 
 def measured(
     path: Path,
-    x_test: torch.Tensor,
+    x_test: Samples,
     y_test: torch.Tensor,
     spec: EvaluateSpec,
     params: int | None = None,
@@ -96,7 +124,7 @@ def measured(
 
 def measure(
     path: Path,
-    x_test: torch.Tensor,
+    x_test: Samples,
     y_test: torch.Tensor,
     spec: EvaluateSpec,
     params: int | None = None,

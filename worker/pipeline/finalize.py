@@ -165,7 +165,7 @@ def _export(
 ) -> None:
     """The chosen model in the spec's export formats (its float weights; when it is a
     quantized model, that file too), and every front candidate's ONNX."""
-    from worker.pipeline.data import load_dataset
+    from worker.pipeline.data import data_dir, load_dataset
     from worker.pipeline.export import EXPORTERS
     from worker.pipeline.quantize import QUANTIZERS
     from worker.pipeline.teacher import load_safetensors
@@ -176,7 +176,8 @@ def _export(
     record = records[float_key]
     bdir = branch_dir(out, record["branch"])
     arch, kwargs = subject_arch(spec, p.students[final.branch])
-    data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
+    # The folder the teacher phase read the data into: an image cache there is reused.
+    data = load_dataset(spec.dataset, spec.seed, workdir=data_dir(out))
     model = load_safetensors(bdir / record["files"]["safetensors"], arch, kwargs, data)
     meta = {"arch": arch, "arch_kwargs": kwargs, "spec": None}
     for fmt in spec.export:

@@ -9,6 +9,8 @@ is built; the layer and parameter bounds are compared with a meta-device build i
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,3 +63,46 @@ def check_structure(kwargs: dict[str, Any], *, where: str, limits: SpecLimits) -
             pending.extend((f"{path}.{k}", v, depth + 1) for k, v in value.items())
         else:
             pending.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
+
+
+# A dataset whose normalised float32 values fit in this many bytes is held as tensors (and on
+# the training device): per-batch reads would only slow a digits-sized job down. Memory stays
+# bounded: a job holds at most this, whatever the dataset's size.
+RESIDENT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How a job reads its data (Settings' DATA_WORKERS and DATA_MEMORY_BUDGET_BYTES)."""
+
+    # DataLoader worker processes that decode images and read training batches; None: from
+    # the host's cores (one left for the training loop itself).
+    workers: int | None = None
+    # What one prediction batch's activations may take; None: a sixteenth of the host's
+    # memory (at most 512 MiB), or a quarter of the GPU's free memory on CUDA.
+    memory_budget_bytes: int | None = None
+    # Splits up to this size (float32) stay in memory; 0 streams every split.
+    resident_bytes: int = RESIDENT_BYTES
+
+    def resolved_workers(self) -> int:
+        # A daemonic process (a multiprocessing pool's child) may not start processes of its
+        # own: it reads in-process.
+        if multiprocessing.current_process().daemon:
+            return 0
+        if self.workers is not None:
+            return max(0, self.workers)
+        return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+    def budget(self, device: Any) -> int:
+        """Bytes one prediction batch's activations may take on `device` (a torch.device)."""
+        if self.memory_budget_bytes is not None:
+            return max(1, self.memory_budget_bytes)
+        if device.type == "cuda":
+            import torch  # here only: the API reads these settings without loading torch
+
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(free // 4, 1 << 20)
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        # Batches past a few hundred images gain nothing on a CPU; the budget is a ceiling
+        # on the job's peak, which other jobs on the host share.
+        return min(host // 16, 512 << 20)

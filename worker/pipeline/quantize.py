@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -21,10 +20,11 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from worker.pipeline.registry import Registry
+from worker.pipeline.samples import Samples, batches
 from worker.pipeline.spec import QuantizeSpec
 from worker.pipeline.speed import cpu_flags, int8_capability
 
-QuantizeFn = Callable[[Path, Path, torch.Tensor, QuantizeSpec], None]
+QuantizeFn = Callable[[Path, Path, Samples, QuantizeSpec], None]
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,12 @@ def quantizer(name: str, *, suffix: str, format: str):
 
 
 class _Calibration(CalibrationDataReader):
-    def __init__(self, x: torch.Tensor, input_name: str, batch_size: int = 32) -> None:
-        arr = x.numpy().astype(np.float32)
-        self._batches = iter(
-            [{input_name: arr[i : i + batch_size]} for i in range(0, len(arr), batch_size)]
+    """The calibration samples a batch at a time, read (from disk, for a large dataset) only
+    when ONNX Runtime asks for them."""
+
+    def __init__(self, x: Samples, input_name: str, batch_size: int = 32) -> None:
+        self._batches = (
+            {input_name: xb.numpy().astype(np.float32)} for xb in batches(x, batch_size)
         )
 
     def get_next(self):
@@ -79,7 +81,7 @@ def weight_bits(spec: QuantizeSpec) -> tuple[int, str]:
 
 
 @quantizer("int8_static", suffix="int8", format="onnx-int8")
-def int8_static(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
+def int8_static(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(
@@ -99,7 +101,7 @@ def int8_static(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -
 
 
 @quantizer("int8_dynamic", suffix="int8_dynamic", format="onnx-int8-dynamic")
-def int8_dynamic(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
+def int8_dynamic(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quantize_dynamic(
             str(_preprocessed(src, Path(tmp))),
@@ -110,7 +112,7 @@ def int8_dynamic(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) 
 
 
 @quantizer("fp16", suffix="fp16", format="onnx-fp16")
-def fp16(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
+def fp16(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # Inputs and outputs stay float32 so the input contract does not change.
@@ -118,7 +120,7 @@ def fp16(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> None:
     onnx.save(model, str(dst))
 
 
-def run(src: Path, dst: Path, calib: torch.Tensor, spec: QuantizeSpec) -> Path:
+def run(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> Path:
     """Quantize the fp32 ONNX model at `src` with `spec.method` into `dst`."""
     QUANTIZERS.get(spec.method).run(src, dst, calib, spec)
     return dst

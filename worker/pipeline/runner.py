@@ -21,9 +21,9 @@ import torch
 
 from worker.pipeline import preflight, report
 from worker.pipeline.context import StageContext, resolve_device
-from worker.pipeline.data import load_dataset
+from worker.pipeline.data import DataBundle, data_dir, load_dataset
 from worker.pipeline.history import HistoryLog, log_path
-from worker.pipeline.limits import SpecLimits
+from worker.pipeline.limits import DataSettings, SpecLimits
 from worker.pipeline.spec import JobSpec
 from worker.pipeline.stages import STAGES, Stage, StageStatus
 from worker.pipeline.state import EventFn, JobState
@@ -38,6 +38,7 @@ def run_pipeline(
     resume: bool = True,
     public_spec: dict[str, Any] | None = None,
     limits: SpecLimits | None = None,
+    data_settings: DataSettings | None = None,
 ) -> dict[str, Any]:
     """Run `spec`, write artifacts and `report.json` into `out_dir`, return the report.
 
@@ -47,6 +48,7 @@ def run_pipeline(
     `public_spec` is what the report and model card show (the service passes the user's spec,
     without the server paths its uploads were resolved to). `limits` bound the models the
     spec describes (default: `SpecLimits()`); a spec past them fails before any is built.
+    `data_settings` say how the data is read (workers, memory budget; default: from the host).
     """
     if spec.search is not None:
         from worker.pipeline.search import run_search
@@ -74,6 +76,7 @@ def run_pipeline(
         history=history,
         public_spec=public_spec,
         limits=limits,
+        data_settings=data_settings,
     )
     for stage in plan:
         run_stage(state, stage)
@@ -104,6 +107,7 @@ def start_state(
     history: HistoryLog,
     public_spec: dict[str, Any] | None,
     limits: SpecLimits,
+    data_settings: DataSettings | None = None,
 ) -> JobState:
     """Seeds, device, the data, and the preflight: a spec that cannot work (a layer-name
     typo, an arch that does not fit the data) fails now, not after the teacher has trained.
@@ -122,8 +126,7 @@ def start_state(
         should_cancel,
         on_history=on_history,
     )
-    data = load_dataset(spec.dataset, spec.seed, workdir=out / ".work")
-    emit({"type": "log", "stage": "data", "message": f"dataset: {data.summary()}"})
+    data, record = load_data(spec, out, emit, data_settings)
     inits = preflight.preflight(
         spec,
         input_shape=data.input_shape,
@@ -132,7 +135,56 @@ def start_state(
         teacher=preflight.teacher_of(spec),
     )
     public = public_spec if public_spec is not None else spec.model_dump(mode="json")
-    return JobState(spec, out, ctx, emit, data, public, inits=inits)
+    return JobState(spec, out, ctx, emit, data, public, inits=inits, records=[record])
+
+
+def load_data(
+    spec: JobSpec, out: Path, emit: EventFn, settings: DataSettings | None
+) -> tuple[DataBundle, dict[str, Any]]:
+    """The `data` stage: extract, decode (into the job's cache; an attempt that resumes finds
+    it there), split and take the statistics, with its progress and its duration on the
+    job's timeline like any stage. Returns the data and the stage's record."""
+    record = {"name": "data", "status": StageStatus.RUNNING, "started_at": report.now()}
+    emit({"type": "stage", "stage": "data", "status": StageStatus.RUNNING})
+    t0 = time.perf_counter()
+
+    def progress(fraction: float, message: str) -> None:
+        emit(
+            {
+                "type": "progress",
+                "stage": "data",
+                "stage_progress": fraction,
+                "progress": 0.0,  # the job's own progress counts its training stages
+                "message": message,
+            }
+        )
+
+    data = load_dataset(
+        spec.dataset,
+        spec.seed,
+        workdir=data_dir(out),
+        settings=settings,
+        progress=progress,
+    )
+    metrics = data.summary()
+    emit({"type": "log", "stage": "data", "message": f"dataset: {metrics}"})
+    record.update(
+        status=StageStatus.SUCCEEDED,
+        finished_at=report.now(),
+        seconds=time.perf_counter() - t0,
+        metrics=metrics,
+        models={},
+    )
+    emit(
+        {
+            "type": "stage",
+            "stage": "data",
+            "status": StageStatus.SUCCEEDED,
+            "seconds": record["seconds"],
+            "metrics": metrics,
+        }
+    )
+    return data, record
 
 
 def run_stage(state: JobState, stage: Stage) -> None:

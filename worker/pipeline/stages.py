@@ -110,10 +110,11 @@ SEARCH_STAGES = ("teacher", "search", "export")
 
 
 def stage_names(spec: JobSpec) -> list[str]:
-    """The stages a job records: the registry's plan, or a search's three."""
+    """The stages a job records: reading the data (the runner's `load_data`), then the
+    registry's plan; or a search's three."""
     if spec.search is not None:
         return list(SEARCH_STAGES)
-    return [s.name for s in STAGES.plan(spec)]
+    return ["data", *(s.name for s in STAGES.plan(spec))]
 
 
 # --- the built-in stages --------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """One small training loop shared by the teacher, distill and prune fine-tune stages.
 
-Data lives in memory as tensors; batches are index slices of a seeded permutation, which
-is both faster than a DataLoader for data this size and bit-for-bit resumable.
+Batches are index slices of a seeded permutation (bit-for-bit resumable). A small dataset
+lives as tensors on the device and is sliced there; a large one is a `samples.Split`, whose
+batches DataLoader workers read from disk ahead of the loop (pinned, copied without blocking
+on CUDA) in the same order, so both give the same batches.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,17 @@ from torch import nn
 
 from worker.pipeline.context import StageContext
 from worker.pipeline.errors import NanLoss
+from worker.pipeline.samples import (
+    DataSettings,
+    Samples,
+    Split,
+    batch_size_for,
+    batches,
+    to_device,
+    traced,
+    training_loader,
+    wants_channels_last,
+)
 
 # A teacher is anything that maps an input batch to logits: a torch module, or an ONNX
 # Runtime session wrapped by the teacher stage.
@@ -77,25 +90,48 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(
-    fn: LogitsFn | nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024
-) -> torch.Tensor:
-    """Logits for `x` in eval mode, batched; returned on the CPU as float32."""
+def predict_batches(
+    fn: LogitsFn | nn.Module,
+    x: Samples,
+    device: torch.device,
+    batch_size: int | None = None,
+    settings: DataSettings | None = None,
+) -> Iterator[torch.Tensor]:
+    """Logits for `x` in eval mode, a batch at a time, on the CPU as float32. The batch size,
+    unless given, is what the memory budget holds at the model's activation bytes per sample
+    (a 224-px ResNet gets a few dozen images a batch, a tiny MLP a thousand)."""
     was_training = isinstance(fn, nn.Module) and fn.training
     if isinstance(fn, nn.Module):
         fn.eval()
-    outs = [
-        fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
-    ]
-    if was_training:
-        fn.train()  # type: ignore[union-attr]
-    return torch.cat(outs)
+    try:
+        start = 0
+        if batch_size is None:
+            # The first sample, traced, sizes the batches of the rest.
+            out, per_sample = traced(fn, to_device(x[:1], device))
+            yield out.float().cpu()
+            settings = settings or (x.settings if isinstance(x, Split) else DataSettings())
+            batch_size = batch_size_for(per_sample, settings.budget(device), len(x))
+            start = 1
+        for xb in batches(x, batch_size, start):
+            yield fn(to_device(xb, device)).float().cpu()
+    finally:
+        if was_training:
+            fn.train()  # type: ignore[union-attr]
 
 
-def accuracy(
-    fn: LogitsFn | nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
-) -> float:
-    return (predict_logits(fn, x, device).argmax(1) == y).float().mean().item()
+def predict_logits(
+    fn: LogitsFn | nn.Module,
+    x: Samples,
+    device: torch.device,
+    batch_size: int | None = None,
+    settings: DataSettings | None = None,
+) -> torch.Tensor:
+    """Logits for `x` in eval mode (see `predict_batches`), as one CPU tensor."""
+    return torch.cat(list(predict_batches(fn, x, device, batch_size, settings)))
+
+
+def accuracy(fn: LogitsFn | nn.Module, x: Samples, y: torch.Tensor, device: torch.device) -> float:
+    return (predict_logits(fn, x, device).argmax(1) == y.cpu()).float().mean().item()
 
 
 def _amp_context(device: torch.device, enabled: bool):
@@ -166,8 +202,9 @@ def _epoch_row(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     parts: dict[str, float],
     model: nn.Module,
-    val: tuple[torch.Tensor, torch.Tensor] | None,
+    val: tuple[Samples, torch.Tensor] | None,
     seconds: float,
+    device: torch.device,
 ) -> dict[str, float | int | str | None]:
     """One row of the training history (worker.pipeline.history.HISTORY_COLUMNS, less stage)."""
     return {
@@ -179,7 +216,7 @@ def _epoch_row(
         "task_loss": parts.get("task_loss"),
         "kd_loss": parts.get("kd_loss"),
         "feature_loss": parts.get("feature_loss"),
-        "val_accuracy": None if val is None else accuracy(model, val[0], val[1], val[0].device),
+        "val_accuracy": None if val is None else accuracy(model, val[0], val[1], device),
         "seconds": seconds,
     }
 
@@ -284,14 +321,15 @@ class _Training:
         return int(saved["epoch"]) + 1, float(saved.get("seconds", 0.0))
 
     def done(self) -> None:
-        self.model.eval()
+        # Back from channels_last: safetensors and the exporters want contiguous weights.
+        self.model.to(memory_format=torch.contiguous_format).eval()
         if self.ckpt is not None and self.ckpt.exists():
             self.ckpt.unlink()  # the stage's result is checkpointed by the runner from here on
 
 
 def fit(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Samples,
     y: torch.Tensor,
     *,
     cfg: TrainConfig,
@@ -302,7 +340,7 @@ def fit(
     features: FeatureTerm | None = None,
     progress_span: tuple[float, float] = (0.0, 1.0),
     tag: str = "train",
-    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val: tuple[Samples, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place; return the last epoch's mean loss parts and the wall time.
 
@@ -314,33 +352,87 @@ def fit(
     run = _Training(model, loss_fn, features, cfg, ctx, len(x), tag)
     start_epoch, seconds_before = run.resume(ctx, tag)
     device = ctx.device
-    x, y, logits = (t.to(device) if t is not None else None for t in (x, y, teacher_logits))
+    feed = _Feed(model, x, y, teacher_logits, cfg, device)
     # One forward pass over the validation split per epoch (a tenth of the data by default, no
     # backward): cheap beside the epoch, and only paid when someone keeps the history.
-    val = (val[0].to(device), val[1].to(device)) if val and ctx.wants_history else None
+    if val and ctx.wants_history:
+        val = (val[0] if isinstance(val[0], Split) else val[0].to(device), val[1].to(device))
+    else:
+        val = None
     lo, hi = progress_span
     parts: dict[str, float] = {}
     started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(len(x), generator=run.order_g).to(device)
-        losses = _LossLog(tag, epoch)
-        for b in range(run.steps_per_epoch):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            if len(idx) < 2:  # batch norm cannot train on a single sample
-                continue
-            ctx.check_cancel()
-            xb = augment_batch(x[idx].cpu(), run.augment_g).to(device) if cfg.augment else x[idx]
-            tb = logits[idx] if logits is not None else run.teacher_logits(teacher, xb)
-            losses.add(b, run.step(xb, y[idx], tb))
-        parts = losses.means()  # raises NanLoss before a diverged epoch is checkpointed
-        seconds = seconds_before + time.perf_counter() - started
-        # Recorded before the checkpoint: an epoch that a crash makes run again replaces its row.
-        ctx.history(_epoch_row(tag, epoch, run.scheduler, parts, model, val, seconds))
-        run.save(epoch, seconds)
-        msg = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
-        ctx.progress(
-            lo + (hi - lo) * (epoch + 1) / cfg.epochs, f"{tag} epoch {epoch + 1}/{cfg.epochs} {msg}"
-        )
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            order = torch.randperm(len(x), generator=run.order_g)
+            losses = _LossLog(tag, epoch)
+            for b, idx, xb in feed.epoch(order):
+                if len(idx) < 2:  # batch norm cannot train on a single sample
+                    continue
+                ctx.check_cancel()
+                if cfg.augment:
+                    xb = feed.shaped(augment_batch(xb.cpu(), run.augment_g).to(device))
+                tb = feed.logits(idx) if teacher_logits is not None else None
+                tb = tb if tb is not None else run.teacher_logits(teacher, xb)
+                losses.add(b, run.step(xb, feed.y[idx], tb))
+            parts = losses.means()  # raises NanLoss before a diverged epoch is checkpointed
+            seconds = seconds_before + time.perf_counter() - started
+            # Recorded before the checkpoint: an epoch that a crash runs again replaces its row.
+            row = _epoch_row(tag, epoch, run.scheduler, parts, model, val, seconds, device)
+            ctx.history(row)
+            run.save(epoch, seconds)
+            msg = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
+            frac = lo + (hi - lo) * (epoch + 1) / cfg.epochs
+            ctx.progress(frac, f"{tag} epoch {epoch + 1}/{cfg.epochs} {msg}")
+    finally:
+        feed.close()
     run.done()
     parts["train_seconds"] = time.perf_counter() - started
     return parts
+
+
+class _Feed:
+    """The training batches of one run: sliced on the device from resident tensors, or read
+    by a DataLoader from a `Split` (workers kept across epochs); teacher logits likewise."""
+
+    def __init__(self, model, x: Samples, y, logits, cfg: TrainConfig, device) -> None:
+        self.x, self.cfg, self.device = x, cfg, device
+        self.y = y.to(device)
+        self.channels_last = wants_channels_last(model, x, device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.loader = training_loader(x, cfg.batch_size, device) if isinstance(x, Split) else None
+        if self.loader is None:
+            self.x = x.to(device)
+        # Logits cached on disk stay there (rows read per batch) unless they are small.
+        small = logits is not None and logits.nelement() * 4 <= (64 << 20)
+        self._logits = logits.to(device) if small else logits
+
+    def shaped(self, xb: torch.Tensor) -> torch.Tensor:
+        return xb.contiguous(memory_format=torch.channels_last) if self.channels_last else xb
+
+    def epoch(self, order: torch.Tensor):
+        """(batch number, sample positions on the device, inputs on the device) in `order`."""
+        bs = self.cfg.batch_size
+        if self.loader is None:
+            order = order.to(self.device)
+            for b in range(-(-len(order) // bs)):
+                idx = order[b * bs : (b + 1) * bs]
+                yield b, idx, self.shaped(self.x[idx])
+            return
+        self.loader.batch_sampler.order = order.numpy()
+        for b, (xb, pos) in enumerate(self.loader):
+            yield b, to_device(pos, self.device), self.shaped(to_device(xb, self.device))
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._logits.device == idx.device:
+            return self._logits[idx]
+        return to_device(self._logits[idx.cpu()], self.device)
+
+    def close(self) -> None:
+        # Persistent workers live as long as the loader's iterator: end them with the run,
+        # not whenever a raised exception's traceback lets go of the loader.
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+        self.loader = None

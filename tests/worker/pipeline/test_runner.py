@@ -72,6 +72,7 @@ def test_report_holds_the_metrics_contract(finished):
     assert final["distill_gain"] == pytest.approx(measured["student"] - measured["baseline"])
     assert metrics["pruned"]["params"] < metrics["student"]["params"]
     assert [s["name"] for s in report["stages"]] == [
+        "data",
         "teacher",
         "baseline",
         "distill",
@@ -156,7 +157,8 @@ def test_progress_is_monotonic_and_ends_at_one(finished):
     progress = [e["progress"] for e in events if e["type"] == "progress"]
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
     stages = [(e["stage"], e["status"]) for e in events if e["type"] == "stage"]
-    assert stages[0] == ("teacher", "running") and stages[-1] == ("export", "succeeded")
+    assert stages[0] == ("data", "running") and stages[-1] == ("export", "succeeded")
+    assert stages[2] == ("teacher", "running")  # after the data stage's end
 
 
 COLUMNS = "stage,run,epoch,step,lr,loss,task_loss,kd_loss,feature_loss,val_accuracy,seconds"
@@ -299,7 +301,8 @@ def test_an_interrupted_job_resumes_after_its_last_finished_stage(tmp_path):
     report = run_pipeline(spec, tmp_path, on_event=events.append)
     resumed = [e["stage"] for e in events if e["type"] == "stage" and e.get("resumed")]
     ran = [e["stage"] for e in events if e["type"] == "stage" and e["status"] == "running"]
-    assert resumed == ["teacher", "baseline", "distill"] and ran == ["quantize", "export"]
+    # The data is read again by every attempt (an image cache is reused, not rebuilt).
+    assert resumed == ["teacher", "baseline", "distill"] and ran == ["data", "quantize", "export"]
     # The resumed stages' numbers are the recorded ones, and nothing was trained twice.
     assert report["metrics"]["student"] == first["models"]["student"]
     assert len(report["artifacts"]) == len({a["name"] for a in report["artifacts"]})
@@ -478,7 +481,8 @@ def test_a_feature_layer_typo_fails_before_the_teacher_trains(tmp_path):
     assert e.value.message.startswith(
         "distill.feature.student_layer: no layer 'features.9'; layers: features, features.0"
     )
-    assert [ev for ev in events if ev["type"] == "stage"] == []  # no stage started
+    # Only the data was read (the preflight needs its shape): no model stage started.
+    assert {ev["stage"] for ev in events if ev["type"] == "stage"} == {"data"}
     assert not (tmp_path / ".work/state/teacher.json").exists()
 
 

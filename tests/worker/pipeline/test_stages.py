@@ -53,7 +53,7 @@ def test_a_registered_stage_runs_in_its_place_is_recorded_and_published(census, 
     report = run_pipeline(spec, tmp_path, on_event=events.append)
 
     assert [s["name"] for s in report["stages"]] == [
-        "teacher", "baseline", "distill", "census", "export"
+        "data", "teacher", "baseline", "distill", "census", "export"
     ]  # fmt: skip
     record = next(s for s in report["stages"] if s["name"] == "census")
     on_file = json.loads((tmp_path / "census.json").read_text())
