@@ -69,7 +69,7 @@ def test_distillery_run(tmp_path, case):
     report = _run(tmp_path, {"dataset": dataset, "teacher": TRAIN, "student": student, **FAST})
     names = [s["name"] for s in report["stages"]]
     if case == "pretrained":
-        assert names == ["teacher", "baseline", "distill", "prune", "quantize", "export"]
+        assert names == ["data", "teacher", "baseline", "distill", "prune", "quantize", "export"]
         assert report["init"]["student.init"] == {
             "from": {"source": "safetensors", "file": "w.safetensors"},
             "tensors_loaded": BODY_TENSORS,
@@ -79,7 +79,7 @@ def test_distillery_run(tmp_path, case):
         for stage in ("baseline", "distill"):  # both start from the same weights
             assert _stage(report, stage)["metrics"]["init_head_replaced"] == 1.0
     else:
-        assert names == ["teacher", "prune", "quantize", "export"]
+        assert names == ["data", "teacher", "prune", "quantize", "export"]
         assert report["compress_only"] is True and report["init"] == {}
         m = report["metrics"]
         assert m["pruned"]["params"] < m["teacher"]["params"]
@@ -133,7 +133,13 @@ def test_serve(served, tmp_path):
         teacher = factories.user_teacher(SHAPE, 3, tmp_path / "t.safetensors", "safetensors")
         uploaded = {"source": "upload", "id": _upload(c, "/v1/models", teacher, arch="cnn_tiny")}
         job = _succeeded(c, {"dataset": data, "teacher": uploaded, "student": None, **FAST})
-        assert [s["name"] for s in job["stages"]] == ["teacher", "prune", "quantize", "export"]
+        assert [s["name"] for s in job["stages"]] == [
+            "data",
+            "teacher",
+            "prune",
+            "quantize",
+            "export",
+        ]
         assert job["metrics"]["pruned"]["params"] < job["metrics"]["teacher"]["params"]
 
         # a search with the teacher itself and a pretrained student on its students axis

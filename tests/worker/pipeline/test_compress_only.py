@@ -63,7 +63,13 @@ def compressed(tmp_path_factory):
 
 def test_the_teacher_is_pruned_fine_tuned_against_itself_and_quantized(compressed):
     out, report, events = compressed
-    assert [s["name"] for s in report["stages"]] == ["teacher", "prune", "quantize", "export"]
+    assert [s["name"] for s in report["stages"]] == [
+        "data",
+        "teacher",
+        "prune",
+        "quantize",
+        "export",
+    ]
     runs = Counter(e["row"]["run"] for e in events if e["type"] == "history")
     assert set(runs) == {"teacher", "finetune1"}  # no student was trained
     m = report["metrics"]
@@ -116,7 +122,7 @@ def test_an_onnx_teacher_is_quantized_without_a_student(tmp_path):
         "evaluate": {"latency_runs": 5, "latency_warmup": 1, "compare_rounds": 0},
     }
     report = run_pipeline(JobSpec.model_validate(spec), tmp_path / "out")
-    assert [s["name"] for s in report["stages"]] == ["teacher", "quantize", "export"]
+    assert [s["name"] for s in report["stages"]] == ["data", "teacher", "quantize", "export"]
     m = report["metrics"]
     assert m["quantized"]["size_bytes"] < 0.5 * m["teacher"]["size_bytes"]
     assert m["final"]["model"] == "quantized"

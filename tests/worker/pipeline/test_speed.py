@@ -79,7 +79,8 @@ def test_a_model_against_itself_is_not_faster_and_fails_min_speedup(tiny):
     assert set(c) == {"b1", "b32"}
     for batch in c.values():
         lo, hi = batch["ci"]
-        assert lo <= batch["speedup"] <= hi and batch["verdict"] == "not different"
+        # Never "faster" than itself; "slower" may come from a busy host, so it is not asserted.
+        assert lo <= batch["speedup"] <= hi and batch["verdict"] != "faster"
         assert lo < 1.2  # what min_speedup 1.2 reads
     assert _gate_on(c) is False
 
