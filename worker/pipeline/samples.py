@@ -113,10 +113,14 @@ class Normaliser:
     mean: np.ndarray  # float32, one per channel or feature
     std: np.ndarray
 
-    def apply(self, raw: np.ndarray) -> np.ndarray:
+    def apply(self, raw: np.ndarray) -> torch.Tensor:
+        """A float32 tensor of the normalised rows, made in one buffer: a batch of 64 images
+        at 224 px is 38 MB, and each temporary would cost as much again."""
         shape = (1, -1, 1, 1) if raw.ndim == 4 else (1, -1)
-        x = raw.astype(np.float32, copy=False) * np.float32(self.scale)
-        return (x - self.mean.reshape(shape)) / self.std.reshape(shape)
+        x = torch.from_numpy(raw.astype(np.float32))  # the one copy (and dtype conversion)
+        x.mul_(float(np.float32(self.scale)))
+        x.sub_(torch.from_numpy(self.mean.reshape(shape)))
+        return x.div_(torch.from_numpy(self.std.reshape(shape)))
 
 
 STATS_CHUNK_BYTES = 32 << 20
@@ -174,8 +178,7 @@ class Split:
         return math.prod(self.shape) * 4
 
     def read(self, positions: np.ndarray) -> torch.Tensor:
-        raw = self.source.read(self.indices[positions])
-        return torch.from_numpy(np.ascontiguousarray(self.norm.apply(raw), dtype=np.float32))
+        return self.norm.apply(self.source.read(self.indices[positions]))
 
     def __getitem__(self, key: Any) -> torch.Tensor:
         if isinstance(key, torch.Tensor):
