@@ -7,6 +7,7 @@ import hmac
 import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -15,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.admission import Admission, Kind
+from app.api.admission import Admission, Kind, Slot
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.errors import (
@@ -143,20 +144,28 @@ async def current_tenant(
         yield tenant
 
 
-async def streaming_tenant(
+@dataclass
+class StreamAdmission:
+    """An event stream's caller: its key (checked with the stream's first page, in one trip to
+    the database) and its slot of TENANT_MAX_STREAMS, held until the stream ends."""
+
+    key: str
+    slot: Slot
+
+
+async def stream_admission(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> AsyncIterator[Tenant]:
-    """As `current_tenant`, counted against the tenant's open event streams instead: the
-    slot is held until the stream ends (a dependency's exit runs once the response is done)."""
-    async with _admitted(request, _bearer_key(credentials), "streams") as tenant:
-        yield tenant
+) -> AsyncIterator[StreamAdmission]:
+    key = _bearer_key(credentials)
+    async with request.app.state.admission.slot("streams", key) as slot:
+        yield StreamAdmission(key, slot)
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 # What any authenticated route may answer under load (its router lists them in OpenAPI).
 LOADED = error_responses(QuotaExceeded, Overloaded)
-StreamTenantDep = Annotated[Tenant, Depends(streaming_tenant)]
+StreamDep = Annotated[StreamAdmission, Depends(stream_admission)]
 
 
 _metrics_bearer = HTTPBearer(

@@ -22,8 +22,10 @@ from typing import Any
 
 from app.core.config import Settings
 from app.core.db import Database
+from app.core.errors import Unauthorized
 from app.jobs.states import TERMINAL
 from app.services import jobs as jobs_service
+from app.services import tenants
 
 log = logging.getLogger("distillery.events")
 
@@ -96,28 +98,39 @@ class EventFeed:
     async def run_db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def backlog(
-        self, job_id: str, after: int, tenant_id: str | None = None
-    ) -> tuple[list[Event], str | None]:
+    def backlog(self, job_id: str, after: int) -> tuple[list[Event], str | None]:
         with self.db.session() as s:
-            if tenant_id is not None:  # 404 for another tenant's job
-                jobs_service.get_job(s, tenant_id=tenant_id, job_id=job_id)
             rows = jobs_service.events_after(s, job_id=job_id, after_id=after, limit=PAGE)
             status = jobs_service.job_status(s, job_id=job_id)
         return [_event(r) for r in rows], status
 
-    async def open(self, *, job_id: str, tenant_id: str, after: int) -> Stream:
-        """Subscribe to the job's events after `after`, once its first page is read (with
-        the check that the job is the tenant's: JobNotFound otherwise) in one database trip.
-        Iterate the stream for its events; `close()` it when done (idempotent)."""
+    async def open(self, *, key: str, job_id: str, after: int) -> tuple[str, Stream]:
+        """Subscribe to the job's events after `after`: the caller's key is checked, the job
+        found to be its tenant's (else Unauthorized / JobNotFound) and the first page read in
+        one trip to the database, a few streams at a time (the threads of hundreds opening
+        at once took the event loop's share of the interpreter: /healthz waited). Returns the
+        tenant's id and the stream; iterate it, and `close()` it when done (idempotent)."""
         sub = Subscriber(job_id)
         self.subscribers.setdefault(job_id, set()).add(sub)  # before the backlog: no gap
         try:
-            first = await self.run_db(self.backlog, job_id, after, tenant_id)
+            async with self.opening:
+                tenant_id, *first = await self.run_db(self.first_page, key, job_id, after)
         except BaseException:
             self.leave(sub)
             raise
-        return Stream(self, sub, self._events(sub, after, first))
+        return tenant_id, Stream(self, sub, self._events(sub, after, tuple(first)))
+
+    def first_page(self, key: str, job_id: str, after: int) -> tuple[str, list[Event], str | None]:
+        with self.db.session() as s:
+            tenant = tenants.authenticate(s, key=key)
+            if tenant is None:
+                raise Unauthorized(
+                    "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+                )
+            jobs_service.get_job(s, tenant_id=tenant.id, job_id=job_id)  # 404 for others'
+            tenant_id = tenant.id
+        events, status = self.backlog(job_id, after)
+        return tenant_id, events, status
 
     async def _events(
         self, sub: Subscriber, after: int, page: tuple[list[Event], str | None]
@@ -194,6 +207,7 @@ class EventFeed:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.opening = asyncio.Semaphore(FEED_THREADS)
         self.woken = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name="event-feed")
         if self.postgres:

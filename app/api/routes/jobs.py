@@ -14,7 +14,7 @@ from app.api.deps import (
     SessionDep,
     SettingsDep,
     StorageDep,
-    StreamTenantDep,
+    StreamDep,
     TenantDep,
     UnitOfWorkRoute,
     get_enqueue,
@@ -175,7 +175,7 @@ MAX_EVENT_ID = 2**63 - 1  # event ids are 64-bit integers in the database
 async def job_events(
     job_id: str,
     request: Request,
-    tenant: StreamTenantDep,
+    caller: StreamDep,
     last_event_id: Annotated[
         int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_EVENT_ID)
     ] = None,
@@ -189,12 +189,16 @@ async def job_events(
     EVENTS_HEARTBEAT_SECONDS (15 s) keeps an idle stream open. At most TENANT_MAX_STREAMS open
     at once per tenant (429 above)."""
     feed: EventFeed = request.app.state.feed
-    events = await feed.open(
-        job_id=job_id, tenant_id=tenant.id, after=max(after, last_event_id or 0)
-    )
+    start = max(after, last_event_id or 0)
+    tenant_id, events = await feed.open(key=caller.key, job_id=job_id, after=start)
+    try:
+        caller.slot.owner_is(tenant_id)  # the tenant's quota, now that the key is known
+    except BaseException:
+        events.close()
+        raise
 
     async def stream():
-        cursor = max(after, last_event_id or 0)
+        cursor = start
         try:
             async for item in events:
                 if item is HEARTBEAT:
