@@ -394,7 +394,7 @@ distill stage images/s" is the job's own distill training loop (its teacher logi
 before it; one epoch, so it includes the DataLoader workers' start). On a shared machine whose
 load drifts, the comparison is made on loops run alternately in this run: the distill stage's
 loop (`train.fit`, KD loss against the job's cached logits, reading the job's decoded cache)
-and the hand-written loop, each over the same {rows[0]["loop_images"]:,} training images
+and the hand-written loop, each over the same {max(r["loop_images"] for r in rows):,} training images
 (fewer when the split is smaller), {rows[0]["rounds"]} rounds, median images/s of each. Student
 accuracy is after one epoch (tens of optimizer steps): not a target, shown as a sanity check.
 
