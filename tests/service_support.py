@@ -38,6 +38,7 @@ TINY_ARTIFACTS = {
     "model_card.json",
     "history.csv",
     "report.json",
+    "profile.json",
 }
 
 

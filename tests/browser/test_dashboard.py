@@ -76,7 +76,9 @@ def test_a_job_submitted_from_the_editor_reaches_succeeded_live(web, served):
     assert p.locator("progress[aria-label='Job progress']").get_attribute("value") == "100"
     # The results came in without a reload too: the stages, the metrics and the artifacts.
     p.locator("#artifacts tr[data-artifact='model.int8.onnx']").wait_for()
-    assert p.locator(".timeline .badge[data-status=succeeded]").count() == 6
+    assert (
+        p.locator(".timeline .badge[data-status=succeeded]").count() == 7
+    )  # data, teacher, baseline, distill, prune, quantize, export
     assert p.locator("#metrics tr[data-model=final]").count() == 1
 
 

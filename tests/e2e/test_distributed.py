@@ -22,7 +22,7 @@ def test_a_job_runs_to_success_with_metrics_and_artifacts(stack, worker):
         assert done["progress"] == 1.0 and done["attempts"] == 1 and done["error"] is None
         assert [(s["name"], s["status"]) for s in done["stages"]] == [
             (n, "succeeded")
-            for n in ("teacher", "baseline", "distill", "prune", "quantize", "export")
+            for n in ("data", "teacher", "baseline", "distill", "prune", "quantize", "export")
         ]
         assert all(s["seconds"] > 0 for s in done["stages"])
         for model in ("teacher", "student", "pruned", "quantized", "final"):
@@ -35,7 +35,12 @@ def test_a_job_runs_to_success_with_metrics_and_artifacts(stack, worker):
         statuses = [d["status"] for kind, d in events if kind == "status"]
         assert statuses == ["queued", "running", "succeeded"]
         stage_events = [(d["stage"], d["status"]) for kind, d in events if kind == "stage"]
-        assert stage_events[:2] == [("teacher", "running"), ("teacher", "succeeded")]
+        assert stage_events[:4] == [
+            ("data", "running"),
+            ("data", "succeeded"),
+            ("teacher", "running"),
+            ("teacher", "succeeded"),
+        ]
         assert any(kind == "metrics" and d["model"] == "quantized" for kind, d in events)
         progress = [d["progress"] for kind, d in events if kind == "progress"]
         assert progress == sorted(progress) and events[-1] == ("end", {"status": "succeeded"})
