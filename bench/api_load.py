@@ -68,13 +68,11 @@ from app.testing import (
     PG_ADMIN,
     REDIS_URL,
     TINY_SPEC,
-    api_up,
-    free_port,
     postgres_database,
-    spawn_cli,
-    stop_group,
 )
+from bench import api_waiting
 from bench.common import REPO, command_line, load_average, markers, utc_now, write_section
+from bench.servers import Server, api_server, base_env
 
 NAME = "api_load"
 START, END = markers(NAME)
@@ -376,57 +374,6 @@ def explain_offset(db: Db, offset: int) -> Plan:
     with psycopg.connect(db.conninfo) as conn:
         rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, [db.tenant_id, PAGE, offset])
         return Plan("OFFSET page", sql, [r[0] for r in rows])
-
-
-# --- the server ------------------------------------------------------------------------------
-
-
-def base_env() -> dict[str, str]:
-    """This environment without any Distillery setting, so nothing stray leaks into the API."""
-    from app.core.config import Settings
-
-    fields = {name.upper() for name in Settings.model_fields}  # pydantic-settings ignores case
-    env = {k: v for k, v in os.environ.items() if k.upper() not in fields}
-    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    return env
-
-
-@dataclass
-class Server:
-    url: str
-    workers: int
-    pid: int  # the process started (with one worker, the one that serves)
-
-
-@contextmanager
-def api_server(env: dict[str, str], workers: int, log_path: Path) -> Iterator[Server]:
-    """`python -m app.cli api --port P [--workers N]`, ready when every process has started."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = ["api", "--port", str(port), *(["--workers", str(workers)] if workers > 1 else [])]
-    with ExitStack() as cleanup:
-        log = cleanup.enter_context(open(log_path, "ab"))
-        start = log_path.stat().st_size
-        proc = spawn_cli(args, env, log)
-        cleanup.callback(stop_group, proc)
-
-        def started() -> bool:
-            with open(log_path, "rb") as f:
-                f.seek(start)
-                return f.read().count(b"Application startup complete") >= workers
-
-        deadline = time.monotonic() + 120
-        while not (started() and ready(url)):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the API exited ({proc.returncode}); see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API was not ready after 120 s; see {log_path}")
-            time.sleep(0.2)
-        yield Server(url, workers, proc.pid)
-
-
-def ready(url: str) -> bool:
-    return api_up(url)  # no worker here: /readyz itself stays 503
 
 
 # --- wrk -------------------------------------------------------------------------------------
@@ -1033,7 +980,6 @@ def _exit_on_signal(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import api_waiting
 
     parser = argparse.ArgumentParser(prog="python -m bench.api_load", description=__doc__)
     parser.add_argument(

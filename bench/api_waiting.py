@@ -64,8 +64,8 @@ import httpx
 import numpy as np
 
 from app.testing import PG_ADMIN, REDIS_URL, TINY_SPEC, postgres_database
-from bench.api_load import Server, api_server, base_env
 from bench.common import REPO, command_line, load_average, markers, utc_now, write_section
+from bench.servers import Server, api_server, base_env
 
 NAME = "api_waiting"
 START, END = markers(NAME)

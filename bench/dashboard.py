@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.testing import PG_ADMIN, REDIS_URL
-from bench.api_load import api_server, base_env, fresh_database, grow, server_env
+from bench.api_load import fresh_database, grow, server_env
 from bench.common import REPO, command_line, markers, utc_now, write_section
+from bench.servers import api_server, base_env
 
 NAME = "dashboard"
 START, END = markers(NAME)
