@@ -30,9 +30,6 @@ class Admission:
         self.counts: Counter[tuple[Kind, str]] = Counter()
         self.owners: dict[str, str] = {}
 
-    def held(self, kind: Kind, tenant_id: str) -> int:
-        return self.counts[(kind, tenant_id)]
-
     @asynccontextmanager
     async def slot(self, kind: Kind, key: str) -> AsyncIterator[Slot]:
         digest = hash_key(key)

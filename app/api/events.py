@@ -200,9 +200,6 @@ class EventFeed:
                 del self.subscribers[sub.job_id]
                 self.cursors.pop(sub.job_id, None)
 
-    def open_streams(self) -> int:
-        return sum(len(s) for s in self.subscribers.values())
-
     # --- the feed -----------------------------------------------------------------------------
 
     async def start(self) -> None:
