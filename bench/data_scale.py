@@ -155,17 +155,7 @@ def run_job(n: int, workers: int, threads: int, out: Path) -> dict:
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", "app.cli", "run", str(out / "spec.json")]
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [*cmd, "--out", str(out / "job"), "--json"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    mem = peak_pss(proc)
-    stdout, stderr = proc.communicate()
-    mem["thread"].join()
+    proc, stdout, stderr, mem = _measured([*cmd, "--out", str(out / "job"), "--json"], env)
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"the {n}-image job failed: {stderr[-2000:]}")
     report = json.loads(stdout)
@@ -263,19 +253,20 @@ print(json.dumps({"seconds": parts["train_seconds"], "cpu": cpu() - cpu0, "n": a
 """
 
 
-def _loop(script: str, args: dict, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+def _measured(cmd: list[str], env: dict[str, str]):
+    """Run `cmd` to its end with the peak PSS of its process tree sampled meanwhile."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(args)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     mem = peak_pss(proc)
     stdout, stderr = proc.communicate()
     mem["thread"].join()
+    return proc, stdout, stderr, mem
+
+
+def _loop(script: str, args: dict, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    proc, stdout, stderr, mem = _measured([sys.executable, "-c", script, json.dumps(args)], env)
     if proc.returncode != 0:
         raise RuntimeError(f"a training loop failed: {stderr[-2000:]}")
     out = json.loads(stdout)
