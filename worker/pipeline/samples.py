@@ -6,8 +6,8 @@ Memory stays flat in the number of samples: nothing holds a whole split, and the
 go through the page cache rather than into the job's mappings (a memory map would count every
 page it ever read in the process's resident and proportional set sizes).
 
-Training reads batches through a `torch.utils.data.DataLoader` (worker processes, pinned
-memory and non-blocking copies on CUDA); prediction and evaluation read in batches sized from
+Training reads batches through a `torch.utils.data.DataLoader` (worker processes, which also
+augment them when asked; pinned memory and non-blocking copies on CUDA); prediction and evaluation read in batches sized from
 a memory budget and the model's activation bytes per sample.
 """
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from worker.pipeline.augment import augment, batch_seed
 from worker.pipeline.limits import DataSettings
 
 __all__ = ["DataSettings", "RecordFile", "Split"]
@@ -257,8 +258,9 @@ def batch_size_for(per_sample: int, budget: int, n: int) -> int:
 
 
 class _Rows(Dataset):
-    """A split read a whole batch at a time (DataLoader calls `__getitems__` with the batch's
-    positions): one read and one normalisation per batch, not per sample."""
+    """A split read a whole batch at a time (DataLoader calls `__getitems__` with what the
+    `EpochOrder` sampler yields: the batch's positions and its augmentation seed): one read,
+    one normalisation and one augmentation call per batch, in the worker process."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -266,25 +268,33 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(
+        self, request: tuple[list[int], int | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, seed = request
         pos = np.asarray(positions, np.int64)
-        return self.split.read(pos), torch.from_numpy(pos)
+        x = self.split.read(pos)
+        return (x if seed is None else augment(x, seed)), torch.from_numpy(pos)
 
     def __getitem__(self, position: int):  # DataLoader's contract; batches use __getitems__
-        return self.__getitems__([position])
+        return self.__getitems__(([position], None))
 
 
-class EpochOrder(Sampler[list[int]]):
-    """The batches of the current epoch's order (set by the training loop before each epoch,
-    so persistent workers serve every epoch)."""
+class EpochOrder(Sampler[tuple[list[int], int | None]]):
+    """The batches of the current epoch's order, each with its augmentation seed (None when
+    not augmenting). The training loop sets `order` and `epoch` before each epoch, so
+    persistent workers serve every epoch."""
 
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, augment_seed: int | None = None) -> None:
+        self.batch_size, self.augment_seed = batch_size, augment_seed
         self.order = np.zeros(0, np.int64)
+        self.epoch = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for i in range(0, len(self.order), self.batch_size):
-            yield self.order[i : i + self.batch_size].tolist()
+    def __iter__(self) -> Iterator[tuple[list[int], int | None]]:
+        for b, i in enumerate(range(0, len(self.order), self.batch_size)):
+            seed = self.augment_seed
+            seed = None if seed is None else batch_seed(seed, self.epoch, b)
+            yield self.order[i : i + self.batch_size].tolist(), seed
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -294,13 +304,16 @@ def _as_is(batch):
     return batch
 
 
-def training_loader(split: Split, batch_size: int, device: torch.device) -> DataLoader:
-    """Batches of `split` in the order its `EpochOrder` sampler is given, read in worker
-    processes ahead of the loop; pinned for a non-blocking copy on CUDA."""
+def training_loader(
+    split: Split, batch_size: int, device: torch.device, augment_seed: int | None = None
+) -> DataLoader:
+    """Batches of `split` in the order its `EpochOrder` sampler is given, read (and augmented,
+    with `augment_seed`) in worker processes ahead of the loop; pinned for a non-blocking copy
+    on CUDA."""
     workers = split.settings.resolved_workers()
     return DataLoader(
         _Rows(split),
-        batch_sampler=EpochOrder(batch_size),
+        batch_sampler=EpochOrder(batch_size, augment_seed),
         collate_fn=_as_is,
         num_workers=workers,
         pin_memory=device.type == "cuda",
