@@ -1,7 +1,8 @@
 """Datasets: load, validate, split (seeded, stratified) and normalise, read per batch.
 
 Every source ends as a `DataBundle` of splits. A split is an index list into its source (an
-in-memory array, an uncompressed .npz member in place, or a decoded-image cache on disk),
+in-memory array, a torchvision dataset read through its own class, an uncompressed .npz member
+in place, or a decoded-image cache on disk),
 normalised per batch by statistics from one streaming pass over the training rows
 (`samples.Split`); a dataset small enough (`DataSettings.resident_bytes`) is held as tensors
 instead. The bundle's `input_contract` is what a user needs to feed the exported model
@@ -38,7 +39,7 @@ from worker.pipeline.imagecache import build_image_cache, class_folders, decode_
 from worker.pipeline.limits import DataSettings
 from worker.pipeline.npz import open_npz
 from worker.pipeline.registry import Registry
-from worker.pipeline.samples import ArraySource, Samples, Split, streaming_stats
+from worker.pipeline.samples import ArraySource, DatasetSource, Samples, Split, streaming_stats
 from worker.pipeline.spec import (
     BuiltinDataset,
     ImageFolderDataset,
@@ -206,13 +207,21 @@ def load_imagefolder(
 
 
 def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
-    from torchvision import datasets
+    """The official train and test splits, each a `DatasetSource` over torchvision's own
+    class (its `__getitem__` with a transform to uint8 C,H,W tensors), with its labels."""
+    from torchvision import datasets  # torchvision loads slowly: only where it is read
+    from torchvision.transforms import v2
 
     cls = getattr(datasets, TORCHVISION_DATASETS.get(spec.name))
     splits = []
     for train in (True, False):
         try:
-            ds = cls(root=spec.root, train=train, download=spec.download)
+            ds = cls(
+                root=spec.root, train=train, download=spec.download, transform=v2.PILToTensor()
+            )
+            if not len(ds):
+                raise ValueError("no samples")
+            source = DatasetSource(ds)
         except RuntimeError as e:
             hint = (
                 ""
@@ -220,13 +229,11 @@ def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
                 else " (pre-fill the data root, or set dataset.download: true where downloads are allowed)"
             )
             raise DatasetError(f"{spec.name} not found under {spec.root}{hint}: {e}") from None
-        except (ValueError, AssertionError, KeyError, TypeError, OSError) as e:
+        except (ValueError, AssertionError, KeyError, TypeError, OSError, IndexError) as e:
             raise DatasetError(
                 f"{spec.name} files under {spec.root} are unreadable ({type(e).__name__}: {e})"
             ) from None
-        x = np.asarray(ds.data)
-        # The class holds its pixels whole (N,H,W or N,H,W,C): rows are read from it per batch.
-        source = ArraySource(x[:, None] if x.ndim == 3 else x, hwc=x.ndim == 4)
+        # Labels from the class's list of them: one int a sample, no image decoded.
         splits.append((source, np.asarray(ds.targets), list(ds.classes), 1.0 / 255.0))
     return splits[0], splits[1]
 
@@ -252,7 +259,7 @@ class _Source:
     """A dataset's rows where they live, its labels, names and scale, and the source's own
     test split when it ships one."""
 
-    x: Any  # ArraySource or samples.RecordFile
+    x: Any  # samples.ArraySource, DatasetSource or RecordFile
     y: np.ndarray
     names: list[str] | None
     scale: float

@@ -1,7 +1,7 @@
 """Samples read per batch from where they live (memory or a file on disk), normalised per batch.
 
-A split is a `Split`: the rows of a source (an in-memory array, or fixed-size records in a
-file read with `os.pread`) picked by an index list, scaled and standardised as they are read.
+A split is a `Split`: the rows of a source (an in-memory array, a `Dataset` read through its
+own `__getitem__`, or fixed-size records in a file read with `os.pread`) picked by an index list, scaled and standardised as they are read.
 Memory stays flat in the number of samples: nothing holds a whole split, and the file's pages
 go through the page cache rather than into the job's mappings (a memory map would count every
 page it ever read in the process's resident and proportional set sizes).
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from worker.pipeline.augment import augment, batch_seed
 from worker.pipeline.limits import DataSettings
 
-__all__ = ["DataSettings", "RecordFile", "Split"]
+__all__ = ["DataSettings", "DatasetSource", "RecordFile", "Split"]
 
 MAX_PREDICT_BATCH = 1024  # more gains nothing on these models and delays the first progress
 
@@ -37,8 +37,8 @@ MAX_PREDICT_BATCH = 1024  # more gains nothing on these models and delays the fi
 
 
 class ArraySource:
-    """Raw rows held in memory (built-in and torchvision datasets, which their own classes
-    load whole). `hwc`: stored N,H,W,C and handed out N,C,H,W."""
+    """Raw rows held in memory (the built-in digits). `hwc`: stored N,H,W,C and handed out
+    N,C,H,W."""
 
     def __init__(self, array: np.ndarray, *, hwc: bool = False) -> None:
         self.array, self.hwc = array, hwc
@@ -52,6 +52,33 @@ class ArraySource:
     def read(self, rows: np.ndarray) -> np.ndarray:
         out = self.array[rows]
         return out.transpose(0, 3, 1, 2) if self.hwc else out
+
+
+class DatasetSource:
+    """Rows read one sample at a time through a `torch.utils.data.Dataset`'s own `__getitem__`
+    (torchvision's CIFAR10, MNIST, FashionMNIST, built with a transform that hands out uint8
+    C,H,W tensors): whatever the class keeps and however it decodes, a split reads only the
+    samples it asks for. Labels come separately (through `__getitem__` they would cost a decode
+    each). Picklable when the dataset is, as DataLoader workers started by spawn need."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        first = self._sample(0)
+        self.sample_shape, self.dtype = tuple(first.shape), first.dtype
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _sample(self, i: int) -> np.ndarray:
+        x = self.dataset[i][0]
+        return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.sample_shape), self.dtype)
+        for k, i in enumerate(rows.tolist()):
+            out[k] = self._sample(i)
+        return out
 
 
 class RecordFile:

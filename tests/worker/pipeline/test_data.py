@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -18,14 +19,19 @@ from PIL import Image
 from pydantic import ValidationError
 
 from tests.factories import write_archive
+from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle, load_dataset, load_imagefolder, validate_arrays
 from worker.pipeline.errors import DatasetError
+from worker.pipeline.limits import DataSettings
+from worker.pipeline.losses import CrossEntropyOnly
+from worker.pipeline.samples import DatasetSource, Split
 from worker.pipeline.spec import (
     BuiltinDataset,
     ImageFolderDataset,
     NpzDataset,
     TorchvisionDataset,
 )
+from worker.pipeline.train import TrainConfig, fit
 
 
 def _raw(bundle: DataBundle, x: torch.Tensor) -> np.ndarray:
@@ -572,6 +578,71 @@ def test_torchvision_root_with_empty_files_is_refused_as_a_dataset_error(mnist_r
 
     with pytest.raises(DatasetError, match=r"MNIST"):
         load_dataset(_mnist(mnist_root), seed=0)
+
+
+def test_torchvision_splits_are_index_lists_read_through_the_dataset_class(mnist_root):
+    from torchvision import datasets
+
+    stream = DataSettings(workers=1, resident_bytes=0)
+    b = load_dataset(_mnist(mnist_root), seed=0, settings=stream)
+
+    assert isinstance(b.x_train, Split) and isinstance(b.x_train.source, DatasetSource)
+    assert isinstance(b.x_train.source.dataset, datasets.MNIST)
+    # Positions into the class's own order: training image i is filled with grey level i.
+    rows = b.x_train.indices
+    levels = b.x_train.source.read(rows).mean(axis=(1, 2, 3))
+    np.testing.assert_array_equal(levels, rows)
+    np.testing.assert_allclose(_raw(b, b.x_train[:]).mean(axis=(1, 2, 3)), rows, atol=1e-3)
+    # DataLoader workers started by spawn get a pickled copy: it reads the same rows.
+    copy = pickle.loads(pickle.dumps(b.x_train.source))
+    np.testing.assert_array_equal(copy.read(rows[:5]), b.x_train.source.read(rows[:5]))
+    # A model trains on it through the loader's worker process.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    cfg = TrainConfig(epochs=1, lr=1e-3, weight_decay=0.0, batch_size=8, augment=True)
+    parts = fit(
+        model, b.x_train, b.y_train, cfg=cfg, loss_fn=CrossEntropyOnly(), ctx=StageContext()
+    )
+    assert np.isfinite(parts["loss"])
+
+
+def _cifar_root(root: Path) -> Path:
+    """CIFAR10's pickled batches: image i of a split has red i, green 100 + i, blue 200 - i."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def batch(first: int, n: int) -> dict:
+        values = np.arange(first, first + n)
+        planes = np.stack([values, 100 + values, 200 - values], axis=1).astype(np.uint8)
+        data = np.repeat(planes[:, :, None], 32 * 32, axis=2).reshape(n, 3 * 32 * 32)
+        return {"data": data, "labels": [int(v) % 10 for v in values]}
+
+    for i in range(1, 6):  # five training batches of 4, as the class reads them in order
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(4 * (i - 1), 4)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(50, 10)))
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return root
+
+
+def test_torchvision_cifar10_is_read_as_rgb_planes_through_its_class(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    # The class checks its files against the official MD5s; these are written here.
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    spec = TorchvisionDataset(
+        val_fraction=0, source="torchvision", name="CIFAR10", root=str(_cifar_root(tmp_path))
+    )
+    b = load_dataset(spec, seed=0, settings=DataSettings(workers=0, resident_bytes=0))
+
+    assert b.x_train.shape == (20, 3, 32, 32) and b.x_test.shape == (10, 3, 32, 32)
+    assert b.class_names[:2] == ["plane", "car"]
+    for split, first, labels in ((b.x_train, 0, b.y_train), (b.x_test, 50, b.y_test)):
+        values = split.indices + first
+        raw = split.source.read(split.indices).astype(int)
+        np.testing.assert_array_equal(raw[:, 0, 5, 7], values)  # red plane first, C,H,W
+        np.testing.assert_array_equal(raw[:, 1, 31, 0], 100 + values)
+        np.testing.assert_array_equal(raw[:, 2, 0, 31], 200 - values)
+        assert labels.tolist() == (values % 10).tolist()
 
 
 # --- spec ----------------------------------------------------------------------------------
