@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from tests.factories import write_archive
 from worker.pipeline.context import StageContext
-from worker.pipeline.data import DataBundle, load_dataset, load_imagefolder, validate_arrays
+from worker.pipeline.data import DataBundle, load_dataset, validate_arrays
 from worker.pipeline.errors import DatasetError
+from worker.pipeline.imagecache import build_image_cache, inspect_imagefolder
 from worker.pipeline.limits import DataSettings
 from worker.pipeline.losses import CrossEntropyOnly
 from worker.pipeline.samples import DatasetSource, Split
@@ -475,13 +476,44 @@ def test_imagefolder_refuses_an_image_too_large_to_decode_and_names_it(tmp_path)
     members["zebra/big.png"] = _png((0, 0, 0), size=65)
     archive = write_archive(tmp_path / "pets.zip", members)
 
-    with pytest.raises(DatasetError, match=r"cannot decode zebra/big\.png \(65x65 pixels is over"):
-        load_imagefolder(archive, 16, False, tmp_path / "small", max_image_pixels=64 * 64)
+    refused = r"cannot decode zebra/big\.png \(65x65 pixels is over"
+    with pytest.raises(DatasetError, match=refused):  # the API's upload check
+        inspect_imagefolder(archive, tmp_path / "small", max_image_pixels=64 * 64)
+    with pytest.raises(DatasetError, match=refused):  # a job's decoding
+        build_image_cache(
+            archive, 16, False, tmp_path / "job", settings=DataSettings(workers=0),
+            max_image_pixels=64 * 64,
+        )  # fmt: skip
     # The limit is the only reason: with the limit at its size, the same archive loads.
-    x, _, classes, _ = load_imagefolder(
-        archive, 16, False, tmp_path / "again", max_image_pixels=65 * 65
-    )
-    assert classes == ["apple", "zebra"] and len(x) == len(members)
+    folder = inspect_imagefolder(archive, tmp_path / "again", max_image_pixels=65 * 65)
+    assert folder.classes == ["apple", "zebra"] and len(folder.labels) == len(members)
+    cache = build_image_cache(
+        archive, 16, False, tmp_path / "job", settings=DataSettings(workers=0),
+        max_image_pixels=65 * 65,
+    )  # fmt: skip
+    assert len(cache.labels) == len(members)
+
+
+def test_the_upload_check_reads_headers_and_leaves_a_cut_image_to_the_decoder(tmp_path):
+    members = _image_members()
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    whole = buf.getvalue()
+    members["zebra/cut.png"] = whole[: len(whole) // 2]  # its header is whole, its pixels not
+    members["apple/junk.png"] = b"not an image at all"
+    archive = write_archive(tmp_path / "pets.zip", members)
+
+    # No image at all: refused from what its first bytes say.
+    with pytest.raises(DatasetError, match=r"pets\.zip: cannot decode apple/junk\.png \("):
+        inspect_imagefolder(archive, tmp_path / "a")
+    del members["apple/junk.png"]
+    archive = write_archive(tmp_path / "pets.zip", members)
+    # A cut image passes the header check; decoding it fails, naming it.
+    folder = inspect_imagefolder(archive, tmp_path / "b")
+    assert len(folder.labels) == len(members)
+    with pytest.raises(DatasetError, match=r"pets\.zip: cannot decode zebra/cut\.png \("):
+        build_image_cache(archive, 16, False, tmp_path / "c", settings=DataSettings(workers=0))
 
 
 def test_imagefolder_archive_with_traversal_is_refused(tmp_path):
