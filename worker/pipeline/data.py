@@ -169,17 +169,14 @@ def load_npz(path: Path, *, max_total_bytes: int = MAX_TOTAL_BYTES) -> RawData:
 
 def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
     """The official train and test splits, each a `DatasetSource` over torchvision's own
-    class (its `__getitem__` with a transform to uint8 C,H,W tensors), with its labels."""
+    class (its `__getitem__`, PIL images to uint8 C,H,W), with its labels."""
     from torchvision import datasets  # torchvision loads slowly: only where it is read
-    from torchvision.transforms import v2
 
     cls = getattr(datasets, TORCHVISION_DATASETS.get(spec.name))
     splits = []
     for train in (True, False):
         try:
-            ds = cls(
-                root=spec.root, train=train, download=spec.download, transform=v2.PILToTensor()
-            )
+            ds = cls(root=spec.root, train=train, download=spec.download)
             if not len(ds):
                 raise ValueError("no samples")
             source = DatasetSource(ds)
