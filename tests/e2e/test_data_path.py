@@ -1,7 +1,7 @@
 """An ImageFolder job of a few hundred JPEGs through `distillery serve`, its data read per batch
 from the decoded cache by DataLoader workers (DATA_RESIDENT_BYTES=0 forces the path a large
-dataset takes); and a corrupt JPEG among them failing a `distillery run` job with the member's
-name (the service's upload check refuses it before any job: tests/api)."""
+dataset takes); and a corrupt JPEG among them failing a job with the member's name, through
+`distillery run` and through an upload the service's header-only check accepts."""
 
 from __future__ import annotations
 
@@ -78,3 +78,23 @@ def test_a_corrupt_jpeg_fails_distillery_run_as_a_dataset_error_naming_it(tmp_pa
     assert "error [invalid_dataset]: broken.tar.gz: cannot decode blue/0042.jpg (" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
     assert not list((tmp_path / "out" / ".work" / "tmp-data").glob("images-*"))  # nothing kept
+
+
+def test_a_jpeg_cut_past_its_header_is_accepted_at_upload_and_fails_the_job_naming_it(
+    streaming, tmp_path
+):
+    """The upload check reads headers only (cheap for 20,000 photos); decoding is the job's."""
+    url, key, _ = streaming
+    members = _jpegs(20)
+    whole = members["blue/0007.jpg"]
+    scan = whole.index(b"\xff\xda")  # start of scan: every header segment lies before it
+    members["blue/0007.jpg"] = whole[: (scan + len(whole)) // 2]  # header whole, the scan cut
+    archive = factories.write_archive(tmp_path / "cut.zip", members)
+    with client(url, key) as c:
+        dataset_id = _upload(c, archive)  # accepted: 201
+        job = _run(c, dataset_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_dataset", job["error"]
+    assert "cannot decode blue/0007.jpg (" in job["error"]["message"]
+    assert "Traceback" not in job["error"]["message"]
+    assert job["stages"][0]["name"] == "data" and job["stages"][0]["status"] == "failed"

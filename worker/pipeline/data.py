@@ -1,7 +1,8 @@
 """Datasets: load, validate, split (seeded, stratified) and normalise, read per batch.
 
 Every source ends as a `DataBundle` of splits. A split is an index list into its source (an
-in-memory array, an uncompressed .npz member in place, or a decoded-image cache on disk),
+in-memory array, a torchvision dataset read through its own class, an uncompressed .npz member
+in place, or a decoded-image cache on disk),
 normalised per batch by statistics from one streaming pass over the training rows
 (`samples.Split`); a dataset small enough (`DataSettings.resident_bytes`) is held as tensors
 instead. The bundle's `input_contract` is what a user needs to feed the exported model
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from worker.pipeline.archives import MAX_MEMBERS, MAX_TOTAL_BYTES, safe_extract
+from worker.pipeline.archives import MAX_TOTAL_BYTES
 from worker.pipeline.checks import (
     MAX_CLASSES,
     NOT_FINITE,
@@ -34,11 +35,11 @@ from worker.pipeline.checks import (
     validate_arrays,
 )
 from worker.pipeline.errors import DatasetError
-from worker.pipeline.imagecache import build_image_cache, class_folders, decode_image
+from worker.pipeline.imagecache import MAX_IMAGE_PIXELS, build_image_cache
 from worker.pipeline.limits import DataSettings
 from worker.pipeline.npz import open_npz
 from worker.pipeline.registry import Registry
-from worker.pipeline.samples import ArraySource, Samples, Split, streaming_stats
+from worker.pipeline.samples import ArraySource, DatasetSource, Samples, Split, streaming_stats
 from worker.pipeline.spec import (
     BuiltinDataset,
     ImageFolderDataset,
@@ -46,8 +47,9 @@ from worker.pipeline.spec import (
     TorchvisionDataset,
 )
 
-__all__ = [  # the checks stay importable from here, where callers found them
+__all__ = [  # the checks and the pixel cap stay importable from here, where callers found them
     "MAX_CLASSES",
+    "MAX_IMAGE_PIXELS",
     "NOT_FINITE",
     "as_float32",
     "check_npz_file",
@@ -55,12 +57,6 @@ __all__ = [  # the checks stay importable from here, where callers found them
     "DataBundle",
     "load_dataset",
 ]
-
-# A decoded image costs width x height x 3 bytes before it is resized to the spec's few dozen
-# pixels, and a small PNG of a huge blank canvas decodes to gigabytes (Pillow refuses only
-# beyond ~179 M pixels, and merely warns beyond ~89 M). 8192 x 8192 (200 MB decoded) still
-# takes a 48-megapixel photo.
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 RawData = tuple[np.ndarray, np.ndarray, list[str] | None, float]  # x, y, class names, scale
 Progress = Callable[[float, str], None]  # (fraction of the data stage, message)
@@ -171,48 +167,19 @@ def load_npz(path: Path, *, max_total_bytes: int = MAX_TOTAL_BYTES) -> RawData:
     return x, y, names, scale
 
 
-def load_imagefolder(
-    path: Path,
-    image_size: int,
-    grayscale: bool,
-    workdir: Path,
-    *,
-    max_members: int = MAX_MEMBERS,
-    max_total_bytes: int = MAX_TOTAL_BYTES,
-    max_image_pixels: int = MAX_IMAGE_PIXELS,
-) -> RawData:
-    """Every image of an ImageFolder archive decoded into one in-memory array (the API checks
-    an upload with it, at a few dozen pixels); jobs use `imagecache`, read per batch."""
-    from torchvision import datasets  # torchvision loads slowly: only where archives are read
-
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
-    root = safe_extract(
-        path, workdir / "imagefolder", max_members=max_members, max_total_bytes=max_total_bytes
-    )
-    root = class_folders(root)
-    try:
-        ds = datasets.ImageFolder(str(root), loader=lambda p: p)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DatasetError(f"{path.name}: not an ImageFolder archive ({e})") from None
-    xs = []
-    for file, _ in ds.samples:
-        try:
-            xs.append(decode_image(file, image_size, grayscale, max_image_pixels))
-        except Exception as e:
-            member = Path(file).relative_to(root).as_posix()
-            raise DatasetError(f"{path.name}: cannot decode {member} ({e})") from None
-    return np.stack(xs), np.asarray(ds.targets, dtype=np.int64), list(ds.classes), 1.0 / 255.0
-
-
 def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
-    from torchvision import datasets
+    """The official train and test splits, each a `DatasetSource` over torchvision's own
+    class (its `__getitem__`, PIL images to uint8 C,H,W), with its labels."""
+    from torchvision import datasets  # torchvision loads slowly: only where it is read
 
     cls = getattr(datasets, TORCHVISION_DATASETS.get(spec.name))
     splits = []
     for train in (True, False):
         try:
             ds = cls(root=spec.root, train=train, download=spec.download)
+            if not len(ds):
+                raise ValueError("no samples")
+            source = DatasetSource(ds)
         except RuntimeError as e:
             hint = (
                 ""
@@ -220,13 +187,11 @@ def _load_torchvision(spec: TorchvisionDataset) -> tuple[RawData, RawData]:
                 else " (pre-fill the data root, or set dataset.download: true where downloads are allowed)"
             )
             raise DatasetError(f"{spec.name} not found under {spec.root}{hint}: {e}") from None
-        except (ValueError, AssertionError, KeyError, TypeError, OSError) as e:
+        except (ValueError, AssertionError, KeyError, TypeError, OSError, IndexError) as e:
             raise DatasetError(
                 f"{spec.name} files under {spec.root} are unreadable ({type(e).__name__}: {e})"
             ) from None
-        x = np.asarray(ds.data)
-        # The class holds its pixels whole (N,H,W or N,H,W,C): rows are read from it per batch.
-        source = ArraySource(x[:, None] if x.ndim == 3 else x, hwc=x.ndim == 4)
+        # Labels from the class's list of them: one int a sample, no image decoded.
         splits.append((source, np.asarray(ds.targets), list(ds.classes), 1.0 / 255.0))
     return splits[0], splits[1]
 
@@ -252,7 +217,7 @@ class _Source:
     """A dataset's rows where they live, its labels, names and scale, and the source's own
     test split when it ships one."""
 
-    x: Any  # ArraySource or samples.RecordFile
+    x: Any  # samples.ArraySource, DatasetSource or RecordFile
     y: np.ndarray
     names: list[str] | None
     scale: float
@@ -340,8 +305,8 @@ def _split_indices(spec: Any, src: _Source, y: np.ndarray, seed: int):
     return train, held, val
 
 
-# How an ImageFolder image becomes the model's input, step by step: the loader above does
-# exactly this, and the model card repeats it so users can feed raw images.
+# How an ImageFolder image becomes the model's input, step by step: imagecache.decode_image
+# does exactly this, and the model card repeats it so users can feed raw images.
 IMAGE_PREPROCESS = (
     "open with PIL, convert('RGB'), resize the whole image (aspect ratio not kept) to "
     "width x height = size with Image.Resampling.BILINEAR (PIL's, antialiased when shrinking)"

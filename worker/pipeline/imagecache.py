@@ -1,4 +1,5 @@
-"""An ImageFolder archive decoded once into an on-disk uint8 cache of N x C x S x S records.
+"""An ImageFolder archive decoded once into an on-disk uint8 cache of N x C x S x S records,
+and the header-only check the API makes of an uploaded one (`inspect_imagefolder`).
 
 Extracted once into the job's folder, decoded by DataLoader worker processes (DATA_WORKERS),
 written in order to `images.u8` and read back per batch by `samples.RecordFile`: the job's
@@ -15,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,11 @@ from worker.pipeline.errors import DatasetError
 from worker.pipeline.samples import DataSettings, RecordFile
 
 Progress = Callable[[float, str], None]
+# A decoded image costs width x height x 3 bytes before it is resized to the spec's few dozen
+# pixels, and a small PNG of a huge blank canvas decodes to gigabytes (Pillow refuses only
+# beyond ~179 M pixels, and merely warns beyond ~89 M). 8192 x 8192 (200 MB decoded) still
+# takes a 48-megapixel photo.
+MAX_IMAGE_PIXELS = 8192 * 8192
 DECODE_BATCH = 32
 CACHE_VERSION = 1  # bump when the decoding changes: older caches are rebuilt
 
@@ -47,23 +54,95 @@ def class_folders(root: Path) -> Path:
     return root
 
 
+@lru_cache(maxsize=64)
+def _converts(mode: str) -> bool:
+    """Whether PIL can turn an image of `mode` into RGB and L, tried on one pixel of it."""
+    from PIL import Image
+
+    try:
+        Image.new(mode, (1, 1)).convert("RGB").convert("L")
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def check_header(img: Any, max_pixels: int) -> None:
+    """What an opened image's header alone says (no pixel decoded): its size is within
+    `max_pixels` and its mode converts to RGB. Raises ValueError saying which failed."""
+    if img.width * img.height > max_pixels:
+        raise ValueError(
+            f"{img.width}x{img.height} pixels is over the limit of {max_pixels} "
+            "pixels an image; scale the images down before uploading"
+        )
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"{img.width}x{img.height} pixels: an image needs at least one")
+    if not _converts(img.mode):
+        raise ValueError(f"{img.format} image of mode {img.mode}, which does not convert to RGB")
+
+
 def decode_image(path: str, image_size: int, grayscale: bool, max_pixels: int) -> np.ndarray:
     """One image as uint8 C,H,W, exactly as IMAGE_PREPROCESS (and so every model card) tells
     users to do with their own: PIL decodes, converts to RGB, resizes the whole image
     bilinearly (antialiased when shrinking), then converts to grayscale when asked."""
     from PIL import Image
 
-    with Image.open(path) as img:  # reads the header only: the size is known before decoding
-        if img.width * img.height > max_pixels:
-            raise ValueError(
-                f"{img.width}x{img.height} pixels is over the limit of {max_pixels} "
-                "pixels an image; scale the images down before uploading"
-            )
+    with Image.open(path) as img:  # reads the header only: checked before decoding
+        check_header(img, max_pixels)
         img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
         if grayscale:
             img = img.convert("L")
         arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+@dataclass
+class FolderSummary:
+    labels: np.ndarray  # int64, one per image, in ImageFolder's order
+    classes: list[str]
+
+
+def inspect_imagefolder(
+    archive: Path,
+    workdir: Path,
+    *,
+    max_members: int = MAX_MEMBERS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> FolderSummary:
+    """An ImageFolder archive's labels and classes, every image's header checked
+    (`check_header`: PIL identifies the format, the size and mode are acceptable) and no
+    pixel decoded: the API's check of an upload, cheap for tens of thousands of photos. An
+    image whose data is damaged past its header fails the job's decoding instead, which
+    names it (`build_image_cache`). Raises DatasetError naming a refused member."""
+    from PIL import Image
+
+    root = class_folders(
+        safe_extract(
+            archive,
+            workdir / "imagefolder",
+            max_members=max_members,
+            max_total_bytes=max_total_bytes,
+        )
+    )
+    folder = _image_folder(root, archive)
+    for file, _ in folder.samples:
+        try:
+            with Image.open(file) as img:
+                check_header(img, max_image_pixels)
+        except Exception as e:  # any reader failure is the file's, and is named
+            member = Path(file).relative_to(root).as_posix()
+            raise DatasetError(f"{archive.name}: cannot decode {member} ({e})") from None
+    return FolderSummary(np.asarray(folder.targets, np.int64), list(folder.classes))
+
+
+def _image_folder(root: Path, archive: Path):
+    """torchvision's ImageFolder over `root` (paths only: nothing opened), or DatasetError."""
+    from torchvision import datasets  # torchvision loads slowly: only where archives are read
+
+    try:
+        return datasets.ImageFolder(str(root), loader=lambda p: p)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DatasetError(f"{archive.name}: not an ImageFolder archive ({e})") from None
 
 
 class _Decoded(Dataset):
@@ -168,7 +247,7 @@ def build_image_cache(
     progress: Progress | None = None,
     max_members: int = MAX_MEMBERS,
     max_total_bytes: int = MAX_TOTAL_BYTES,
-    max_image_pixels: int = 8192 * 8192,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ImageCache:
     """Decode the archive's images once into `workdir/images-<size>-<mode>/` (or reuse the
     cache an earlier attempt completed). Raises DatasetError naming an undecodable member or
@@ -204,8 +283,6 @@ def _build(
     progress: Progress | None,
     limits: tuple[int, int, int],
 ) -> ImageCache:
-    from torchvision import datasets  # torchvision loads slowly: only where archives are read
-
     max_members, max_total, max_pixels = limits
     started = time.perf_counter()
     if progress is not None:
@@ -215,10 +292,7 @@ def _build(
     )
     try:
         root = class_folders(extracted)
-        try:
-            folder_ds = datasets.ImageFolder(str(root), loader=lambda p: p)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise DatasetError(f"{archive.name}: not an ImageFolder archive ({e})") from None
+        folder_ds = _image_folder(root, archive)
         extract_seconds = time.perf_counter() - started
         size, gray = key["image_size"], key["grayscale"]
         shape = (1 if gray else 3, size, size)

@@ -1,13 +1,13 @@
 """Samples read per batch from where they live (memory or a file on disk), normalised per batch.
 
-A split is a `Split`: the rows of a source (an in-memory array, or fixed-size records in a
-file read with `os.pread`) picked by an index list, scaled and standardised as they are read.
+A split is a `Split`: the rows of a source (an in-memory array, a `Dataset` read through its
+own `__getitem__`, or fixed-size records in a file read with `os.pread`) picked by an index list, scaled and standardised as they are read.
 Memory stays flat in the number of samples: nothing holds a whole split, and the file's pages
 go through the page cache rather than into the job's mappings (a memory map would count every
 page it ever read in the process's resident and proportional set sizes).
 
-Training reads batches through a `torch.utils.data.DataLoader` (worker processes, pinned
-memory and non-blocking copies on CUDA); prediction and evaluation read in batches sized from
+Training reads batches through a `torch.utils.data.DataLoader` (worker processes, which also
+augment them when asked; pinned memory and non-blocking copies on CUDA); prediction and evaluation read in batches sized from
 a memory budget and the model's activation bytes per sample.
 """
 
@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from worker.pipeline.augment import augment, batch_seed
 from worker.pipeline.limits import DataSettings
 
-__all__ = ["DataSettings", "RecordFile", "Split"]
+__all__ = ["DataSettings", "DatasetSource", "RecordFile", "Split"]
 
 MAX_PREDICT_BATCH = 1024  # more gains nothing on these models and delays the first progress
 
@@ -36,8 +38,8 @@ MAX_PREDICT_BATCH = 1024  # more gains nothing on these models and delays the fi
 
 
 class ArraySource:
-    """Raw rows held in memory (built-in and torchvision datasets, which their own classes
-    load whole). `hwc`: stored N,H,W,C and handed out N,C,H,W."""
+    """Raw rows held in memory (the built-in digits). `hwc`: stored N,H,W,C and handed out
+    N,C,H,W."""
 
     def __init__(self, array: np.ndarray, *, hwc: bool = False) -> None:
         self.array, self.hwc = array, hwc
@@ -51,6 +53,40 @@ class ArraySource:
     def read(self, rows: np.ndarray) -> np.ndarray:
         out = self.array[rows]
         return out.transpose(0, 3, 1, 2) if self.hwc else out
+
+
+class DatasetSource:
+    """Rows read one sample at a time through a `torch.utils.data.Dataset`'s own `__getitem__`
+    (torchvision's CIFAR10, MNIST, FashionMNIST): whatever the class keeps and however it
+    decodes, a split reads only the samples it asks for. A PIL image (what those classes hand
+    out without a transform) becomes uint8 C,H,W; a tensor or array is taken as C,H,W already.
+    Labels come separately (through `__getitem__` they would cost a decode each). Picklable
+    when the dataset is, as DataLoader workers started by spawn need."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        first = self._sample(0)
+        self.sample_shape, self.dtype = tuple(first.shape), first.dtype
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _sample(self, i: int) -> np.ndarray:
+        x = self.dataset[i][0]
+        if isinstance(x, torch.Tensor):
+            return x.numpy()
+        if isinstance(x, Image.Image):
+            # np.asarray: 11 us for a 28x28 image where a PILToTensor transform costs 35-70 us.
+            hwc = np.asarray(x)
+            return hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
+        return np.asarray(x)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.sample_shape), self.dtype)
+        for k, i in enumerate(rows.tolist()):
+            out[k] = self._sample(i)
+        return out
 
 
 class RecordFile:
@@ -257,8 +293,9 @@ def batch_size_for(per_sample: int, budget: int, n: int) -> int:
 
 
 class _Rows(Dataset):
-    """A split read a whole batch at a time (DataLoader calls `__getitems__` with the batch's
-    positions): one read and one normalisation per batch, not per sample."""
+    """A split read a whole batch at a time (DataLoader calls `__getitems__` with what the
+    `EpochOrder` sampler yields: the batch's positions and its augmentation seed): one read,
+    one normalisation and one augmentation call per batch, in the worker process."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -266,25 +303,33 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(
+        self, request: tuple[list[int], int | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, seed = request
         pos = np.asarray(positions, np.int64)
-        return self.split.read(pos), torch.from_numpy(pos)
+        x = self.split.read(pos)
+        return (x if seed is None else augment(x, seed)), torch.from_numpy(pos)
 
     def __getitem__(self, position: int):  # DataLoader's contract; batches use __getitems__
-        return self.__getitems__([position])
+        return self.__getitems__(([position], None))
 
 
-class EpochOrder(Sampler[list[int]]):
-    """The batches of the current epoch's order (set by the training loop before each epoch,
-    so persistent workers serve every epoch)."""
+class EpochOrder(Sampler[tuple[list[int], int | None]]):
+    """The batches of the current epoch's order, each with its augmentation seed (None when
+    not augmenting). The training loop sets `order` and `epoch` before each epoch, so
+    persistent workers serve every epoch."""
 
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, augment_seed: int | None = None) -> None:
+        self.batch_size, self.augment_seed = batch_size, augment_seed
         self.order = np.zeros(0, np.int64)
+        self.epoch = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for i in range(0, len(self.order), self.batch_size):
-            yield self.order[i : i + self.batch_size].tolist()
+    def __iter__(self) -> Iterator[tuple[list[int], int | None]]:
+        for b, i in enumerate(range(0, len(self.order), self.batch_size)):
+            seed = self.augment_seed
+            seed = None if seed is None else batch_seed(seed, self.epoch, b)
+            yield self.order[i : i + self.batch_size].tolist(), seed
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -294,13 +339,16 @@ def _as_is(batch):
     return batch
 
 
-def training_loader(split: Split, batch_size: int, device: torch.device) -> DataLoader:
-    """Batches of `split` in the order its `EpochOrder` sampler is given, read in worker
-    processes ahead of the loop; pinned for a non-blocking copy on CUDA."""
+def training_loader(
+    split: Split, batch_size: int, device: torch.device, augment_seed: int | None = None
+) -> DataLoader:
+    """Batches of `split` in the order its `EpochOrder` sampler is given, read (and augmented,
+    with `augment_seed`) in worker processes ahead of the loop; pinned for a non-blocking copy
+    on CUDA."""
     workers = split.settings.resolved_workers()
     return DataLoader(
         _Rows(split),
-        batch_sampler=EpochOrder(batch_size),
+        batch_sampler=EpochOrder(batch_size, augment_seed),
         collate_fn=_as_is,
         num_workers=workers,
         pin_memory=device.type == "cuda",

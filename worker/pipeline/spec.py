@@ -309,7 +309,13 @@ class DistillSpec(OptimSpec):
     temperature: Temperature = 4.0
     alpha: Alpha = 0.9
     feature: FeatureLossSpec | None = None
-    augment: bool = Field(False, description="random shifts/flips on image data")
+    augment: bool = Field(
+        False,
+        description="random shifts/flips on image data: per batch, torchvision.transforms.v2 "
+        "RandomCrop (zero-padded by 1/8 of the side) and RandomHorizontalFlip, drawn from the "
+        "job's seed (same seed, same batches; resumes continue the stream); feature rows are "
+        "not augmented",
+    )
     cache_teacher_logits: bool = Field(
         True, description="compute teacher logits once (only when inputs are not augmented)"
     )

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from worker.pipeline.augment import augment, batch_seed, pipeline_for
 from worker.pipeline.context import StageContext
 from worker.pipeline.errors import NanLoss
 from worker.pipeline.samples import (
@@ -75,18 +75,6 @@ class FeatureTerm:
     student: FeatureHook
     teacher: FeatureHook
     weight: float
-
-
-def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random translation by up to 1/8 of the side (zero padded); inputs keep their shape."""
-    if x.ndim != 4:
-        return x
-    n, _, h, w = x.shape
-    pad = max(1, min(h, w) // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 @torch.no_grad()
@@ -260,8 +248,9 @@ class _Training:
         )
         self.autocast, amp_dtype = _amp_context(device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        # Augmentation needs no generator of its own: each batch's is seeded from
+        # (seed, epoch, batch), so the order's is the only random state a resume restores.
         self.order_g = torch.Generator().manual_seed(cfg.seed)
-        self.augment_g = torch.Generator().manual_seed(cfg.seed + 1)
         self.ckpt = ctx.checkpoint_dir / f"{tag}.pt" if ctx.checkpoint_dir is not None else None
 
     def teacher_logits(self, teacher: LogitsFn | None, xb: torch.Tensor) -> torch.Tensor | None:
@@ -300,7 +289,7 @@ class _Training:
         if self.ckpt is not None:
             self.ckpt.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.state_dict() for k, v in self._state().items()}
-            rng = {"rng": self.order_g.get_state(), "aug_rng": self.augment_g.get_state()}
+            rng = {"rng": self.order_g.get_state()}
             _save_atomic({**state, **rng, "epoch": epoch, "seconds": seconds}, self.ckpt)
 
     def resume(self, ctx: StageContext, tag: str) -> tuple[int, float]:
@@ -312,8 +301,7 @@ class _Training:
             saved = torch.load(self.ckpt, map_location=ctx.device, weights_only=True)
             for key, obj in self._state().items():
                 obj.load_state_dict(saved[key])
-            self.order_g.set_state(saved["rng"])
-            self.augment_g.set_state(saved["aug_rng"])
+            self.order_g.set_state(saved["rng"])  # an older checkpoint's "aug_rng" is unused
         except Exception as e:  # unreadable: start the run over rather than fail the job
             ctx.log(f"ignored an unreadable {tag} checkpoint ({type(e).__name__}); starting over")
             return 0, 0.0
@@ -366,12 +354,10 @@ def fit(
         for epoch in range(start_epoch, cfg.epochs):
             order = torch.randperm(len(x), generator=run.order_g)
             losses = _LossLog(tag, epoch)
-            for b, idx, xb in feed.epoch(order):
+            for b, idx, xb in feed.epoch(order, epoch):
                 if len(idx) < 2:  # batch norm cannot train on a single sample
                     continue
                 ctx.check_cancel()
-                if cfg.augment:
-                    xb = feed.shaped(augment_batch(xb.cpu(), run.augment_g).to(device))
                 tb = feed.logits(idx) if teacher_logits is not None else None
                 tb = tb if tb is not None else run.teacher_logits(teacher, xb)
                 losses.add(b, run.step(xb, feed.y[idx], tb))
@@ -393,16 +379,24 @@ def fit(
 
 class _Feed:
     """The training batches of one run: sliced on the device from resident tensors, or read
-    by a DataLoader from a `Split` (workers kept across epochs); teacher logits likewise."""
+    by a DataLoader from a `Split` (workers kept across epochs); teacher logits likewise.
+    With `cfg.augment`, each batch is augmented from its own seed (`augment.batch_seed`): in
+    the loader's workers for a split, here for tensors, so both give the same batches."""
 
     def __init__(self, model, x: Samples, y, logits, cfg: TrainConfig, device) -> None:
         self.x, self.cfg, self.device = x, cfg, device
         self.y = y.to(device)
+        self.augmenting = cfg.augment and len(x.shape) == 4  # rows of features are not augmented
+        if self.augmenting:
+            pipeline_for(*x.shape[2:])  # imported before the loader's workers fork
         self.channels_last = wants_channels_last(model, x, device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.loader = training_loader(x, cfg.batch_size, device) if isinstance(x, Split) else None
-        if self.loader is None:
+        self.loader = None
+        if isinstance(x, Split):
+            seed = cfg.seed if self.augmenting else None
+            self.loader = training_loader(x, cfg.batch_size, device, augment_seed=seed)
+        else:
             self.x = x.to(device)
         # Logits cached on disk stay there (rows read per batch) unless they are small.
         small = logits is not None and logits.nelement() * 4 <= (64 << 20)
@@ -411,16 +405,20 @@ class _Feed:
     def shaped(self, xb: torch.Tensor) -> torch.Tensor:
         return xb.contiguous(memory_format=torch.channels_last) if self.channels_last else xb
 
-    def epoch(self, order: torch.Tensor):
+    def epoch(self, order: torch.Tensor, epoch: int):
         """(batch number, sample positions on the device, inputs on the device) in `order`."""
         bs = self.cfg.batch_size
         if self.loader is None:
             order = order.to(self.device)
             for b in range(-(-len(order) // bs)):
                 idx = order[b * bs : (b + 1) * bs]
-                yield b, idx, self.shaped(self.x[idx])
+                xb = self.x[idx]
+                if self.augmenting:
+                    xb = augment(xb, batch_seed(self.cfg.seed, epoch, b))
+                yield b, idx, self.shaped(xb)
             return
-        self.loader.batch_sampler.order = order.numpy()
+        sampler = self.loader.batch_sampler
+        sampler.order, sampler.epoch = order.numpy(), epoch
         for b, (xb, pos) in enumerate(self.loader):
             yield b, to_device(pos, self.device), self.shaped(to_device(xb, self.device))
 

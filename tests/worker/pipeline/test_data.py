@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -18,14 +19,20 @@ from PIL import Image
 from pydantic import ValidationError
 
 from tests.factories import write_archive
-from worker.pipeline.data import DataBundle, load_dataset, load_imagefolder, validate_arrays
+from worker.pipeline.context import StageContext
+from worker.pipeline.data import DataBundle, load_dataset, validate_arrays
 from worker.pipeline.errors import DatasetError
+from worker.pipeline.imagecache import build_image_cache, inspect_imagefolder
+from worker.pipeline.limits import DataSettings
+from worker.pipeline.losses import CrossEntropyOnly
+from worker.pipeline.samples import DatasetSource, Split
 from worker.pipeline.spec import (
     BuiltinDataset,
     ImageFolderDataset,
     NpzDataset,
     TorchvisionDataset,
 )
+from worker.pipeline.train import TrainConfig, fit
 
 
 def _raw(bundle: DataBundle, x: torch.Tensor) -> np.ndarray:
@@ -469,13 +476,44 @@ def test_imagefolder_refuses_an_image_too_large_to_decode_and_names_it(tmp_path)
     members["zebra/big.png"] = _png((0, 0, 0), size=65)
     archive = write_archive(tmp_path / "pets.zip", members)
 
-    with pytest.raises(DatasetError, match=r"cannot decode zebra/big\.png \(65x65 pixels is over"):
-        load_imagefolder(archive, 16, False, tmp_path / "small", max_image_pixels=64 * 64)
+    refused = r"cannot decode zebra/big\.png \(65x65 pixels is over"
+    with pytest.raises(DatasetError, match=refused):  # the API's upload check
+        inspect_imagefolder(archive, tmp_path / "small", max_image_pixels=64 * 64)
+    with pytest.raises(DatasetError, match=refused):  # a job's decoding
+        build_image_cache(
+            archive, 16, False, tmp_path / "job", settings=DataSettings(workers=0),
+            max_image_pixels=64 * 64,
+        )  # fmt: skip
     # The limit is the only reason: with the limit at its size, the same archive loads.
-    x, _, classes, _ = load_imagefolder(
-        archive, 16, False, tmp_path / "again", max_image_pixels=65 * 65
-    )
-    assert classes == ["apple", "zebra"] and len(x) == len(members)
+    folder = inspect_imagefolder(archive, tmp_path / "again", max_image_pixels=65 * 65)
+    assert folder.classes == ["apple", "zebra"] and len(folder.labels) == len(members)
+    cache = build_image_cache(
+        archive, 16, False, tmp_path / "job", settings=DataSettings(workers=0),
+        max_image_pixels=65 * 65,
+    )  # fmt: skip
+    assert len(cache.labels) == len(members)
+
+
+def test_the_upload_check_reads_headers_and_leaves_a_cut_image_to_the_decoder(tmp_path):
+    members = _image_members()
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    whole = buf.getvalue()
+    members["zebra/cut.png"] = whole[: len(whole) // 2]  # its header is whole, its pixels not
+    members["apple/junk.png"] = b"not an image at all"
+    archive = write_archive(tmp_path / "pets.zip", members)
+
+    # No image at all: refused from what its first bytes say.
+    with pytest.raises(DatasetError, match=r"pets\.zip: cannot decode apple/junk\.png \("):
+        inspect_imagefolder(archive, tmp_path / "a")
+    del members["apple/junk.png"]
+    archive = write_archive(tmp_path / "pets.zip", members)
+    # A cut image passes the header check; decoding it fails, naming it.
+    folder = inspect_imagefolder(archive, tmp_path / "b")
+    assert len(folder.labels) == len(members)
+    with pytest.raises(DatasetError, match=r"pets\.zip: cannot decode zebra/cut\.png \("):
+        build_image_cache(archive, 16, False, tmp_path / "c", settings=DataSettings(workers=0))
 
 
 def test_imagefolder_archive_with_traversal_is_refused(tmp_path):
@@ -572,6 +610,71 @@ def test_torchvision_root_with_empty_files_is_refused_as_a_dataset_error(mnist_r
 
     with pytest.raises(DatasetError, match=r"MNIST"):
         load_dataset(_mnist(mnist_root), seed=0)
+
+
+def test_torchvision_splits_are_index_lists_read_through_the_dataset_class(mnist_root):
+    from torchvision import datasets
+
+    stream = DataSettings(workers=1, resident_bytes=0)
+    b = load_dataset(_mnist(mnist_root), seed=0, settings=stream)
+
+    assert isinstance(b.x_train, Split) and isinstance(b.x_train.source, DatasetSource)
+    assert isinstance(b.x_train.source.dataset, datasets.MNIST)
+    # Positions into the class's own order: training image i is filled with grey level i.
+    rows = b.x_train.indices
+    levels = b.x_train.source.read(rows).mean(axis=(1, 2, 3))
+    np.testing.assert_array_equal(levels, rows)
+    np.testing.assert_allclose(_raw(b, b.x_train[:]).mean(axis=(1, 2, 3)), rows, atol=1e-3)
+    # DataLoader workers started by spawn get a pickled copy: it reads the same rows.
+    copy = pickle.loads(pickle.dumps(b.x_train.source))
+    np.testing.assert_array_equal(copy.read(rows[:5]), b.x_train.source.read(rows[:5]))
+    # A model trains on it through the loader's worker process.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    cfg = TrainConfig(epochs=1, lr=1e-3, weight_decay=0.0, batch_size=8, augment=True)
+    parts = fit(
+        model, b.x_train, b.y_train, cfg=cfg, loss_fn=CrossEntropyOnly(), ctx=StageContext()
+    )
+    assert np.isfinite(parts["loss"])
+
+
+def _cifar_root(root: Path) -> Path:
+    """CIFAR10's pickled batches: image i of a split has red i, green 100 + i, blue 200 - i."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def batch(first: int, n: int) -> dict:
+        values = np.arange(first, first + n)
+        planes = np.stack([values, 100 + values, 200 - values], axis=1).astype(np.uint8)
+        data = np.repeat(planes[:, :, None], 32 * 32, axis=2).reshape(n, 3 * 32 * 32)
+        return {"data": data, "labels": [int(v) % 10 for v in values]}
+
+    for i in range(1, 6):  # five training batches of 4, as the class reads them in order
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(4 * (i - 1), 4)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(50, 10)))
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return root
+
+
+def test_torchvision_cifar10_is_read_as_rgb_planes_through_its_class(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    # The class checks its files against the official MD5s; these are written here.
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    spec = TorchvisionDataset(
+        val_fraction=0, source="torchvision", name="CIFAR10", root=str(_cifar_root(tmp_path))
+    )
+    b = load_dataset(spec, seed=0, settings=DataSettings(workers=0, resident_bytes=0))
+
+    assert b.x_train.shape == (20, 3, 32, 32) and b.x_test.shape == (10, 3, 32, 32)
+    assert b.class_names[:2] == ["plane", "car"]
+    for split, first, labels in ((b.x_train, 0, b.y_train), (b.x_test, 50, b.y_test)):
+        values = split.indices + first
+        raw = split.source.read(split.indices).astype(int)
+        np.testing.assert_array_equal(raw[:, 0, 5, 7], values)  # red plane first, C,H,W
+        np.testing.assert_array_equal(raw[:, 1, 31, 0], 100 + values)
+        np.testing.assert_array_equal(raw[:, 2, 0, 31], 200 - values)
+        assert labels.tolist() == (values % 10).tolist()
 
 
 # --- spec ----------------------------------------------------------------------------------

@@ -150,9 +150,11 @@ def test_baseline_trains_without_teacher(digits, ctx):
     assert "train_kd_loss" not in metrics and metrics["torch_accuracy"] > 0.3
 
 
-def test_epoch_checkpoint_resumes_to_the_same_result(digits, trained_teacher, tmp_path):
-    """A stage killed mid-way resumes from its last epoch and ends where an unbroken run ends."""
-    spec = DistillSpec(epochs=4)
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_epoch_checkpoint_resumes_to_the_same_result(digits, trained_teacher, tmp_path, augment):
+    """A stage killed mid-way resumes from its last epoch and ends where an unbroken run ends
+    (augmented: the resumed epochs draw the same shifts and flips as the unbroken run's)."""
+    spec = DistillSpec(epochs=4, augment=augment)
     ref, _, _ = distill.run(
         trained_teacher, digits, spec, STUDENT, StageContext(checkpoint_dir=tmp_path / "a"), seed=0
     )

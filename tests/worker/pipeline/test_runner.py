@@ -15,7 +15,7 @@ from worker.pipeline.data import load_dataset
 from worker.pipeline.errors import Cancelled, SpecError
 from worker.pipeline.evaluate import onnx_logits
 from worker.pipeline.export import read_safetensors_meta
-from worker.pipeline.limits import SpecLimits
+from worker.pipeline.limits import DataSettings, SpecLimits
 from worker.pipeline.runner import run_pipeline
 from worker.pipeline.spec import BuiltinDataset, JobSpec
 from worker.pipeline.teacher import load_safetensors, load_torchscript
@@ -535,3 +535,21 @@ def test_final_is_the_best_model_by_the_objective_not_the_last_stage(tmp_path):
         key=lambda k: (by_accuracy[k]["accuracy"], -by_accuracy[k]["size_bytes"]),
     )
     assert by_accuracy["final"]["model"] == best
+
+
+def test_an_augmented_job_streamed_through_loader_workers_runs_end_to_end(tmp_path):
+    """`distill.augment` through a whole job, its splits read (and augmented) in DataLoader
+    workers: distilled, pruned with the augmented fine-tune, quantized, exported."""
+    spec = {
+        **LEARNING_SPEC,
+        "teacher": {**LEARNING_SPEC["teacher"], "epochs": 6},
+        "distill": {**LEARNING_SPEC["distill"], "augment": True, "baseline": False},
+        "prune": {"amount": 0.3, "finetune_epochs": 2},
+    }
+    streamed = DataSettings(workers=1, resident_bytes=0)
+    report = run_pipeline(JobSpec.model_validate(spec), tmp_path, data_settings=streamed)
+    assert report["dataset"]["read_per_batch"]
+    assert [s["name"] for s in report["stages"]][:4] == ["data", "teacher", "distill", "prune"]
+    # It learned from shifted, flipped digits (chance is 0.1; 0.83 when run resident).
+    assert report["metrics"]["student"]["accuracy"] > 0.6
+    assert (tmp_path / "model.int8.onnx").exists()
