@@ -83,12 +83,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_cli(args: list[str], env: dict[str, str], log) -> subprocess.Popen:
+def spawn_cli(args: list[str], env: dict[str, str], log, cwd: Path = REPO) -> subprocess.Popen:
     """`python -m app.cli ARGS` in a session of its own, so that stop_group() reaches its
-    children too (uvicorn's worker processes, serve's worker)."""
+    children too (uvicorn's worker processes, serve's worker). `cwd`: the checkout whose code
+    runs (`python -m` imports from it first)."""
     return subprocess.Popen(
         [sys.executable, "-m", "app.cli", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -503,10 +503,12 @@ def wrk(
     return json.loads(line.removeprefix("WRK_JSON "))
 
 
-def check(server: Server, key: str, method: str, path: str) -> dict[str, Any]:
+def check(
+    server: Server, key: str, method: str, path: str, spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One request by hand before loading it: the right status and a realistic body."""
     headers = {"Authorization": f"Bearer {key}"}
-    body = TINY_SPEC if method == "POST" else None
+    body = (spec or TINY_SPEC) if method == "POST" else None
     r = httpx.request(method, server.url + path, headers=headers, json=body, timeout=120)
     want = 201 if method == "POST" else 200
     if r.status_code != want:
@@ -548,6 +550,7 @@ class Cell:
     path: str | None  # None: the script picks each request's path
     script: Path
     connections: int
+    spec: dict[str, Any] | None = None  # what a POST sends (TINY_SPEC unless said)
 
     def label(self) -> str:
         return f"{self.endpoint:<17} {self.db.jobs:>7,} jobs, {self.server.workers} proc, -c{self.connections}"
@@ -559,7 +562,7 @@ def run_cells(cells: list[Cell], profile: Profile, tmp: Path) -> list[Load]:
     loads = []
     for c in cells:
         method = "POST" if c.endpoint == POST_ONE else "GET"
-        check(c.server, c.db.key, method, c.path or f"/v1/jobs/{sample_ids(c.db, 1)[0]}")
+        check(c.server, c.db.key, method, c.path or f"/v1/jobs/{sample_ids(c.db, 1)[0]}", c.spec)
         # The first POST in each API process imports torch and builds its first model.
         seconds = profile.warmup if method == "GET" else max(profile.warmup, POST_WARMUP_S)
         threads = min(profile.threads, c.connections)

@@ -540,12 +540,23 @@ def server_errors(tmp: Path, mode: str) -> list[str]:
     (but /readyz's 503: no worker runs, so it is never ready)."""
     bad = []
     for log in sorted(tmp.glob(f"api-{mode}*.log")):
-        for line in log.read_text(errors="replace").splitlines():
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
             if "/readyz " in line:
                 continue
-            if line.startswith("Traceback") or " 50" in line.rsplit('"', 1)[-1]:
+            if line.startswith("Traceback"):
+                # The whole traceback (to its exception line), so the run itself says what failed.
+                end = next((j for j in range(i + 1, len(lines)) if not lines[j][:1].isspace()), i)
+                bad.append(f"{log.name}: " + "\n".join(lines[i : end + 1]))
+            elif not line[:1].isspace() and " 50" in line.rsplit('"', 1)[-1]:
                 bad.append(f"{log.name}: {line.strip()[:200]}")
     return bad
+
+
+def _one_line(error: str) -> str:
+    """A traceback as its log's name and its exception line (for the Markdown)."""
+    lines = error.splitlines()
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()[:200]}"
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -732,7 +743,7 @@ def section(command: str, runs: list[Run], p: Profile, where: str, loads: tuple[
             streams_table(runs),
             "",
             f"Tracebacks or 5xx lines in the API's logs: {len(errors)}"
-            + (": " + "; ".join(f"`{e}`" for e in errors[:5]) if errors else "")
+            + (": " + "; ".join(f"`{_one_line(e)}`" for e in errors[:5]) if errors else "")
             + ". Requests that got no answer, by the client's exception: "
             + "; ".join(f"{run.mode}: {dict(run.errors) or 'none'}" for run in runs),
             "",
@@ -771,7 +782,11 @@ def bench(
     ok, line = verdict(runs)
     print(f"\n{line.replace('**', '')}\nload average: {loads[0]} -> {loads[1]}")
     for run in runs:
-        print(f"{run.mode}: no answer: {dict(run.errors)}; in the API's logs: {run.server_errors}")
+        print(
+            f"{run.mode}: no answer: {dict(run.errors)}; in the API's logs: {len(run.server_errors)}"
+        )
+        for error in run.server_errors:
+            print(error)
     if write is not None:
         from bench.common import machine  # imports torch: only now, the servers are gone
 

@@ -10,7 +10,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.testing import api_up, free_port, spawn_cli, stop_group
+from app.testing import REPO, api_up, free_port, spawn_cli, stop_group
 
 
 def base_env() -> dict[str, str]:
@@ -31,15 +31,18 @@ class Server:
 
 
 @contextmanager
-def api_server(env: dict[str, str], workers: int, log_path: Path) -> Iterator[Server]:
-    """`python -m app.cli api --port P [--workers N]`, ready when every process has started."""
+def api_server(
+    env: dict[str, str], workers: int, log_path: Path, cwd: Path = REPO
+) -> Iterator[Server]:
+    """`python -m app.cli api --port P [--workers N]` of the checkout at `cwd`, ready when every
+    process has started."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["api", "--port", str(port), *(["--workers", str(workers)] if workers > 1 else [])]
     with ExitStack() as cleanup:
         log = cleanup.enter_context(open(log_path, "ab"))
         start = log_path.stat().st_size
-        proc = spawn_cli(args, env, log)
+        proc = spawn_cli(args, env, log, cwd)
         cleanup.callback(stop_group, proc)
 
         def started() -> bool:

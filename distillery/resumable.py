@@ -1,10 +1,11 @@
 """Resumable uploads, client side (POST /v1/uploads, docs/service.md#resumable-uploads).
 
-The steps are written once, as a generator (`upload_flow`) that yields what to send, an API
-`Call` or a `SendPart`, and receives the answer; `Client` and `AsyncClient` only drive it.
-An upload cut off (a dropped connection, a killed CLI) is resumed without sending its finished
-parts again: its id is remembered in a small state file keyed by the server, the kind and the
-file's sha256, and the server says which parts it holds.
+The steps are written once, as a flow of the client's sans-IO core (distillery.core):
+`upload_flow` sends its API `Call`s and `SendPart`s through the two sub-flows it is given (the
+core's, which retry); `Client` and `AsyncClient` only perform the I/O those yield. An upload
+cut off (a dropped connection, a killed CLI) is resumed without sending its finished parts
+again: its id is remembered in a small state file keyed by the server, the kind and the file's
+sha256, and the server says which parts it holds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ PART_BYTES = 16 * 1024**2
 MAX_PARTS = 10_000
 
 Progress = Callable[[int, int], None]  # (bytes on the server, bytes in all)
+# A sub-flow that sends a Call (or a SendPart) and returns its answer: the core's, with retries.
+SendCall = Callable[[Call[Any]], Generator[Any, Any, Any]]
+SendBytes = Callable[["SendPart"], Generator[Any, Any, Any]]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -179,28 +183,34 @@ def _resumable(upload: UploadPublic, plan: UploadPlan) -> bool:
     return upload.bytes == plan.size
 
 
-def _open(server: str, plan: UploadPlan) -> Generator[Any, Any, UploadPublic]:
+def _open(server: str, plan: UploadPlan, call: SendCall) -> Generator[Any, Any, UploadPublic]:
     """The upload to continue (remembered and still open) or a new one."""
     known = remembered(server, plan)
     if known is not None:
         try:
-            upload = yield get_call(known)
+            upload = yield from call(get_call(known))
             if _resumable(upload, plan):
                 return upload
         except ApiError as e:
             if e.status != 404:
                 raise
-    upload = yield create_call(plan)
+    upload = yield from call(create_call(plan))
     remember(server, plan, upload.id)
     return upload
 
 
 def upload_flow(
-    server: str, plan: UploadPlan, on_progress: Progress | None = None
+    server: str,
+    plan: UploadPlan,
+    on_progress: Progress | None,
+    *,
+    call: SendCall,
+    put: SendBytes,
 ) -> Generator[Any, Any, Any]:
-    """Create (or resume) the upload, send the parts the server lacks, complete it: yields
-    Calls and SendParts, returns the DatasetPublic or ModelPublic."""
-    upload = yield from _open(server, plan)
+    """Create (or resume) the upload, send the parts the server lacks, complete it, sending
+    each request with `call` and each part with `put`; returns the DatasetPublic or
+    ModelPublic."""
+    upload = yield from _open(server, plan, call)
     expired = 0
     while upload.status == "open":
         todo = _missing(upload)
@@ -217,7 +227,7 @@ def upload_flow(
                 break  # the next batch of presigned URLs comes with the next GET
             data = plan.read(number, upload.part_bytes)
             try:
-                yield SendPart(upload.id, number, data, url)
+                yield from put(SendPart(upload.id, number, data, url))
             except PartUrlExpired:
                 expired += 1
                 if expired > 3:  # fresh URLs refused too: a clock or permission problem
@@ -226,7 +236,7 @@ def upload_flow(
             done += len(data)
             if on_progress is not None:
                 on_progress(done, plan.size)
-        upload = yield get_call(upload.id)
-    result = yield complete_call(upload)
+        upload = yield from call(get_call(upload.id))
+    result = yield from call(complete_call(upload))
     remember(server, plan, None)
     return result

@@ -293,3 +293,8 @@ class Stream:
 
     def close(self) -> None:
         self.feed.leave(self.sub)
+
+    async def aclose(self) -> None:
+        """`close()` for a BackgroundTask: a sync one would take a thread from the requests'
+        pool at the end of every stream (500 streams ending at once queued behind them)."""
+        self.close()

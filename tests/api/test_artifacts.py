@@ -33,9 +33,16 @@ TYPES = {
 }
 
 
-def finished_job(api, c, files: dict[str, tuple[str, bytes]], **artifact_fields) -> str:
+def finished_job(
+    api,
+    c,
+    files: dict[str, tuple[str, bytes]],
+    history: list[dict] | None = None,
+    **artifact_fields,
+) -> str:
     """A job run as a worker runs one: claimed, its files written, finished with them as its
-    artifacts (`artifact_fields`: name -> extra columns of that artifact's row)."""
+    artifacts (`artifact_fields`: name -> extra columns of that artifact's row) and `history`
+    as its epochs."""
     job_id = c.post("/v1/jobs", json=TINY_SPEC).json()["id"]
     with api.db.session() as s:
         assert lifecycle.claim(
@@ -51,7 +58,12 @@ def finished_job(api, c, files: dict[str, tuple[str, bytes]], **artifact_fields)
         artifacts.append({**row, **artifact_fields.get(name, {})})
     with api.db.session() as s:
         assert lifecycle.finish(
-            s, job_id=job_id, worker_id="w/1", status=JobStatus.SUCCEEDED, artifacts=artifacts
+            s,
+            job_id=job_id,
+            worker_id="w/1",
+            status=JobStatus.SUCCEEDED,
+            artifacts=artifacts,
+            history=history,
         )
     return job_id
 

@@ -216,7 +216,7 @@ async def job_events(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(events.close),  # should the stream never start
+        background=BackgroundTask(events.aclose),  # should the stream never start
     )
 
 
