@@ -17,6 +17,7 @@ BENCHMARKS = (
     "distill_speed",
     "compression",
     "quantization",
+    "quantization_accuracy",
     "distill_pays",
     "pretrained_init",
     "data_scale",

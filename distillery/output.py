@@ -179,6 +179,41 @@ def progress_bar(console, *, disable: bool):
     )
 
 
+SENSITIVITY_ROWS = 10  # the most sensitive nodes shown; sensitivity.csv has them all
+
+
+def sensitivity_table(job: JobPublic):
+    """The quantize stage's per-node sensitivity (most sensitive first) and the nodes it kept
+    in float, or None when the job did not score its nodes."""
+    from rich.table import Table
+
+    metrics = next((s.metrics for s in job.stages if s.name == "quantize"), {})
+    rows = metrics.get("sensitivity") or []
+    if not rows:
+        return None
+    kept, share = set(metrics.get("float_nodes", [])), metrics.get("float_share")
+    caption = f"{len(rows)} nodes scored; {len(kept)} kept in float" + (
+        f" ({share * 100:.1f}% of the weights)" if share is not None else ""
+    )
+    table = Table(
+        title="int8 sensitivity: each node returned alone to float (validation sample)",
+        caption=caption,
+    )
+    for col in ("rank", "node", "op", "recovered", "drop vs float", "SNR dB", "float"):
+        table.add_column(col, justify="left" if col in ("node", "op") else "right")
+    for r in rows[:SENSITIVITY_ROWS]:
+        table.add_row(
+            str(r["rank"]),
+            r["node"],
+            r["op_type"],
+            f"{_pt(r['recovered'])} pt",
+            f"{_pt(r['accuracy_drop'])} pt",
+            f"{r['snr_db']:.1f}",
+            "yes" if r["node"] in kept else "",
+        )
+    return table
+
+
 def job_table(job: JobPublic) -> None:
     # Plain lines for the id and the error: scripts grep them, and rich would wrap them.
     stage = f" ({job.stage})" if job.stage and job.status != "succeeded" else ""
@@ -190,6 +225,9 @@ def job_table(job: JobPublic) -> None:
         console.print(metrics_table(job.metrics))
     if "final" in job.metrics:
         console.print(final_summary(job.metrics["final"]))
+    sensitivity = sensitivity_table(job)
+    if sensitivity is not None:
+        console.print(sensitivity)
 
 
 # --- following a job: three displays of one event stream ---------------------------------------

@@ -142,3 +142,59 @@ def user_teacher(in_shape: tuple[int, ...], classes: int, path: Path, fmt: str) 
                 dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}},
             )
     return path
+
+
+# --- a model that int8 breaks in one known node ----------------------------------------------
+
+OUTLIER_FEATURES, OUTLIER_CLASSES = 6, 3
+# hidden1 reads a feature that is always 0 through a weight of 500: harmless in float, but with
+# per-tensor weights its int8 scale (500 / 127, or / 63 at 7 bits) rounds every other weight,
+# all 1, to 0. Returning hidden1 alone to float recovers the model; no other node does.
+OUTLIER_NODES = ("hidden1", "hidden2", "logits")
+
+
+def outlier_npz(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """Rows of 6 features: class k (of 3) has feature k high; feature 5 is always 0."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % OUTLIER_CLASSES
+    x = rng.normal(0, 1, (n, OUTLIER_FEATURES)).astype(np.float32)
+    x[np.arange(n), y] += 4.0
+    x[:, -1] = 0.0
+    np.savez(path, x=x, y=y.astype(np.int64))
+    return path
+
+
+def outlier_teacher(path: Path) -> Path:
+    """An ONNX teacher for outlier_npz: hidden1 (identity but the outlier), hidden2
+    (identity), logits (the first 3 features): nodes named as OUTLIER_NODES."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, k = OUTLIER_FEATURES, OUTLIER_CLASSES
+    w1 = np.eye(d, dtype=np.float32)
+    w1[-1, -1] = 500.0
+    w3 = np.eye(k, d, dtype=np.float32)
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(np.eye(d, dtype=np.float32), "w2"),
+        numpy_helper.from_array(w3, "w3"),
+        *(
+            numpy_helper.from_array(np.zeros(m, np.float32), f"b{i}")
+            for i, m in ((1, d), (2, d), (3, k))
+        ),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="hidden1", transB=1),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["h2"], name="hidden2", transB=1),
+        helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], name="logits", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path

@@ -68,3 +68,44 @@ def test_a_jobs_metrics_table_is_printed_whole(capsys):
     assert "…" not in out
     assert out.count("0.9877") == 5 and out.count("1,234,567") == 5 and "12.346" in out
     assert ("why: " + metrics["final"]["reason"]).strip() in out  # one line, not folded
+
+
+def test_a_jobs_sensitivity_table_names_the_costly_nodes_first(capsys):
+    """`distillery status` and `submit --wait` show the quantize stage's ranking: each node,
+    what returning it to float recovered, its SNR, and whether the job kept it in float."""
+    now = datetime.now(UTC)
+    rows = [
+        {"rank": 1, "node": "/blocks.3/dw/Conv", "op_type": "Conv", "recovered": 0.0312,
+         "accuracy_drop": 0.004, "snr_db": 31.25},
+        {"rank": 2, "node": "/head/Gemm", "op_type": "Gemm", "recovered": 0.0, "accuracy_drop": 0.035,
+         "snr_db": 18.5},
+    ]  # fmt: skip
+    quantize = {"name": "quantize", "status": "succeeded", "metrics": {
+        "sensitivity": rows, "float_nodes": ["/blocks.3/dw/Conv"], "float_share": 0.021}}  # fmt: skip
+    job = JobPublic.model_validate(
+        {"id": "job_1", "name": "n", "status": "succeeded", "stage": None, "progress": 1.0,
+         "stages": [quantize], "metrics": {}, "error": None, "spec": {}, "queue": "default",
+         "attempts": 1, "created_at": now, "started_at": now, "finished_at": now,
+         "updated_at": now}
+    )  # fmt: skip
+    job_table(job)
+    out = capsys.readouterr().out
+    lines = [
+        line for line in out.splitlines() if "/blocks.3/dw/Conv" in line or "/head/Gemm" in line
+    ]
+    assert len(lines) == 2 and "/blocks.3/dw/Conv" in lines[0]  # most sensitive first
+    assert "+3.12 pt" in lines[0] and "31.2" in lines[0] and lines[0].rstrip(" │|").endswith("yes")
+    assert "+3.50 pt" in lines[1] and not lines[1].rstrip(" │|").endswith("yes")
+    assert "1 kept in float (2.1% of the weights)" in out
+
+
+def test_a_job_without_sensitivity_prints_no_such_table(capsys):
+    now = datetime.now(UTC)
+    job = JobPublic.model_validate(
+        {"id": "job_1", "name": "n", "status": "succeeded", "stage": None, "progress": 1.0,
+         "stages": [{"name": "quantize", "status": "succeeded", "metrics": {"accuracy": 0.9}}],
+         "metrics": {}, "error": None, "spec": {}, "queue": "default", "attempts": 1,
+         "created_at": now, "started_at": now, "finished_at": now, "updated_at": now}
+    )  # fmt: skip
+    job_table(job)
+    assert "sensitivity" not in capsys.readouterr().out

@@ -81,13 +81,19 @@ def weight_bits(spec: QuantizeSpec) -> tuple[int, str]:
 
 
 @quantizer("int8_static", suffix="int8", format="onnx-int8")
-def int8_static(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
+def int8_static(
+    src: Path, dst: Path, calib: Samples, spec: QuantizeSpec, *, cache: Path | None = None
+) -> None:
+    """`spec.keep_float` nodes stay float. `cache`: a file for the calibrated ranges, made by
+    the first call and read by the next (sensitivity quantizes one model many ways)."""
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(
             str(_preprocessed(src, Path(tmp))),
             str(dst),
             _Calibration(calib, input_name),
+            nodes_to_exclude=list(spec.keep_float),
+            calibration_cache_path=cache,
             quant_format=QuantFormat.QDQ,
             per_channel=spec.per_channel,
             activation_type=QuantType.QUInt8,

@@ -141,9 +141,16 @@ def speed_report(state: JobState, final_key: str) -> dict[str, Any]:
     return out
 
 
-def quantize_card(spec: Any, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+TOP_OFFENDERS = 5  # the most sensitive nodes the report names
+
+
+def quantize_card(
+    spec: Any, metrics: dict[str, Any] | None, stage: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """What the model card says of quantization: the method and, for int8_static, the weight
-    width and what chose it (the spec's deployment target or this worker's CPU)."""
+    width and what chose it (the spec's deployment target or this worker's CPU); when it went
+    node by node (`stage`: the quantize stage's metrics), the nodes kept in float, their share
+    of the model, what accuracy control did and the nodes that cost int8 the most."""
     if spec is None:
         return None
     out: dict[str, Any] = {"method": spec.method}
@@ -152,7 +159,29 @@ def quantize_card(spec: Any, metrics: dict[str, Any] | None) -> dict[str, Any] |
         out["weight_bits_from"] = (
             "spec" if spec.weight_bits is not None else "the worker's CPU flags"
         )
+    if stage and "float_nodes" in stage:
+        keys = ("float_nodes", "float_share", "float_node_share", "quantizable_nodes")
+        out.update({k: stage[k] for k in keys if k in stage})
+        if "accuracy_control" in stage:
+            ac = stage["accuracy_control"]
+            out["accuracy_control"] = {
+                **{k: ac[k] for k in ("budget", "met", "val_accuracy_drop_whole")},
+                "val_accuracy_drop": ac["val_accuracy_drop"],
+                "val_samples": stage.get("val_samples"),
+                "test_accuracy_drop": stage.get("test_accuracy_drop"),
+                "test_accuracy_drop_ci": stage.get("test_accuracy_drop_ci"),
+            }
+        if "sensitivity" in stage:
+            out["top_offenders"] = stage["sensitivity"][:TOP_OFFENDERS]
     return out
+
+
+def stage_metrics(state: JobState, name: str) -> dict[str, Any] | None:
+    """The metrics a stage recorded (also when an earlier attempt ran it)."""
+    for record in state.records:
+        if record["name"] == name:
+            return record.get("metrics", {})
+    return None
 
 
 def init_report(state: JobState) -> dict[str, Any]:
@@ -236,7 +265,9 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "input": state.data.input_contract,
         "metrics": state.metrics,
         "init": init_report(state),
-        "quantize": quantize_card(spec.quantize, state.metrics.get("quantized")),
+        "quantize": quantize_card(
+            spec.quantize, state.metrics.get("quantized"), stage_metrics(state, "quantize")
+        ),
         "speed": speed_section,
         "artifacts": made,
         "versions": versions(),
@@ -253,6 +284,7 @@ def write(state: JobState, *, device: str, wall_seconds: float) -> dict[str, Any
         "compress_only": state.compress_only,
         "init": card["init"],
         "speed": speed_section,
+        "quantize": card["quantize"],
         "stages": state.records,
         "artifacts": made + mark_final(describe(out, {"model_card.json": "json"}), None),
         "wall_seconds": wall_seconds,

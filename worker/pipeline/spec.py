@@ -345,6 +345,33 @@ class PruneSpec(_Spec):
     )  # measured: 1e-3 left the pruned digits model 0.7 pt lower
 
 
+class SensitivitySpec(_Spec):
+    """How much of the model and of the validation split per-node sensitivity looks at."""
+
+    max_nodes: int = Field(
+        24,
+        ge=1,
+        le=256,
+        description="nodes scored at most: weighted ones (Conv, Gemm, MatMul) first, then "
+        "the rest, in graph order; sensitivity.json names those left out",
+    )
+    samples: int = Field(
+        1000,
+        ge=10,
+        le=100_000,
+        description="validation samples scored (a seeded sample when the split is larger)",
+    )
+    max_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="stop scoring nodes after this long (those not reached are named)",
+    )
+
+
+KEEP_FLOAT_LIMIT = 256
+
+
 class QuantizeSpec(_Spec):
     method: QuantizerName = "int8_static"
     calibration_samples: int = Field(512, ge=1, le=100_000)
@@ -355,6 +382,50 @@ class QuantizeSpec(_Spec):
         "(avx512_vnni, avx_vnni, amx_int8), 7 where it has not (8-bit weights can saturate "
         "its int16 sums); null: this worker's CPU decides. Recorded in the model card",
     )
+    keep_float: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        default_factory=list,
+        max_length=KEEP_FLOAT_LIMIT,
+        description="int8_static: ONNX nodes left in float, by name as sensitivity.json lists "
+        "them; an unknown name fails the job (invalid_spec) with the known names",
+    )
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="int8_static: accuracy the quantized model may lose against the float "
+        "model it comes from, on the validation split; when missed, the most sensitive nodes "
+        "go back to float until it holds. null: gates.max_accuracy_drop if set, else no control",
+    )
+    sensitivity: SensitivitySpec | None = Field(
+        None,
+        description="int8_static: score every node (sensitivity.json, .csv); true for the "
+        "defaults. Accuracy control scores them anyway when it has to",
+    )
+
+    @field_validator("sensitivity", mode="before")
+    @classmethod
+    def _sensitivity_flag(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        return None if v is False else v
+
+    @model_validator(mode="after")
+    def _int8_static_only(self) -> QuantizeSpec:
+        asked = [
+            name
+            for name, value in (
+                ("keep_float", self.keep_float),
+                ("max_accuracy_drop", self.max_accuracy_drop),
+                ("sensitivity", self.sensitivity),
+            )
+            if value not in (None, [])
+        ]
+        if asked and self.method != "int8_static":
+            raise ValueError(
+                f"{', '.join(asked)}: only for method int8_static (it quantizes node by node "
+                f"from a calibration); method is {self.method!r}"
+            )
+        return self
 
 
 class EvaluateSpec(_Spec):
@@ -498,7 +569,28 @@ class JobSpec(_Spec):
             )
         if self.compresses_teacher:
             self._check_compress_only()
+        self._check_accuracy_control()
         return self
+
+    def _check_accuracy_control(self) -> None:
+        """Sensitivity and an accuracy budget are judged on the validation split, and in a
+        plain job (a search quantizes each candidate whole)."""
+        q = self.quantize
+        if q is None or (q.max_accuracy_drop is None and q.sensitivity is None):
+            return
+        field = (
+            "quantize.max_accuracy_drop"
+            if q.max_accuracy_drop is not None
+            else "quantize.sensitivity"
+        )
+        if self.search is not None:
+            raise ValueError(
+                f"{field}: not available in a search (each candidate is quantized whole)"
+            )
+        if self.dataset.val_fraction == 0:
+            raise ValueError(
+                f"{field}: needs a validation split to judge nodes on; set dataset.val_fraction > 0"
+            )
 
     @property
     def compresses_teacher(self) -> bool:

@@ -238,7 +238,10 @@ def _quantized_file(spec: JobSpec) -> dict[str, str]:
     if spec.quantize is None:
         return {}
     q = QUANTIZERS.get(spec.quantize.method)
-    return {q.filename: q.format}
+    files = {q.filename: q.format}
+    if spec.quantize.method == "int8_static":  # written when nodes were scored
+        files.update({"sensitivity.json": "json", "sensitivity.csv": "csv"})
+    return files
 
 
 @STAGES.register(
@@ -264,14 +267,78 @@ def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any
     elif not resumed or not dst.exists():
         assert model is not None
         src = export_onnx(model, state.data.x_test, state.work / f"{key}.onnx")
+    controlled: dict[str, Any] = {}
     if not resumed or not dst.exists():
         calib = state.data.calibration(s.quantize.calibration_samples, s.seed)
-        quantization.run(src, dst, calib, s.quantize)
+        if by_node(s):
+            controlled = _int8_by_node(state, ctx, src, dst, calib)
+        else:
+            quantization.run(src, dst, calib, s.quantize)
     params = count_params(model) if model is not None else onnx_params(state.teacher_onnx())
     m = state.measure_onnx("quantized", dst, params)
     if s.quantize.method == "int8_static":  # the model card says which width it got
         m["weight_bits"] = quantization.weight_bits(s.quantize)[0]
-    return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"]}
+    if controlled:
+        controlled.update(_test_drop(state, key))
+    return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"], **controlled}
+
+
+def accuracy_budget(spec: JobSpec) -> float | None:
+    """The validation loss int8_static may cost against its float model: the spec's
+    quantize.max_accuracy_drop, else the gate's max_accuracy_drop."""
+    q = spec.quantize
+    if q is None or q.method != "int8_static":
+        return None
+    return q.max_accuracy_drop if q.max_accuracy_drop is not None else spec.gates.max_accuracy_drop
+
+
+def by_node(spec: JobSpec) -> bool:
+    """Whether int8_static goes node by node (names to keep float, a budget, sensitivity)."""
+    q = spec.quantize
+    return (
+        q is not None
+        and q.method == "int8_static"
+        and bool(q.keep_float or q.sensitivity or accuracy_budget(spec) is not None)
+    )
+
+
+def _int8_by_node(state: JobState, ctx: StageContext, src, dst, calib) -> dict[str, Any]:
+    from worker.pipeline import sensitivity
+
+    s = state.spec
+    assert s.quantize is not None
+    budget = accuracy_budget(s)
+    if budget is not None and state.data.val is None:
+        ctx.log("no validation split: quantizing without accuracy control")
+    return sensitivity.run(
+        src,
+        dst,
+        calib,
+        s.quantize,
+        budget=budget,
+        val=state.data.val,
+        seed=s.seed,
+        work=state.work / "sensitivity",
+        out=state.out,
+        ctx=ctx,
+    )
+
+
+def _test_drop(state: JobState, float_key: str) -> dict[str, Any]:
+    """The test-split accuracy int8 lost against its float model, with its paired interval."""
+    import numpy as np
+
+    from worker.pipeline.stats import paired_drop_ci
+
+    parent = {"kept": "baseline" if state.kept == "baseline" else "student"}.get(
+        float_key, float_key
+    )
+    before = np.load(state.correct_path(parent))
+    after = np.load(state.correct_path("quantized"))
+    return {
+        "test_accuracy_drop": float(before.mean() - after.mean()),
+        "test_accuracy_drop_ci": list(paired_drop_ci(before, after, seed=state.spec.seed)),
+    }
 
 
 def _exported_files(spec: JobSpec) -> dict[str, str]:

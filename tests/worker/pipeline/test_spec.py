@@ -88,3 +88,38 @@ def test_feature_loss_with_an_onnx_teacher_is_refused_up_front():
 def test_optional_stages_can_be_switched_off():
     spec = JobSpec.model_validate({"prune": None, "quantize": None})
     assert spec.prune is None and spec.quantize is None
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        (
+            {"quantize": {"method": "int8_dynamic", "keep_float": ["/head/Gemm"]}},
+            "quantize: Value error, keep_float: only for method int8_static",
+        ),
+        (
+            {"quantize": {"method": "fp16", "max_accuracy_drop": 0.01, "sensitivity": True}},
+            "max_accuracy_drop, sensitivity: only for method int8_static",
+        ),
+        (
+            {"dataset": {"val_fraction": 0}, "quantize": {"max_accuracy_drop": 0.01}},
+            "quantize.max_accuracy_drop: needs a validation split",
+        ),
+        (
+            {"quantize": {"sensitivity": True}, "search": {"prune.amount": [0.3, 0.5]}},
+            "quantize.sensitivity: not available in a search",
+        ),
+        ({"quantize": {"max_accuracy_drop": 2}}, "quantize.max_accuracy_drop: Input should be"),
+        ({"quantize": {"keep_float": [""]}}, "quantize.keep_float[0]: String should have at least"),
+        ({"quantize": {"sensitivity": {"max_nodes": 0}}}, "quantize.sensitivity.max_nodes"),
+    ],
+)
+def test_accuracy_control_specs_that_cannot_run_are_refused(spec, expected):
+    assert expected in _error(spec)
+
+
+def test_sensitivity_true_means_the_default_bounds():
+    q = JobSpec.model_validate({"quantize": {"sensitivity": True}}).quantize
+    assert q is not None and q.sensitivity is not None and q.sensitivity.max_nodes == 24
+    q = JobSpec.model_validate({"quantize": {"sensitivity": False}}).quantize
+    assert q is not None and q.sensitivity is None

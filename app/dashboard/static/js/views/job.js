@@ -6,6 +6,7 @@
 
 import { ApiError, getJSON, postJSON, streamEvents } from "../api.js";
 import { stageChart } from "../charts.js";
+import { sensitivityOf, sensitivityPanel } from "../sensitivity.js";
 import {
   announce, fmtBytes, fmtDuration, fmtInt, fmtNum, fmtTime, h, progressBar, replace, statusBadge, table,
 } from "../dom.js";
@@ -159,7 +160,14 @@ function searchResult(job, ctx) {
   return ctx.search.element;
 }
 
-export const RESULT_PANELS = [searchResult, metricsPanel, gatesPanel];
+// Made once: a quantize stage's ranking does not change after the stage ends.
+function sensitivityResult(job, ctx) {
+  if (!sensitivityOf(job)) return null;
+  ctx.sensitivity ??= sensitivityPanel(job);
+  return ctx.sensitivity;
+}
+
+export const RESULT_PANELS = [searchResult, metricsPanel, gatesPanel, sensitivityResult];
 
 // Put the panels in `box`, leaving in place those already there (a focused element that is
 // taken out of the page loses the focus).
@@ -183,7 +191,7 @@ export function jobView(root, { id }) {
   const path = `/v1/jobs/${encodeURIComponent(id)}`;
   const ctx = {
     job: null, history: [], charts: new Map(), progress: null, stageText: null,
-    search: null, artifacts: new Map(),
+    search: null, sensitivity: null, artifacts: new Map(),
   };
   const parts = {
     summary: h("div", {}), error: h("div", {}),
