@@ -23,7 +23,7 @@ from typing import Any
 
 from app.core.config import Settings
 from app.core.db import Database
-from app.jobs import lifecycle
+from app.jobs import lifecycle, workers
 
 BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
 STOP_GRACE = 0.5  # seconds; part of the restart's backoff, not added to it
@@ -100,10 +100,10 @@ class WorkerSupervisor:
     def _release(self, pid: int) -> list[str]:
         """Hand the dead worker's jobs back to the queue now; if the database cannot be
         reached, the reaper does it after HEARTBEAT_TIMEOUT_SECONDS instead."""
-        name = lifecycle.worker_name(socket.gethostname(), pid)
+        name = workers.worker_name(socket.gethostname(), pid)
         try:
             with self._db.session() as s:
-                to_send = lifecycle.release_worker(
+                to_send = workers.release_worker(
                     s, worker=name, max_attempts=self.settings.MAX_ATTEMPTS
                 )
         except Exception as e:

@@ -9,7 +9,7 @@ import socket
 import threading
 import uuid
 
-from app.jobs import lifecycle
+from app.jobs import lifecycle, workers
 from worker.runtime import Runtime
 
 log = logging.getLogger("distillery.worker")
@@ -18,7 +18,7 @@ log = logging.getLogger("distillery.worker")
 def worker_process() -> str:
     """This worker process's name in the `workers` table: what its supervisor (`serve`) knows
     it by, from the outside, to release its jobs when it dies."""
-    return lifecycle.worker_name(socket.gethostname(), os.getpid())
+    return workers.worker_name(socket.gethostname(), os.getpid())
 
 
 def attempt_id() -> str:
@@ -75,7 +75,7 @@ class Presence(_Beat):
 
     def register(self) -> None:
         with self.runtime.db.session() as s:
-            lifecycle.register_worker(
+            workers.register_worker(
                 s,
                 worker=worker_process(),
                 hostname=socket.gethostname(),
@@ -85,7 +85,7 @@ class Presence(_Beat):
 
     def beat(self) -> None:
         with self.runtime.db.session() as s:
-            known = lifecycle.worker_heartbeat(s, worker=worker_process())
+            known = workers.worker_heartbeat(s, worker=worker_process())
         if not known:
             self.register()
 
@@ -93,6 +93,6 @@ class Presence(_Beat):
         super().stop()
         try:
             with self.runtime.db.session() as s:
-                lifecycle.forget_worker(s, worker=worker_process())
+                workers.forget_worker(s, worker=worker_process())
         except Exception:
             log.warning("could not deregister this worker", exc_info=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.jobs import lifecycle
+from app.jobs import events, history, lifecycle, search
 from app.jobs.states import StageStatus
 from worker.presence import JobHeartbeat
 from worker.runtime import Runtime
@@ -67,7 +67,7 @@ class Recorder:
             return
         try:
             with self.runtime.db.session() as s:
-                if not lifecycle.record_history(
+                if not history.record_history(
                     s, job_id=self.job_id, worker_id=self.worker_id, rows=self._history
                 ):
                     self.hb.lost.set()
@@ -91,7 +91,7 @@ class Recorder:
         return False
 
     def _event(self, s: Session, kind: str, data: dict[str, Any]) -> None:
-        lifecycle.add_event(s, job_id=self.job_id, type=kind, data=data)
+        events.add_event(s, job_id=self.job_id, type=kind, data=data)
 
     def _progress(self, s: Session, e: dict[str, Any]) -> None:
         lo, hi = self.span
@@ -134,7 +134,7 @@ class Recorder:
 
     def _candidate(self, s: Session, e: dict[str, Any]) -> None:
         if self.candidates_for is not None:
-            lifecycle.record_candidate(s, job_id=self.candidates_for, record=e["candidate"])
+            search.record_candidate(s, job_id=self.candidates_for, record=e["candidate"])
         key = e["candidate"]["key"]
         self._event(s, "log", {"stage": "branch", "message": f"candidate {key} measured"})
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from celery import Celery, group
 
-from app.jobs import lifecycle
+from app.jobs import lifecycle, search
 from app.jobs.states import JobStatus, StageStatus
 from worker.celery_app import JOB_TASK, make_celery, make_enqueue
 from worker.pipeline.spec import JobSpec
@@ -57,7 +57,7 @@ def start(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | None
     from worker.pipeline.search import plan
 
     with runtime.db.session() as s:
-        made, ended = lifecycle.branches_of(s, job_id), lifecycle.branches_ended(s, job_id=job_id)
+        made, ended = search.branches_of(s, job_id), search.branches_ended(s, job_id=job_id)
     if made and ended:  # the finish was lost with its worker: do it now
         return finish(runtime, job_id, claimed)
     if not made:
@@ -160,7 +160,7 @@ def branch(runtime: Runtime, job_id: str, claimed: Claimed, celery: Celery | Non
     retry_db(lambda: record_outcome(runtime, job_id, claimed.worker_id, outcome, None), what=job_id)
     folder.discard()
     with runtime.db.session() as s:
-        ended = lifecycle.branches_ended(s, job_id=parent)
+        ended = search.branches_ended(s, job_id=parent)
     if ended:
         make_enqueue(_app(runtime, celery))(parent, _queue_of(runtime, parent))
     return outcome.status.value
@@ -180,7 +180,7 @@ def claim_finish(runtime: Runtime, job_id: str) -> Claimed | None:
 
     worker_id = attempt_id()
     with runtime.db.session() as s:
-        job = lifecycle.claim_finish(
+        job = search.claim_finish(
             s, job_id=job_id, worker_id=worker_id, progress=SHARE["export"][0]
         )
         return None if job is None else claimed_of(runtime, job, worker_id)

@@ -4,11 +4,11 @@ from tests.service_support import TINY_SPEC, ThreadServer, client
 
 
 def _set_worker(api, queues, heartbeat_at=None):
-    from app.jobs import lifecycle
+    from app.jobs import workers
     from app.models import Worker
 
     with api.db.session() as s:
-        lifecycle.register_worker(s, worker="testhost:1", hostname="testhost", pid=1, queues=queues)
+        workers.register_worker(s, worker="testhost:1", hostname="testhost", pid=1, queues=queues)
         if heartbeat_at is not None:
             s.get(Worker, "testhost:1").heartbeat_at = heartbeat_at
 
@@ -16,7 +16,7 @@ def _set_worker(api, queues, heartbeat_at=None):
 def test_liveness_and_readiness_which_needs_a_live_worker(api):
     from datetime import timedelta
 
-    from app.jobs import lifecycle
+    from app.jobs import workers
     from app.models import utcnow
 
     queue = api.settings.DEFAULT_QUEUE
@@ -43,7 +43,7 @@ def test_liveness_and_readiness_which_needs_a_live_worker(api):
             assert c.get("/readyz").status_code == 503
         finally:
             with api.db.session() as s:
-                lifecycle.forget_worker(s, worker="testhost:1")
+                workers.forget_worker(s, worker="testhost:1")
 
 
 def test_readiness_fails_when_the_broker_is_down(tmp_path):

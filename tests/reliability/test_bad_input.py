@@ -63,14 +63,14 @@ FUZZ = settings(
 def a_live_worker(api):
     """A worker row for the API's queue: without one /readyz answers its documented 503,
     which is readiness, not a server error."""
-    from app.jobs import lifecycle
+    from app.jobs import workers
 
     queues = [api.settings.DEFAULT_QUEUE]
     with api.db.session() as s:
-        lifecycle.register_worker(s, worker="fuzz:1", hostname="fuzz", pid=1, queues=queues)
+        workers.register_worker(s, worker="fuzz:1", hostname="fuzz", pid=1, queues=queues)
     yield
     with api.db.session() as s:
-        lifecycle.forget_worker(s, worker="fuzz:1")
+        workers.forget_worker(s, worker="fuzz:1")
 
 
 def test_fuzzing_every_operation_gets_no_server_error_and_no_traceback(api, a_live_worker):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from app.jobs import lifecycle
+from app.jobs import lifecycle, search
 from app.jobs.states import JobStatus, StageStatus
 from app.models import Job, utcnow
 from app.testing import LEARNING_SPEC
@@ -48,16 +48,16 @@ def test_a_search_is_finished_once_and_only_after_its_branches(api):
     assert _progress(api, job_id) == 0.2
     end(a)
     with api.db.session() as s:
-        assert not lifecycle.branches_ended(s, job_id=job_id)
-        assert lifecycle.claim_finish(s, job_id=job_id, worker_id="f1", progress=0.95) is None
+        assert not search.branches_ended(s, job_id=job_id)
+        assert search.claim_finish(s, job_id=job_id, worker_id="f1", progress=0.95) is None
     assert _progress(api, job_id) == 0.2 + 0.75 / 2  # one branch of two done
     end(b)
     with api.db.session() as s:
-        assert lifecycle.branches_ended(s, job_id=job_id)
-        won = lifecycle.claim_finish(s, job_id=job_id, worker_id="f1", progress=0.95)
+        assert search.branches_ended(s, job_id=job_id)
+        won = search.claim_finish(s, job_id=job_id, worker_id="f1", progress=0.95)
         assert won is not None and won.worker_id == "f1"
     with api.db.session() as s:
-        assert lifecycle.claim_finish(s, job_id=job_id, worker_id="f2", progress=0.95) is None
+        assert search.claim_finish(s, job_id=job_id, worker_id="f2", progress=0.95) is None
         stage = s.scalar(select(Job).where(Job.id == job_id)).stage
     assert stage == "search" and _progress(api, job_id) == 0.95
     # The export has begun but has not reported progress yet: still 0.95, not back at the

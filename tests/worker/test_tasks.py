@@ -73,7 +73,7 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
     (and a worker that lost the job can no longer write)."""
     from sqlalchemy import select
 
-    from app.jobs import lifecycle
+    from app.jobs import history, lifecycle
     from app.models import Job, utcnow
     from app.services import jobs as jobs_service
 
@@ -89,7 +89,7 @@ def test_a_history_row_replaces_its_runs_rows_from_its_epoch_on(api):
 
     def record(worker_id: str, *rows: dict) -> bool:
         with api.db.session() as s:
-            return lifecycle.record_history(s, job_id=job_id, worker_id=worker_id, rows=list(rows))
+            return history.record_history(s, job_id=job_id, worker_id=worker_id, rows=list(rows))
 
     def stored() -> list[tuple[int, float]]:
         with api.db.session() as s:

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from app.api.deps import metrics_scraper
 from app.core.db import Database, PoolSize
 from app.core.errors import MetricsDisabled, Unauthorized, error_responses
+from app.jobs import workers
 
 router = APIRouter(tags=["health"])
 
@@ -69,12 +70,10 @@ def _check_broker(request: Request) -> str:
 
 
 def _check_workers(request: Request) -> str:
-    from app.jobs import lifecycle
-
     settings = request.app.state.settings
     queue = settings.DEFAULT_QUEUE
     with _probe(request).db.session() as s:
-        live = lifecycle.live_workers(
+        live = workers.live_workers(
             s, queue=queue, heartbeat_timeout=settings.HEARTBEAT_TIMEOUT_SECONDS
         )
     if not live:
