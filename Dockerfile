@@ -10,6 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY distillery distillery
+COPY distillery_contract distillery_contract
 COPY app app
 COPY worker worker
 COPY examples examples

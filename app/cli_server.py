@@ -32,6 +32,7 @@ from distillery.output import (
     print_gates,
     progress_bar,
 )
+from distillery_contract.states import StageStatus
 
 
 def load_spec(path: str):
@@ -129,7 +130,7 @@ def _run_display(progress, as_json: bool):
             progress.update(
                 task, completed=e["progress"], stage=e["stage"], message=e["message"][:60]
             )
-        elif e["type"] == "stage" and e["status"] == "succeeded" and not as_json:
+        elif e["type"] == "stage" and e["status"] == StageStatus.SUCCEEDED and not as_json:
             how = "resumed from checkpoint" if e.get("resumed") else f"{e.get('seconds', 0):.1f}s"
             progress.console.print(f"[green]✓[/] {e['stage']} ({how})")
         elif e["type"] == "metrics" and not as_json:

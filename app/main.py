@@ -30,13 +30,14 @@ from app.jobs.lifecycle import Enqueue
 from app.jobs.reaper import Reaper
 from app.services.resumable import ExpireUploads
 from app.services.retention import Retention
+from distillery_contract.errors import ErrorCode
 from worker.pipeline.spec import field_path
 
 log = logging.getLogger("distillery.api")
 
 
 def _error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
@@ -52,8 +53,8 @@ def _is_submit(request: Request) -> bool:
     return request.url.path == "/v1/jobs" and request.method == "POST"
 
 
-def _invalid_code(request: Request) -> str:
-    return "invalid_spec" if _is_submit(request) else "invalid_request"
+def _invalid_code(request: Request) -> ErrorCode:
+    return ErrorCode.INVALID_SPEC if _is_submit(request) else ErrorCode.INVALID_REQUEST
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -71,8 +72,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and _is_submit(request):
             # FastAPI answers a body json.loads cannot take (not UTF-8, nested too deep) with a
             # bare 400; to the client it is a malformed spec like any other.
-            return _error(422, "invalid_spec", f"body: not a readable JSON document ({exc.detail})")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            return _error(
+                422, ErrorCode.INVALID_SPEC, f"body: not a readable JSON document ({exc.detail})"
+            )
+        codes = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+        code = codes.get(exc.status_code, ErrorCode.HTTP_ERROR)
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(DataError)
@@ -93,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database error: %s", exc)
         return _error(
             503,
-            "database_unavailable",
+            ErrorCode.DATABASE_UNAVAILABLE,
             "the database is unavailable; retry shortly",
             {"Retry-After": "5"},
         )
@@ -117,7 +121,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, "internal_error", "internal error; the server log has the details")
+        return _error(
+            500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has the details"
+        )
 
 
 def _lifespan(

@@ -29,6 +29,7 @@ from distillery.cli_support import (
     print_table,
     read_json,
 )
+from distillery.states import TERMINAL, JobStatus
 
 # The service's commands: the extra each needs, the modules that extra brings (probed, not
 # imported), and the line `distillery --help` shows. The API needs the ML stack too: it checks
@@ -158,7 +159,7 @@ def verdict(job, gates) -> list[dict[str, Any]]:
     verdict, each with its measured value. Empty unless the job succeeded."""
     from distillery.gates import check
 
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         return []
     results = [g.model_dump(exclude_none=True) for g in job.gates]
     seen = {r["gate"] for r in results}
@@ -193,9 +194,9 @@ def _finish(client, job, gates, as_json: bool, *, replayed: bool = False) -> Non
             stdout_console().print(candidate_table(table, title=title))
         show_gates(results)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
-        artifacts = client.artifacts(job.id) if job.status == "succeeded" else []
+        artifacts = client.artifacts(job.id) if job.status == JobStatus.SUCCEEDED else []
         append_step_summary(github_summary(job, results, artifacts))
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         sys.exit(EXIT_JOB_FAILED)
     sys.exit(EXIT_OK if passed else EXIT_GATE_FAILED)
 
@@ -217,7 +218,7 @@ def _follow(client, job_id: str, timeout: float | None, as_json: bool, interval:
         for event in client.events(job_id, timeout=timeout):
             show(event)
     job = client.get(job_id)
-    if job.status not in ("succeeded", "failed", "cancelled"):
+    if job.status not in TERMINAL:
         if deadline is None or time.monotonic() < deadline:  # the stream ended early: poll
             left = None if deadline is None else deadline - time.monotonic()
             return _poll(client, job_id, left, as_json)

@@ -7,6 +7,7 @@ import json
 import click
 
 from distillery.cli_support import InputError, connect, guard, print_table, upload_progress
+from distillery_contract.webhooks import DEFAULT_EVENTS, WebhookEvent
 
 
 def _quiet_option(fn):
@@ -188,8 +189,8 @@ def webhooks() -> None:
     "--event",
     "events",
     multiple=True,
-    type=click.Choice(["job.succeeded", "job.failed", "job.cancelled", "job.stage"]),
-    help="repeatable; default: job.succeeded, job.failed, job.cancelled",
+    type=click.Choice([e.value for e in WebhookEvent]),
+    help=f"repeatable; default: {', '.join(DEFAULT_EVENTS)}",
 )
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)

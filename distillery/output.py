@@ -16,6 +16,7 @@ import click
 
 from distillery.client import Event
 from distillery.schemas import ArtifactPublic, JobPublic
+from distillery.states import JobStatus, StageStatus
 
 MODELS = ("teacher", "baseline", "student", "pruned", "quantized")
 
@@ -216,7 +217,7 @@ def sensitivity_table(job: JobPublic):
 
 def job_table(job: JobPublic) -> None:
     # Plain lines for the id and the error: scripts grep them, and rich would wrap them.
-    stage = f" ({job.stage})" if job.stage and job.status != "succeeded" else ""
+    stage = f" ({job.stage})" if job.stage and job.status != JobStatus.SUCCEEDED else ""
     click.echo(f"{job.id} {job.name}: {job.status}{stage}")
     if job.error:
         click.echo(f"error [{job.error.code}]: {job.error.message}")
@@ -284,9 +285,9 @@ def _took(d: dict[str, Any]) -> str:
 
 
 def _stage_word(d: dict[str, Any]) -> str:
-    if d["status"] == "running":
+    if d["status"] == StageStatus.RUNNING:
         return "started"
-    if d["status"] == "succeeded":
+    if d["status"] == StageStatus.SUCCEEDED:
         return f"succeeded ({_took(d)})"
     return d["status"]
 
@@ -305,7 +306,9 @@ class Bar:
         from rich.console import Console
 
         self.progress = progress_bar(Console(stderr=True), disable=False)
-        self.task = self.progress.add_task(job_id, total=1.0, stage="queued", message="")
+        self.task = self.progress.add_task(
+            job_id, total=1.0, stage=JobStatus.QUEUED.value, message=""
+        )
 
     def __enter__(self) -> Bar:
         self.progress.start()
@@ -323,7 +326,7 @@ class Bar:
             )
         elif e.type == "status":
             self.progress.update(self.task, message=d["status"])
-        elif e.type == "stage" and d["status"] == "succeeded":
+        elif e.type == "stage" and d["status"] == StageStatus.SUCCEEDED:
             self.progress.console.print(f"[green]✓[/] {d['stage']} ({_took(d)})")
 
 

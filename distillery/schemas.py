@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillery.states import JobStatus, StageStatus
+from distillery_contract.webhooks import DEFAULT_EVENTS, DeliveryStatus, WebhookEvent
 
 # --- jobs ------------------------------------------------------------------------------------
 
@@ -235,10 +236,9 @@ class ModelsPublic(BaseModel):
 
 # --- webhooks --------------------------------------------------------------------------------
 
-WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage"]
-WEBHOOK_EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled", "job.stage")
-# What an endpoint or a job's webhook hears when it names no events: how each job ended.
-DEFAULT_WEBHOOK_EVENTS: list[str] = ["job.succeeded", "job.failed", "job.cancelled"]
+# The events and their defaults are the contract's (distillery_contract.webhooks); the names
+# stay importable from here.
+DEFAULT_WEBHOOK_EVENTS: list[WebhookEvent] = list(DEFAULT_EVENTS)
 
 
 MAX_UPLOAD_PARTS = 10_000  # S3's limit, kept for local stores too
@@ -353,7 +353,7 @@ class DeliveryPublic(BaseModel):
     job_id: str
     event: str
     url: str
-    status: Literal["pending", "succeeded", "failed"]
+    status: DeliveryStatus
     attempts: list[DeliveryAttemptPublic]
     next_attempt_at: datetime | None
     created_at: datetime

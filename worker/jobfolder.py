@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.storage import Storage, StorageError, job_key
+from distillery_contract.states import StageStatus
 from worker.pipeline.files import sha256_file
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -79,7 +80,7 @@ class JobFolder:
 
         def handle(e: dict[str, Any]) -> None:
             on_event(e)
-            stage_ended = e.get("type") == "stage" and e.get("status") == "succeeded"
+            stage_ended = e.get("type") == "stage" and e.get("status") == StageStatus.SUCCEEDED
             if stage_ended or time.monotonic() - self._last_push >= self.sync_every:
                 self.push(under)
 

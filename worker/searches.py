@@ -25,6 +25,7 @@ from celery import Celery, group
 
 from app.jobs import lifecycle, search
 from app.jobs.states import JobStatus, StageStatus
+from distillery_contract.errors import ErrorCode
 from worker.celery_app import JOB_TASK, make_celery, make_enqueue
 from worker.pipeline.spec import JobSpec
 from worker.recorder import Recorder
@@ -192,7 +193,9 @@ def finish(runtime: Runtime, job_id: str, claimed: Claimed) -> str:
     from worker.pipeline.finalize import finalize
 
     if claimed.status == JobStatus.CANCELLING:
-        cancelled = Outcome(JobStatus.CANCELLED, ("cancelled", "cancelled during the search"))
+        cancelled = Outcome(
+            JobStatus.CANCELLED, (ErrorCode.CANCELLED, "cancelled during the search")
+        )
         retry_db(
             lambda: record_outcome(runtime, job_id, claimed.worker_id, cancelled, None),
             what=job_id,

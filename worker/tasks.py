@@ -19,6 +19,7 @@ from app.jobs.reaper import Reaper
 from app.jobs.states import JobStatus
 from app.models import utcnow
 from app.services.retention import Retention
+from distillery_contract.errors import ErrorCode
 from worker.celery_app import JOB_TASK, make_enqueue, make_queue_size
 from worker.jobfolder import JobFolder
 from worker.pipeline.errors import Cancelled, PipelineError
@@ -46,13 +47,15 @@ class Claimed:
     deadline: float  # time.time() past which the job times out
     parent_id: str | None = None  # a search's branch: the search
     branch: int | None = None
-    status: str = "running"  # cancelling: a search ended while its branches were stopped
+    status: JobStatus = (
+        JobStatus.RUNNING
+    )  # cancelling: a search ended while its branches were stopped
 
 
 @dataclass
 class Outcome:
     status: JobStatus
-    error: tuple[str, str] | None = None
+    error: tuple[ErrorCode, str] | None = None
     report: dict[str, Any] | None = None
 
 
@@ -187,17 +190,18 @@ def _guarded(
         if time.time() > claimed.deadline:
             limit = runtime.settings.JOB_TIMEOUT_SECONDS
             return Outcome(
-                JobStatus.FAILED, ("timeout", f"the job ran past JOB_TIMEOUT_SECONDS={limit:.0f}")
+                JobStatus.FAILED,
+                (ErrorCode.TIMEOUT, f"the job ran past JOB_TIMEOUT_SECONDS={limit:.0f}"),
             )
-        return Outcome(JobStatus.CANCELLED, ("cancelled", e.message))
+        return Outcome(JobStatus.CANCELLED, (ErrorCode.CANCELLED, e.message))
     except PipelineError as e:
         return Outcome(JobStatus.FAILED, (e.code, e.message))
     except StorageError as e:  # boto3 retried already; the job's files are not safe to use
         log.warning("job %s: %s", job_id, e)
-        return Outcome(JobStatus.FAILED, ("storage_error", str(e)))
+        return Outcome(JobStatus.FAILED, (ErrorCode.STORAGE_ERROR, str(e)))
     except Exception as e:  # a bug: the job fails with a message, the trace goes to the log
         log.exception("job %s crashed", job_id)
-        return Outcome(JobStatus.FAILED, ("internal_error", f"{type(e).__name__}: {e}"))
+        return Outcome(JobStatus.FAILED, (ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}"))
 
 
 def record_outcome(

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from distillery_contract.errors import DistilleryError, ErrorCode
+
 # An absolute POSIX path: a "/" that starts a word (not inside "a/b", "../x" or a URL's "//"),
 # then one or more components. Quotes, brackets, commas and colons end it, as they end the
 # paths that OS and library errors quote.
@@ -31,15 +33,16 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class AppError(Exception):
+class AppError(DistilleryError):
+    """An error the API answers with: its HTTP status, its code, and headers to send."""
+
     status_code: ClassVar[int] = 400
-    code: ClassVar[str] = "bad_request"
+    code: ClassVar[ErrorCode] = ErrorCode.BAD_REQUEST
 
     def __init__(
-        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+        self, message: str, *, code: ErrorCode | None = None, headers: dict[str, str] | None = None
     ):
         super().__init__(message)
-        self.message = message
         if code is not None:
             self.code = code  # type: ignore[misc]
         self.headers = headers or {}
@@ -49,107 +52,107 @@ class AppError(Exception):
 
 
 class Unauthorized(AppError):
-    status_code, code = 401, "unauthorized"
+    status_code, code = 401, ErrorCode.UNAUTHORIZED
 
 
 class NotFound(AppError):
-    status_code, code = 404, "not_found"
+    status_code, code = 404, ErrorCode.NOT_FOUND
 
 
 class MetricsDisabled(NotFound):
-    code = "metrics_disabled"
+    code = ErrorCode.METRICS_DISABLED
 
 
 class JobNotFound(NotFound):
-    code = "job_not_found"
+    code = ErrorCode.JOB_NOT_FOUND
 
 
 class ArtifactNotFound(NotFound):
-    code = "artifact_not_found"
+    code = ErrorCode.ARTIFACT_NOT_FOUND
 
 
 class DatasetNotFound(NotFound):
-    code = "dataset_not_found"
+    code = ErrorCode.DATASET_NOT_FOUND
 
 
 class ModelNotFound(NotFound):
-    code = "model_not_found"
+    code = ErrorCode.MODEL_NOT_FOUND
 
 
 class WebhookNotFound(NotFound):
-    code = "webhook_not_found"
+    code = ErrorCode.WEBHOOK_NOT_FOUND
 
 
 class ArtifactsExpired(AppError):
     """The job's files were deleted for age (ARTIFACT_TTL_DAYS); its record stays."""
 
-    status_code, code = 410, "artifacts_expired"
+    status_code, code = 410, ErrorCode.ARTIFACTS_EXPIRED
 
 
 class JobStateConflict(AppError):
-    status_code, code = 409, "job_state_conflict"
+    status_code, code = 409, ErrorCode.JOB_STATE_CONFLICT
 
 
 class UploadInUse(AppError):
-    status_code, code = 409, "upload_in_use"
+    status_code, code = 409, ErrorCode.UPLOAD_IN_USE
 
 
 class IdempotencyConflict(AppError):
-    status_code, code = 409, "idempotency_key_reused"
+    status_code, code = 409, ErrorCode.IDEMPOTENCY_KEY_REUSED
 
 
 class PayloadTooLarge(AppError):
-    status_code, code = 413, "payload_too_large"
+    status_code, code = 413, ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class QuotaExceeded(AppError):
     """The tenant is over one of its quotas (TENANT_MAX_*); Retry-After says when to retry."""
 
-    status_code, code = 429, "quota_exceeded"
+    status_code, code = 429, ErrorCode.QUOTA_EXCEEDED
 
 
 class Overloaded(AppError):
     """The API could not get a database connection in time (DB_POOL_TIMEOUT_SECONDS)."""
 
-    status_code, code = 503, "overloaded"
+    status_code, code = 503, ErrorCode.OVERLOADED
 
 
 class UploadTimeout(AppError):
     """A client sent nothing for UPLOAD_READ_TIMEOUT_SECONDS in the middle of a body."""
 
-    status_code, code = 408, "upload_timeout"
+    status_code, code = 408, ErrorCode.UPLOAD_TIMEOUT
 
 
 class InsufficientStorage(AppError):
     """The API's disk cannot hold the file: refused before a byte of it is written."""
 
-    status_code, code = 507, "insufficient_storage"
+    status_code, code = 507, ErrorCode.INSUFFICIENT_STORAGE
 
 
 class UploadNotFound(NotFound):
-    code = "upload_not_found"
+    code = ErrorCode.UPLOAD_NOT_FOUND
 
 
 class UploadStateConflict(AppError):
-    status_code, code = 409, "upload_state_conflict"
+    status_code, code = 409, ErrorCode.UPLOAD_STATE_CONFLICT
 
 
 class StorageUnavailable(AppError):
     """The store (an S3 bucket) did not answer or refused; nothing was written."""
 
-    status_code, code = 503, "storage_unavailable"
+    status_code, code = 503, ErrorCode.STORAGE_UNAVAILABLE
 
 
 class SpecInvalid(AppError):
-    status_code, code = 422, "invalid_spec"
+    status_code, code = 422, ErrorCode.INVALID_SPEC
 
 
 class WebhookInvalid(AppError):
-    status_code, code = 422, "invalid_webhook"
+    status_code, code = 422, ErrorCode.INVALID_WEBHOOK
 
 
 class UploadInvalid(AppError):
-    status_code, code = 422, "invalid_upload"
+    status_code, code = 422, ErrorCode.INVALID_UPLOAD
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         # Refusals quote parser and OS errors about the upload's temporary file on the server.

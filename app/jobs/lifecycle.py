@@ -30,6 +30,8 @@ from app.jobs.ownership import owned
 from app.jobs.states import TERMINAL, JobStatus, StageStatus, check_transition, sources
 from app.models import Artifact, Job, JobStage, new_id, utcnow
 from app.webhooks import outbox
+from distillery_contract.errors import ErrorCode
+from distillery_contract.webhooks import TERMINAL_EVENTS, WebhookEvent
 
 Enqueue = Callable[[str, str], None]  # (job id, queue): sends the job's message
 
@@ -41,7 +43,7 @@ def move(session: Session, job: Job, to: JobStatus, *, now: datetime, **event: A
     job.status, job.updated_at = to, now
     if to in TERMINAL:
         job.finished_at = now
-        outbox.record(session, job=job, event=outbox.TERMINAL_EVENTS[to.value])
+        outbox.record(session, job=job, event=TERMINAL_EVENTS[to])
     add_event(session, job_id=job.id, type="status", data={"status": to.value, **event})
 
 
@@ -97,7 +99,7 @@ def cancel(session: Session, *, job: Job) -> bool:
     job.cancel_requested = True
     now = utcnow()
     if job.status == JobStatus.QUEUED:
-        job.error_code, job.error_message = "cancelled", "cancelled before it started"
+        job.error_code, job.error_message = ErrorCode.CANCELLED, "cancelled before it started"
         move(session, job, JobStatus.CANCELLED, now=now)
     elif job.status == JobStatus.RUNNING:
         move(session, job, JobStatus.CANCELLING, now=now)
@@ -107,7 +109,7 @@ def cancel(session: Session, *, job: Job) -> bool:
     session.flush()
     if branches and job.worker_id is None and search.branches_ended(session, job_id=job.id):
         # A waiting search whose branches all ended now: nobody else will end it.
-        job.error_code, job.error_message = "cancelled", "cancelled during the search"
+        job.error_code, job.error_message = ErrorCode.CANCELLED, "cancelled during the search"
         move(session, job, JobStatus.CANCELLED, now=now)
         session.flush()
     return True
@@ -214,7 +216,7 @@ def set_stage(
     if stage is None:
         return None
     outbox.record(
-        session, job=job, event="job.stage", detail={"stage": name, "status": status.value}
+        session, job=job, event=WebhookEvent.STAGE, detail={"stage": name, "status": status.value}
     )
     now = utcnow()
     stage.status = status
@@ -249,7 +251,7 @@ def finish(
     status: JobStatus,
     report: dict[str, Any] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
-    error: tuple[str, str] | None = None,
+    error: tuple[ErrorCode, str] | None = None,
     history: list[dict[str, Any]] | None = None,
 ) -> bool:
     """Move an owned job to a terminal status. `report` (the pipeline's) brings the metrics,
@@ -351,7 +353,8 @@ def release(session: Session, job: Job, *, now: datetime, max_attempts: int, rea
     last = stage_attempts.last_sign_of_life(job.heartbeat_at, job.updated_at)
     stage_attempts.interrupt(session, job_id=job.id, at=last or now)
     if job.status == JobStatus.CANCELLING:
-        job.error_code, job.error_message = "cancelled", "cancelled (its worker stopped responding)"
+        job.error_code = ErrorCode.CANCELLED
+        job.error_message = "cancelled (its worker stopped responding)"
         move(session, job, JobStatus.CANCELLED, now=now)
         return "cancelled"
     if job.attempts < max_attempts:
@@ -360,7 +363,7 @@ def release(session: Session, job: Job, *, now: datetime, max_attempts: int, rea
         job.worker_id, job.enqueued_at = None, None
         move(session, job, JobStatus.QUEUED, now=now)
         return "requeued"
-    job.error_code = "worker_lost"
+    job.error_code = ErrorCode.WORKER_LOST
     job.error_message = f"the worker stopped heartbeating {job.attempts} time(s); giving up"
     error = {"code": job.error_code, "message": job.error_message}
     move(session, job, JobStatus.FAILED, now=now, error=error)

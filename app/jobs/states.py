@@ -1,9 +1,9 @@
 """A job's statuses and the moves between them, as data. The statuses themselves live in the
-thin client package (distillery.states): the CLI and the client read them without the service."""
+contract package (distillery_contract.states) the API, the worker and the client share."""
 
 from __future__ import annotations
 
-from distillery.states import TERMINAL, JobStatus, StageStatus
+from distillery_contract.states import TERMINAL, JobStatus, StageStatus
 
 __all__ = [
     "ACTIVE",

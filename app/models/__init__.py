@@ -25,6 +25,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from app.core.db import Base
+from distillery_contract.states import JobStatus, StageStatus
+from distillery_contract.webhooks import DeliveryStatus
 
 
 class UTCDateTime(TypeDecorator):
@@ -83,7 +85,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -128,7 +130,7 @@ class JobStage(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=StageStatus.PENDING)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     seconds: Mapped[float | None] = mapped_column(Float)
@@ -327,7 +329,7 @@ class WebhookDelivery(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # e.g. the stage's move
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # frozen at the first attempt
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # When the next attempt is due (a claimed attempt pushes it past its own timeout); NULL
     # once the delivery has succeeded or given up.

@@ -19,21 +19,17 @@ from sqlalchemy.orm import Session
 
 from app.core.db import after_commit
 from app.models import Job, Tenant, WebhookAttempt, WebhookDelivery, WebhookEndpoint, new_id, utcnow
+from distillery_contract.webhooks import DeliveryStatus, WebhookEvent
 
 log = logging.getLogger("distillery.webhooks")
 
 # Session.info key: `send(delivery_id, countdown)` sends a delivery's task (Database(info=…)).
 SEND_WEBHOOK = "send_webhook"
 SendWebhook = Callable[[str, float], None]
-TERMINAL_EVENTS = {
-    "succeeded": "job.succeeded",
-    "failed": "job.failed",
-    "cancelled": "job.cancelled",
-}
 RESPONSE_PREFIX = 256  # bytes of a receiver's answer kept with an attempt
 
 
-def _targets(session: Session, job: Job, event: str) -> list[tuple[str | None, str]]:
+def _targets(session: Session, job: Job, event: WebhookEvent) -> list[tuple[str | None, str]]:
     """(endpoint id, url) of every receiver of `event` for this job: the tenant's endpoints,
     and the webhook the job's spec names (endpoint id None)."""
     endpoints = session.scalars(
@@ -47,7 +43,7 @@ def _targets(session: Session, job: Job, event: str) -> list[tuple[str | None, s
 
 
 def record(
-    session: Session, *, job: Job, event: str, detail: dict[str, Any] | None = None
+    session: Session, *, job: Job, event: WebhookEvent, detail: dict[str, Any] | None = None
 ) -> list[str]:
     """Record a delivery of `event` for each receiver, due now, and send their tasks once this
     transaction commits (never before: the task must find its row). Returns their ids."""
@@ -61,7 +57,7 @@ def record(
             event=event,
             detail=detail or {},
             url=url,
-            status="pending",
+            status=DeliveryStatus.PENDING,
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -110,7 +106,7 @@ def claim(session: Session, *, delivery_id: str, lease_seconds: float) -> Claime
         update(WebhookDelivery)
         .where(
             WebhookDelivery.id == delivery_id,
-            WebhookDelivery.status == "pending",
+            WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.next_attempt_at <= now + timedelta(seconds=1),
         )
         .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
@@ -214,11 +210,11 @@ def record_attempt(
     )
     d.attempts = claimed.attempt
     if outcome.ok:
-        d.status, d.next_attempt_at = "succeeded", None
+        d.status, d.next_attempt_at = DeliveryStatus.SUCCEEDED, None
         return None
     delay = backoff(claimed.attempt, base=base, cap=cap)
     if now + timedelta(seconds=delay) > d.created_at + timedelta(seconds=retry_for):
-        d.status, d.next_attempt_at = "failed", None
+        d.status, d.next_attempt_at = DeliveryStatus.FAILED, None
         return None
     d.next_attempt_at = now + timedelta(seconds=delay)
     send = session.info.get(SEND_WEBHOOK)
@@ -232,7 +228,10 @@ def resend_lost(session: Session, *, older_than: datetime, limit: int = 100) -> 
     again after commit. Safe in many processes at once: rows are locked and skipped."""
     rows = session.scalars(
         select(WebhookDelivery)
-        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at < older_than)
+        .where(
+            WebhookDelivery.status == DeliveryStatus.PENDING,
+            WebhookDelivery.next_attempt_at < older_than,
+        )
         .with_for_update(skip_locked=True)
         .limit(limit)
     ).all()

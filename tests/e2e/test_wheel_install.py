@@ -24,7 +24,7 @@ def build_wheel(tmp_path: Path) -> Path:
     """The project's wheel, built from a copy (setuptools leaves build/ and *.egg-info beside
     the sources it builds), without build isolation (no network needed)."""
     src = tmp_path / "src"
-    for package in ("distillery", "app", "worker"):
+    for package in ("distillery", "distillery_contract", "app", "worker"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)

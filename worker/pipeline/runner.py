@@ -196,7 +196,9 @@ def run_stage(state: JobState, stage: Stage) -> None:
     if record is not None:
         stage.run(state, ctx, True)
         state.metrics.update(record.get("models", {}))
-        state.emit({"type": "stage", "stage": stage.name, "status": "succeeded", "resumed": True})
+        state.emit(
+            {"type": "stage", "stage": stage.name, "status": StageStatus.SUCCEEDED, "resumed": True}
+        )
         state.records.append(record)
         return
     state.ctx.check_cancel()

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from distillery_contract.states import StageStatus
 from worker.pipeline.spec import JobSpec, PruneSpec, StudentSpec
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -311,9 +312,14 @@ def run_search(
 @contextmanager
 def _stage(emit: EventFn, name: str):
     """Stage events around a phase, as the stages of a plain job send them."""
-    emit({"type": "stage", "stage": name, "status": "running"})
+    emit({"type": "stage", "stage": name, "status": StageStatus.RUNNING})
     t0 = time.perf_counter()
     yield
     emit(
-        {"type": "stage", "stage": name, "status": "succeeded", "seconds": time.perf_counter() - t0}
+        {
+            "type": "stage",
+            "stage": name,
+            "status": StageStatus.SUCCEEDED,
+            "seconds": time.perf_counter() - t0,
+        }
     )

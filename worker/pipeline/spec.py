@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from distillery_contract.webhooks import DEFAULT_EVENTS, WebhookEvent
+
 
 class _Spec(BaseModel):
     # A spec is stored as JSON: NaN and infinity are not JSON (PostgreSQL refuses them), and
@@ -477,7 +479,6 @@ class GatesSpec(_Spec):
 
 
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]
-WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage"]
 
 
 class WebhookSpec(_Spec):
@@ -486,7 +487,7 @@ class WebhookSpec(_Spec):
 
     url: str = Field(max_length=2000, description="https URL on a public address")
     events: list[WebhookEvent] = Field(
-        default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"],
+        default_factory=lambda: list(DEFAULT_EVENTS),
         min_length=1,
         max_length=4,
     )

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from distillery.states import StageStatus  # noqa: F401  (stages are named with it here too)
+from distillery_contract.states import StageStatus  # noqa: F401  (stages are named with it here too)
 from worker.pipeline.registry import UnknownName
 from worker.pipeline.spec import JobSpec, TrainedTeacher
 
