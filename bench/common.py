@@ -27,6 +27,7 @@ BENCHMARKS = (
     "upload",
     "api_load",
     "api_waiting",
+    "recovery",
     "dashboard",
 )
 

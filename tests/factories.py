@@ -79,12 +79,19 @@ def archive_images(path: Path) -> list[tuple[str, Image.Image]]:
     return out
 
 
+def fake_mnist(n: int = 1797) -> tuple[np.ndarray, np.ndarray]:
+    """The digits upscaled to MNIST's 28x28 uint8 pictures: x (n,1,28,28), y (n,)."""
+    x, y = digits(n)
+    images = np.zeros((len(x), 1, 28, 28), np.uint8)
+    images[:, 0, 2:26, 2:26] = np.kron(x[:, 0], np.ones((3, 3))) * 15
+    return images, y
+
+
 def fake_mnist_root(root: Path, name: str = "FashionMNIST", n_train: int = 1200) -> Path:
     """A pre-filled torchvision data root for MNIST-format `name` (MNIST, FashionMNIST): the
     digits upscaled to 28x28 in the idx files torchvision reads, so no download happens."""
-    x, y = digits(1797)
-    images = np.zeros((len(x), 28, 28), np.uint8)
-    images[:, 2:26, 2:26] = np.kron(x[:, 0], np.ones((3, 3))) * 15
+    images, y = fake_mnist()
+    images = images[:, 0]
     raw = root / name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, sl in (("train", slice(0, n_train)), ("t10k", slice(n_train, None))):
@@ -96,6 +103,19 @@ def fake_mnist_root(root: Path, name: str = "FashionMNIST", n_train: int = 1200)
             struct.pack(">II", 2049, len(labels)) + labels.tobytes()
         )
     return root
+
+
+def decoded(members: dict[str, bytes], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """ImageFolder `class/i.png` members as a model card tells users to read them (RGB, the
+    whole picture resized bilinearly): x (n,3,size,size) uint8, y (n,) by sorted class name."""
+    classes = sorted({name.split("/")[0] for name in members})
+    xs, ys = [], []
+    for name, data in members.items():
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        xs.append(np.asarray(img, np.uint8).transpose(2, 0, 1))
+        ys.append(classes.index(name.split("/")[0]))
+    return np.stack(xs), np.asarray(ys, np.int64)
 
 
 class SmallCNN(nn.Module):
@@ -112,10 +132,33 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-def user_teacher(in_shape: tuple[int, ...], classes: int, path: Path, fmt: str) -> Path:
+def _fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 80) -> None:
+    """Train as a user would before uploading, on `x` standardised per channel, as Distillery
+    feeds a dataset to every model (its statistics come from its training split; these from
+    all of `x`, which is close enough for the teacher to score far above chance)."""
+    xs = torch.as_tensor(x, dtype=torch.float32)
+    mean, std = xs.mean(dim=(0, 2, 3), keepdim=True), xs.std(dim=(0, 2, 3), keepdim=True)
+    xs, ys = (xs - mean) / std.clamp_min(1e-6), torch.as_tensor(y)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xs), ys).backward()
+        opt.step()
+    model.eval()
+
+
+def user_teacher(
+    in_shape: tuple[int, ...],
+    classes: int,
+    path: Path,
+    fmt: str,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
     """A teacher exported the way its owner would: TorchScript with torch.jit.trace + save,
     ONNX with torch.onnx.export (dynamic batch), safetensors of a registered arch's weights
-    (`cnn_tiny`, which Distillery rebuilds from the name)."""
+    (`cnn_tiny`, which Distillery rebuilds from the name). Trained on `data` (x, y) first
+    when given; untrained (chance accuracy) otherwise."""
     torch.manual_seed(0)
     example = torch.zeros(1, *in_shape)
     if fmt == "safetensors":
@@ -124,9 +167,14 @@ def user_teacher(in_shape: tuple[int, ...], classes: int, path: Path, fmt: str) 
         from worker.pipeline.archs import build_model
 
         model = build_model("cnn_tiny", in_shape, classes)
+        if data is not None:
+            _fit(model, *data)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         return path
-    model = SmallCNN(in_shape[0], classes).eval()
+    model = SmallCNN(in_shape[0], classes)
+    if data is not None:
+        _fit(model, *data)
+    model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if fmt == "torchscript":

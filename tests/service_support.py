@@ -268,6 +268,28 @@ def running_stack(
                     r.delete(key)
 
 
+def a_job_whose_workers_die(stack: Stack, c: httpx.Client, attempts: int = 2) -> str:
+    """Submit a long job on a queue of its own and SIGKILL its worker on each of its
+    `attempts` (the stack's MAX_ATTEMPTS): the reaper then fails it `worker_lost`. Returns
+    the job's id once the last worker is dead."""
+    queue = stack.queue + "-lost"
+    spec = {**TINY_SPEC, "queue": queue, "teacher": {"arch": "cnn_small", "epochs": 500}}
+    job_id = c.post("/v1/jobs", json=spec).json()["id"]
+    for attempt in range(1, attempts + 1):
+        w = stack.start_worker(queue)
+        wait_until(
+            lambda n=attempt: (
+                (j := c.get(f"/v1/jobs/{job_id}").json())["attempts"] == n
+                and j["status"] == "running"
+            ),
+            60,
+            what=f"attempt {attempt}",
+        )
+        w.send_signal(signal.SIGKILL)
+        w.wait(timeout=10)
+    return job_id
+
+
 def wait_for_status(c: httpx.Client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
     def done():
         job = c.get(f"/v1/jobs/{job_id}").json()

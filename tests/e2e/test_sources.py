@@ -38,6 +38,12 @@ REST = {
     "evaluate": {"latency_runs": 5, "latency_warmup": 1},
 }
 TRAIN = {"source": "train", "arch": "cnn_tiny", "epochs": 2}
+# The least accuracy the job may measure for a teacher its owner trained (tests/factories.py
+# fits each to its data): 10 digit classes (chance 0.1; measured 0.73 for the 28x28 one, 0.97
+# for the 8x8 one, on 2026-12-07) and 3 colours (chance 0.33; measured 1.0, while the same
+# teacher untrained scores 0.71, colours being that easy). A teacher the service loads or
+# feeds wrongly (channels, scaling, class order) falls to about chance.
+TEACHER_FLOOR = {10: 0.5, 3: 0.9}
 DIGITS_SHAPE, IMAGES_SHAPE = (1, 8, 8), (3, 16, 16)
 EXPECTED = {"model.onnx", "model.int8.onnx", "model.safetensors", "model_card.json"}
 
@@ -50,13 +56,16 @@ def _inputs(tmp_path, case: str):
         return {**ds, "max_samples": 300}, TRAIN
     if case == "npz+torchscript":
         npz = factories.digits_npz(tmp_path / "digits.npz", n=300)
-        pt = factories.user_teacher(DIGITS_SHAPE, 10, tmp_path / "t.pt", "torchscript")
+        digits = factories.digits(300)
+        pt = factories.user_teacher(DIGITS_SHAPE, 10, tmp_path / "t.pt", "torchscript", digits)
         return {"source": "npz", "path": str(npz)}, {"source": "torchscript", "path": str(pt)}
     name, fmt = {"imagefolder.zip+onnx": ("img.zip", "onnx")}.get(
         case, ("img.tar.gz", "safetensors")
     )
-    archive = factories.write_archive(tmp_path / name, factories.colour_images(12))
-    teacher_path = factories.user_teacher(IMAGES_SHAPE, 3, tmp_path / f"t.{fmt}", fmt)
+    images = factories.colour_images(12)
+    archive = factories.write_archive(tmp_path / name, images)
+    data = factories.decoded(images, IMAGES_SHAPE[-1])
+    teacher_path = factories.user_teacher(IMAGES_SHAPE, 3, tmp_path / f"t.{fmt}", fmt, data)
     teacher = {"source": fmt, "path": str(teacher_path)}
     if fmt == "safetensors":
         teacher["arch"] = "cnn_tiny"
@@ -88,6 +97,9 @@ def test_distillery_run_takes_every_dataset_and_teacher_source(tmp_path, case):
     ]  # fmt: skip
     assert {a["name"] for a in report["artifacts"]} >= EXPECTED
     assert 0.0 <= report["metrics"]["final"]["accuracy"] <= 1.0
+    if teacher["source"] != "train":  # a user's trained teacher (TRAIN's 2 epochs: ~chance)
+        classes = 10 if dataset["source"] == "npz" else 3
+        assert report["metrics"]["teacher"]["accuracy"] >= TEACHER_FLOOR[classes]
 
 
 def _upload(c, route: str, path, **fields) -> str:
@@ -112,28 +124,40 @@ def test_serve_takes_every_dataset_and_teacher_source(served, tmp_path):
     # The operator pre-fills the service's data root (DATA_ROOT, default $DISTILLERY_HOME/data).
     factories.fake_mnist_root(home / "home" / "data")
     npz = factories.digits_npz(tmp_path / "digits.npz", n=300)
-    archive = factories.write_archive(tmp_path / "img.zip", factories.colour_images(12))
+    images = factories.colour_images(12)
+    archive = factories.write_archive(tmp_path / "img.zip", images)
+    # Teachers their owners trained: the job's measure of each must be far above chance, or the
+    # service fed it something other than what it was trained on.
+    fm, digits = factories.fake_mnist(), factories.digits(300)
+    fm = fm[0][:600], fm[1][:600]  # some of the training rows: enough, and a few seconds
+    pictures = factories.decoded(images, IMAGES_SHAPE[-1])
     with client(url, key) as c:
-        ts = factories.user_teacher((1, 28, 28), 10, tmp_path / "fm.pt", "torchscript")
-        onnx = factories.user_teacher(DIGITS_SHAPE, 10, tmp_path / "d.onnx", "onnx")
-        st = factories.user_teacher(IMAGES_SHAPE, 3, tmp_path / "c.safetensors", "safetensors")
+        ts = factories.user_teacher((1, 28, 28), 10, tmp_path / "fm.pt", "torchscript", fm)
+        onnx = factories.user_teacher(DIGITS_SHAPE, 10, tmp_path / "d.onnx", "onnx", digits)
+        st = factories.user_teacher(
+            IMAGES_SHAPE, 3, tmp_path / "c.safetensors", "safetensors", pictures
+        )
         jobs = [
             (
                 {"source": "torchvision", "name": "FashionMNIST", "max_samples": 300},
                 {"source": "upload", "id": _upload(c, "/v1/models", ts)},
+                10,
             ),
             (
                 {"source": "upload", "id": _upload(c, "/v1/datasets", npz)},
                 {"source": "upload", "id": _upload(c, "/v1/models", onnx)},
+                10,
             ),
             (
                 {"source": "upload", "id": _upload(c, "/v1/datasets", archive), "image_size": 16},
                 {"source": "upload", "id": _upload(c, "/v1/models", st, arch="cnn_tiny")},
+                3,
             ),
         ]
-        for dataset, teacher in jobs:
+        for dataset, teacher, classes in jobs:
             job = _run_on_service(c, {"dataset": dataset, "teacher": teacher, **REST})
-            assert job["metrics"]["teacher"]["accuracy"] >= 0.0
+            teacher_accuracy = job["metrics"]["teacher"]["accuracy"]
+            assert teacher_accuracy >= TEACHER_FLOOR[classes], (dataset, job["metrics"])
 
 
 # --- the model card's input contract -------------------------------------------------------

