@@ -1,5 +1,6 @@
 """Quantize stage, on the ONNX model through ONNX Runtime quantization (the CPU deployment
-path): int8 static (calibrated, QDQ, per-channel weights), int8 dynamic, and fp16."""
+path): int8 static (calibrated by min/max, entropy or percentile; QDQ, per-channel weights),
+int8 dynamic, and fp16. `qat` is registered here too but trains: worker.pipeline.qat."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
+    CalibrationMethod,
     QuantFormat,
     QuantType,
     quantize_dynamic,
@@ -32,6 +34,9 @@ class Quantizer:
     run: QuantizeFn  # (fp32 .onnx, destination, calibration inputs, spec)
     suffix: str  # the artifact is model.<suffix>.onnx
     format: str  # the artifact's format in listings
+    # Fine-tunes the float model against the teacher (worker.pipeline.qat) instead of
+    # quantizing an ONNX file: its caller hands it the model, the data and the teacher.
+    trains: bool = False
 
     @property
     def filename(self) -> str:
@@ -39,6 +44,16 @@ class Quantizer:
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+# int8_static's activation ranges: name -> (ONNX Runtime's method, its options from the spec).
+CALIBRATIONS: Registry[tuple[CalibrationMethod, Callable[[QuantizeSpec], dict]]] = Registry(
+    "calibration"
+)
+CALIBRATIONS.add("minmax", (CalibrationMethod.MinMax, lambda spec: {}))
+CALIBRATIONS.add("entropy", (CalibrationMethod.Entropy, lambda spec: {}))
+CALIBRATIONS.add(
+    "percentile",
+    (CalibrationMethod.Percentile, lambda spec: {"CalibPercentile": spec.calibration_percentile}),
+)
 
 
 def quantizer(name: str, *, suffix: str, format: str):
@@ -72,7 +87,7 @@ def _preprocessed(src: Path, tmp: Path) -> Path:
 
 
 def weight_bits(spec: QuantizeSpec) -> tuple[int, str]:
-    """The int8_static weight width and where it came from: the spec's deployment target, or
+    """The int8_static (and qat) weight width and where it came from: the spec's deployment target, or
     by default this worker's CPU (8 bits with VNNI, 7 without)."""
     if spec.weight_bits is not None:
         return spec.weight_bits, "quantize.weight_bits in the spec"
@@ -83,6 +98,7 @@ def weight_bits(spec: QuantizeSpec) -> tuple[int, str]:
 @quantizer("int8_static", suffix="int8", format="onnx-int8")
 def int8_static(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    method, options = CALIBRATIONS.get(spec.calibration)
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(
             str(_preprocessed(src, Path(tmp))),
@@ -97,6 +113,8 @@ def int8_static(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> Non
             # digits teacher's int8 model agreed with its fp32 model on 95.8 % of the test set
             # with 8 bits and on at least 97 % with 7. With VNNI the sums are int32: 8 bits.
             reduce_range=weight_bits(spec)[0] == 7,
+            calibrate_method=method,
+            extra_options=options(spec),
         )
 
 
@@ -120,7 +138,17 @@ def fp16(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
     onnx.save(model, str(dst))
 
 
+def _trains(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> None:
+    raise TypeError(f"{spec.method} fine-tunes the float model: call worker.pipeline.qat.run")
+
+
+# Quantization-aware distillation: the float model fine-tuned with fake quantization against
+# the teacher, exported as int8 QDQ (worker.pipeline.qat, which imports the training loop).
+QUANTIZERS.add("qat", Quantizer(_trains, "int8_qat", "onnx-int8-qat", trains=True))
+
+
 def run(src: Path, dst: Path, calib: Samples, spec: QuantizeSpec) -> Path:
-    """Quantize the fp32 ONNX model at `src` with `spec.method` into `dst`."""
+    """Quantize the fp32 ONNX model at `src` with `spec.method` into `dst` (not `qat`: it
+    needs the float model, worker.pipeline.qat.run)."""
     QUANTIZERS.get(spec.method).run(src, dst, calib, spec)
     return dst

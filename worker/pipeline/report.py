@@ -142,11 +142,18 @@ def speed_report(state: JobState, final_key: str) -> dict[str, Any]:
 
 
 def quantize_card(spec: Any, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the model card says of quantization: the method and, for int8_static, the weight
-    width and what chose it (the spec's deployment target or this worker's CPU)."""
+    """What the model card says of quantization: the method; for int8_static its calibration
+    and for int8_static and qat the weight width and what chose it (the spec's deployment
+    target or this worker's CPU); for qat its fine-tune."""
     if spec is None:
         return None
     out: dict[str, Any] = {"method": spec.method}
+    if spec.method == "int8_static":
+        out["calibration"] = spec.calibration
+        if spec.calibration == "percentile":
+            out["calibration_percentile"] = spec.calibration_percentile
+    if spec.method == "qat":
+        out["qat_epochs"], out["qat_lr"] = spec.qat_epochs, spec.qat_lr
     if metrics is not None and "weight_bits" in metrics:
         out["weight_bits"] = metrics["weight_bits"]
         out["weight_bits_from"] = (
