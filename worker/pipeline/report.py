@@ -122,12 +122,14 @@ def choose_final(state: JobState) -> tuple[Choice, dict[str, Any]]:
 def speed_report(state: JobState, final_key: str) -> dict[str, Any]:
     """The host's int8 capability, every comparison, whether int8 paid and if not why; and
     profile.json, the final model's time per operator type."""
+    from worker.pipeline.quantize import QUANTIZERS  # onnxruntime, as the functions above
+
     parents = stage_models(state)
     ev = speed_evidence(state, parents)
     files = model_files(state, [final_key, *parents])
     out: dict[str, Any] = {"cpu": speed.host(), "comparisons": ev}
     q = state.spec.quantize
-    if "quantized" in files and q is not None and q.method.startswith("int8"):
+    if "quantized" in files and q is not None and QUANTIZERS.get(q.method).int8:
         parent = parents["quantized"]
         assert parent is not None
         parent_ms = state.metrics[parent]["latency_ms"]
