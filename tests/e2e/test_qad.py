@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from app.testing import LEARNING_SPEC
-from tests.service_support import cli, client, wait_until
+from tests.service_support import cli, client, wait_for_status
 from worker.pipeline.data import load_dataset
 from worker.pipeline.spec import JobSpec
 
@@ -83,15 +83,7 @@ def test_serve_runs_a_qad_job(served, tmp_path):
     url, key, _ = served
     with client(url, key) as c:
         job = c.post("/v1/jobs", json=QAD_SPEC).json()
-        done = wait_until(
-            lambda: (
-                (j := c.get(f"/v1/jobs/{job['id']}").json())["status"] in ("succeeded", "failed")
-                and j
-            ),
-            240,
-            interval=0.5,
-            what="the job",
-        )
+        done = wait_for_status(c, job["id"], {"succeeded", "failed"}, timeout=240)
         assert done["status"] == "succeeded", done["error"]
         artifacts = {a["name"]: a for a in c.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
         assert artifacts[FILE]["format"] == "onnx-int8-qat"

@@ -363,10 +363,14 @@ class QuantizeSpec(_Spec):
         99.999, ge=90.0, le=100.0, description="the percentile calibration's cut, in percent"
     )
     qat_epochs: int = Field(
-        3, ge=1, le=1000, description="qat: fine-tune epochs with fake quantization"
+        5, ge=1, le=1000, description="qat: fine-tune epochs with fake quantization"
     )
     qat_lr: float = Field(
-        1e-3, gt=0.0, le=10.0, description="qat: peak learning rate of the fine-tune"
+        3e-3,
+        gt=0.0,
+        le=10.0,
+        description="qat: peak learning rate of the fine-tune (the prune fine-tune's default; "
+        "docs/BENCHMARKS.md compares others)",
     )
     per_channel: bool = True
     weight_bits: Literal[7, 8] | None = Field(
@@ -451,7 +455,7 @@ class SearchSpec(_Spec):
     """Axes to try: every combination of their values is a candidate. An axis left out keeps
     the plain spec's value. Students are distilled once per (temperature, alpha); prune
     amounts branch from each (0: not pruned); each model is quantized by each method (null:
-    kept as float)."""
+    kept as float), int8_static once per calibration method."""
 
     model_config = ConfigDict(
         extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True
