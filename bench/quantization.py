@@ -119,7 +119,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
 # --- accuracy: plain PTQ against quantization-aware distillation ----------------------------
 
 PTQ_LOSS, QAD_LOSS = 0.015, 0.005  # issue 23's targets: PTQ loses more, QAD at most this
-CHANNEL_SCALES = (1.0, 0.02, 0.02)  # of the generated images' three channels
+CHANNEL_SCALES = (1.0, 0.025, 0.025)  # of the generated images' three channels
 STUDENT_EPOCHS = 20
 QAD_RUNS = {  # label -> (qat_epochs, qat_lr)
     "qat, spec defaults (5 epochs, lr 3e-3)": (5, 3e-3),
@@ -149,8 +149,10 @@ def int8_hard_task(seed: int, n: int = 5000) -> tuple[DataBundle, Callable[[], n
     (sigma 5), every channel carrying the class, the channels scaled by CHANNEL_SCALES. The
     input's per-tensor activation range is set by the first channel, which leaves the other
     two a few int8 steps, and the depthwise-separable student's first (depthwise) conv gets
-    batch-norm-folded weights 50x apart across its channels, which one per-tensor weight scale
-    cannot serve. Splits 70/10/20 (train/val/test). Returns the data and a student factory."""
+    batch-norm-folded weights ~40x apart across its channels, which one per-tensor weight
+    scale cannot serve. The scale was chosen for PTQ to lose more than 1.5 pt (issue 23's
+    setting); docs/BENCHMARKS.md gives the runs at 0.02 and 0.03 too. Splits 70/10/20
+    (train/val/test). Returns the data and a student factory."""
     rng = np.random.default_rng(seed)
     k, size = 10, 16
     templates = F.interpolate(
