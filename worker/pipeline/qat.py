@@ -85,7 +85,16 @@ def prepare(model: nn.Module, example: torch.Tensor, spec: QuantizeSpec) -> nn.M
 def export(prepared: nn.Module, example: torch.Tensor, dst: Path) -> Path:
     """The fine-tuned fake-quant model as an int8 QDQ ONNX model at `dst`."""
     m = copy.deepcopy(prepared).cpu().eval()
-    m.apply(disable_observer)  # the ranges are what training left them
+    m.apply(disable_observer)  # activation ranges: what training left them
+    # The last optimizer step moved the weights after their observers last saw them: one pass
+    # with only the weight observers on lets their scales cover the weights converted (else a
+    # 7-bit layer can get a 64).
+    for module in m.modules():
+        if hasattr(module, "weight_fake_quant"):
+            module.weight_fake_quant.enable_observer()
+    with torch.no_grad():
+        m(example.cpu())
+    m.apply(disable_observer)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")  # torch.ao's and quantized tensors' deprecations
         raw = export_onnx(convert_fx(m), example.cpu(), Path(tmp) / "qat.onnx")
