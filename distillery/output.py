@@ -132,7 +132,10 @@ def _axes_label(axes: dict[str, Any]) -> tuple[str, str, str, str]:
         arch += " (pretrained)" if student.get("init") else ""
     prune = "-" if not axes["prune.amount"] else f"{axes['prune.method']} {axes['prune.amount']:g}"
     recipe = f"T={axes['distill.temperature']:g} a={axes['distill.alpha']:g}"
-    return arch, recipe, prune, axes["quantize.method"] or "float"
+    quant = axes["quantize.method"] or "float"
+    if axes.get("quantize.calibration"):  # int8_static: which calibration made it
+        quant += f" ({axes['quantize.calibration']})"
+    return arch, recipe, prune, quant
 
 
 CANDIDATE_COLUMNS = ("", "key", "student", "recipe", "prune", "quant", "accuracy [95% CI]",

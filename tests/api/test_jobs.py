@@ -67,6 +67,20 @@ def test_submit_returns_a_queued_job_with_its_plan(api):
             "min_size_ratio, min_speedup, min_accuracy, max_slowdown",
         ),
         ({"quantize": {"weight_bits": 6}}, "quantize.weight_bits: Input should be 7 or 8"),
+        (
+            {"quantize": {"method": "qat4"}},
+            "quantize.method: Value error, unknown quantizer 'qat4'; known: fp16, int8_dynamic, "
+            "int8_static, qat",
+        ),
+        (
+            {"quantize": {"calibration": "kl"}},
+            "quantize.calibration: Value error, unknown calibration 'kl'; known: entropy, "
+            "minmax, percentile",
+        ),
+        (
+            {"search": {"quantize.calibration": ["minmax", "mse"]}},
+            "search.quantize.calibration[1]: Value error, unknown calibration 'mse'",
+        ),
     ],
 )
 def test_invalid_specs_are_refused_before_queueing(api, spec, field):

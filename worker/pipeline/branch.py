@@ -25,6 +25,7 @@ from worker.pipeline.search import (
     branch_dir,
     branch_spec,
     plan,
+    quantize_spec,
     read_json,
     shared_dir,
     write_json,
@@ -315,16 +316,34 @@ def _measure_quantized(branch: _Branch, q: Candidate, parent: Candidate) -> None
     from worker.pipeline import quantize as quantization
 
     s, state = branch.spec, branch.state
-    method = branch.plan.quants[q.quant]
-    base = s.quantize or QuantizeSpec()
-    qspec = base.model_copy(update={"method": method})
+    qspec = quantize_spec(s, branch.plan, q)
     src = branch.model_path(parent.key, ".onnx")
     dst = branch.model_path(q.key, ".onnx")
-    calib = state.data.calibration(qspec.calibration_samples, s.seed)
-    quantization.run(src, dst, calib, qspec)
+    if quantization.QUANTIZERS.get(qspec.method).trains:
+        _quantize_aware(branch, q, parent, qspec, dst)
+    else:
+        calib = state.data.calibration(qspec.calibration_samples, s.seed)
+        quantization.run(src, dst, calib, qspec)
     record = read_json(branch.record_path(parent.key))
-    extra = {"weight_bits": quantization.weight_bits(qspec)[0]} if method == "int8_static" else {}
+    bits = qspec.method in ("int8_static", "qat")  # the widths weight_bits decides
+    extra = {"weight_bits": quantization.weight_bits(qspec)[0]} if bits else {}
     _write(branch, q, dst, record["metrics"]["params"], record["metrics"]["macs"], extra)
+
+
+def _quantize_aware(
+    branch: _Branch, q: Candidate, parent: Candidate, qspec: QuantizeSpec, dst: Path
+) -> None:
+    """A `qat` candidate: its float parent fine-tuned with fake quantization against the
+    teacher (worker.pipeline.qat), with the candidate's own recipe."""
+    from worker.pipeline import qat
+
+    s, state, p = branch.spec, branch.state, branch.plan
+    t, a = p.recipes[q.recipe]
+    dspec = s.distill.model_copy(update={"temperature": t, "alpha": a})
+    ctx = state.ctx.for_step("quantize", q.key)
+    model = _float_model(branch, parent.key)
+    assert state.signal is not None
+    qat.run(model, state.data, qspec, dspec, state.signal, ctx, s.seed, dst, tag=f"{q.key}:qat")
 
 
 def _write(

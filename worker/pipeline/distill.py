@@ -150,6 +150,42 @@ def train_student(
     return student, metrics
 
 
+def finetune(
+    model: nn.Module,
+    data: DataBundle,
+    distill: DistillSpec,
+    signal: TeacherSignal,
+    ctx: StageContext,
+    *,
+    lr: float,
+    epochs: int,
+    seed: int,
+    span: tuple[float, float] = (0.0, 1.0),
+    tag: str,
+    amp: bool | None = None,
+) -> dict[str, float]:
+    """Fine-tune `model` in place against the teacher with the job's KD loss and the
+    distillation's batch size, weight decay and augmentation, at rate `lr` (the prune stage's
+    fine-tune, quantization-aware distillation); `amp` overrides `distill.amp`."""
+    amp = distill.amp if amp is None else amp
+    cfg = TrainConfig(
+        epochs, lr, distill.weight_decay, distill.batch_size, distill.augment, amp, seed
+    )
+    return fit(
+        model,
+        data.x_train,
+        data.y_train,
+        cfg=cfg,
+        loss_fn=build_kd_loss(distill),
+        ctx=ctx,
+        teacher=signal.online,  # type: ignore[arg-type]
+        teacher_logits=signal.logits,
+        progress_span=span,
+        tag=tag,
+        val=data.val,
+    )
+
+
 def run(
     teacher: TeacherResult,
     data: DataBundle,

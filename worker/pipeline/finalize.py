@@ -24,6 +24,7 @@ from worker.pipeline.search import (
     branch_dir,
     candidate_records,
     plan,
+    quantize_spec,
     read_json,
     shared_dir,
     subject_arch,
@@ -203,11 +204,13 @@ def _speed_report(
 ) -> dict[str, Any]:
     """The host's int8 capability, the comparisons, why each int8 candidate did or did not
     pay against its float parent; and profile.json, the final model's time per op type."""
+    from worker.pipeline.quantize import QUANTIZERS  # onnxruntime, as _export's
+
     files = {k: branch_dir(out, r["branch"]) / r["files"]["onnx"] for k, r in records.items()}
     int8 = {}
     for key, r in sorted(records.items()):
         c = p.get(key)
-        if c.quant > 0 and p.quants[c.quant].startswith("int8") and r["parent"] in metrics:
+        if c.quant > 0 and QUANTIZERS.get(p.quants[c.quant]).int8 and r["parent"] in metrics:
             comparison = comparisons.get(key, {}).get("parent", {}).get("b1")
             parent_ms = metrics[r["parent"]]["latency_ms"]
             int8[key] = speed.int8_verdict(key, parent_ms, files[key], comparison)
@@ -277,7 +280,10 @@ def _report(
         "input": teacher["input_contract"],
         "metrics": metrics,
         "search": search,
-        "quantize": reports.quantize_card(spec.quantize, chosen["metrics"]),
+        "quantize": reports.quantize_card(
+            quantize_spec(spec, p, picked) if picked.quant > 0 else spec.quantize,
+            chosen["metrics"],
+        ),
         "speed": speed_section,
         "artifacts": made,
         "versions": reports.versions(),

@@ -14,11 +14,10 @@ from torch import nn
 from worker.pipeline.archs import count_params
 from worker.pipeline.context import StageContext
 from worker.pipeline.data import DataBundle
-from worker.pipeline.distill import TeacherSignal
-from worker.pipeline.losses import build_kd_loss
+from worker.pipeline.distill import TeacherSignal, finetune
 from worker.pipeline.registry import Registry
 from worker.pipeline.spec import DistillSpec, PruneSpec
-from worker.pipeline.train import TrainConfig, accuracy, fit
+from worker.pipeline.train import accuracy
 
 # A pruner takes (model, example input, amount, steps, num_classes) and returns a callable
 # that performs one pruning step in place.
@@ -110,33 +109,6 @@ def _flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
-def _finetune(model, data, spec, distill, signal, ctx, seed, epochs, span, tag) -> dict:
-    """KD fine-tuning after a pruning step, with the distillation's settings and the prune
-    stage's learning rate."""
-    cfg = TrainConfig(
-        epochs,
-        spec.lr,
-        distill.weight_decay,
-        distill.batch_size,
-        distill.augment,
-        distill.amp,
-        seed,
-    )
-    return fit(
-        model,
-        data.x_train,
-        data.y_train,
-        cfg=cfg,
-        loss_fn=build_kd_loss(distill),
-        ctx=ctx,
-        teacher=signal.online,
-        teacher_logits=signal.logits,
-        progress_span=span,
-        tag=tag,
-        val=data.val,
-    )
-
-
 def run(
     model: nn.Module,
     data: DataBundle,
@@ -166,17 +138,18 @@ def run(
         )
         if per_step[k] > 0:
             span = ((k + 0.1) / spec.steps, (k + 1) / spec.steps)
-            parts = _finetune(
+            # KD fine-tuning with the distillation's settings and the prune stage's rate.
+            parts = finetune(
                 model,
                 data,
-                spec,
                 distill,
                 signal,
                 ctx,
-                seed + k,
-                per_step[k],
-                span,
-                f"{tag}{k + 1}",
+                lr=spec.lr,
+                epochs=per_step[k],
+                seed=seed + k,
+                span=span,
+                tag=f"{tag}{k + 1}",
             )
             metrics.update({f"finetune_{n}": v for n, v in parts.items()})
     _finalize(model)

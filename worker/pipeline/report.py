@@ -122,12 +122,14 @@ def choose_final(state: JobState) -> tuple[Choice, dict[str, Any]]:
 def speed_report(state: JobState, final_key: str) -> dict[str, Any]:
     """The host's int8 capability, every comparison, whether int8 paid and if not why; and
     profile.json, the final model's time per operator type."""
+    from worker.pipeline.quantize import QUANTIZERS  # onnxruntime, as the functions above
+
     parents = stage_models(state)
     ev = speed_evidence(state, parents)
     files = model_files(state, [final_key, *parents])
     out: dict[str, Any] = {"cpu": speed.host(), "comparisons": ev}
     q = state.spec.quantize
-    if "quantized" in files and q is not None and q.method.startswith("int8"):
+    if "quantized" in files and q is not None and QUANTIZERS.get(q.method).int8:
         parent = parents["quantized"]
         assert parent is not None
         parent_ms = state.metrics[parent]["latency_ms"]
@@ -147,13 +149,20 @@ TOP_OFFENDERS = 5  # the most sensitive nodes the report names
 def quantize_card(
     spec: Any, metrics: dict[str, Any] | None, stage: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """What the model card says of quantization: the method and, for int8_static, the weight
-    width and what chose it (the spec's deployment target or this worker's CPU); when it went
-    node by node (`stage`: the quantize stage's metrics), the nodes kept in float, their share
-    of the model, what accuracy control did and the nodes that cost int8 the most."""
+    """What the model card says of quantization: the method; for int8_static its calibration
+    and for int8_static and qat the weight width and what chose it (the spec's deployment
+    target or this worker's CPU); for qat its fine-tune; when it went node by node (`stage`:
+    the quantize stage's metrics), the nodes kept in float, their share of the model, what
+    accuracy control did and the nodes that cost int8 the most."""
     if spec is None:
         return None
     out: dict[str, Any] = {"method": spec.method}
+    if spec.method == "int8_static":
+        out["calibration"] = spec.calibration
+        if spec.calibration == "percentile":
+            out["calibration_percentile"] = spec.calibration_percentile
+    if spec.method == "qat":
+        out["qat_epochs"], out["qat_lr"] = spec.qat_epochs, spec.qat_lr
     if metrics is not None and "weight_bits" in metrics:
         out["weight_bits"] = metrics["weight_bits"]
         out["weight_bits_from"] = (

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from distillery_contract.states import StageStatus
-from worker.pipeline.spec import JobSpec, PruneSpec, StudentSpec
+from worker.pipeline.spec import JobSpec, PruneSpec, QuantizeSpec, StudentSpec
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -57,6 +57,8 @@ class SearchPlan:
     prunes: list[tuple[str | None, float]]  # (method, amount); (None, 0.0) first
     quants: list[str | None]  # quantizers; None (float) first
     objective: str
+    # int8_static's calibration method for each entry of `quants` (None: not calibrated).
+    calibrations: list[str | None] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -90,6 +92,7 @@ class SearchPlan:
             "prune.method": method,
             "prune.amount": amount,
             "quantize.method": self.quants[q],
+            "quantize.calibration": self.calibrations[q] if self.calibrations else None,
         }
         return Candidate(key_of(s, d, p, q), s, d, p, q, parent, axes)
 
@@ -135,14 +138,41 @@ def plan(spec: JobSpec) -> SearchPlan:
         {a for a in _values(s.prune_amount, base_prune.amount if spec.prune else 0.0) if a > 0}
     )
     methods = _values(s.prune_method, base_prune.method)
-    quants = _values(s.quantize_method, spec.quantize.method if spec.quantize else None)
+    quants, calibrations = _quantizers(spec)
     return SearchPlan(
         students=students,
         recipes=list(itertools.product(temps, alphas)),
         prunes=[(None, 0.0)] + [(m, a) for m in methods for a in amounts],
-        quants=[None] + [q for q in quants if q is not None],
+        quants=quants,
         objective=spec.goal,
+        calibrations=calibrations,
     )
+
+
+def _quantizers(spec: JobSpec) -> tuple[list[str | None], list[str | None]]:
+    """The quantizers to try, float first, and each one's calibration: int8_static once per
+    calibration method on the axis (the only quantizer that calibrates), the others once."""
+    s = spec.search
+    assert s is not None
+    base = spec.quantize or QuantizeSpec()
+    methods = _values(s.quantize_method, spec.quantize.method if spec.quantize else None)
+    calibrations = _values(s.quantize_calibration, base.calibration)
+    quants: list[str | None] = [None]
+    cals: list[str | None] = [None]
+    for method in (m for m in methods if m is not None):
+        for calibration in calibrations if method == "int8_static" else [None]:
+            quants.append(method)
+            cals.append(calibration)
+    return quants, cals
+
+
+def quantize_spec(spec: JobSpec, p: SearchPlan, c: Candidate) -> QuantizeSpec:
+    """The quantize settings a candidate was made with: the spec's, with its axes' method
+    and calibration."""
+    update: dict[str, Any] = {"method": p.quants[c.quant]}
+    if p.calibrations and p.calibrations[c.quant] is not None:
+        update["calibration"] = p.calibrations[c.quant]
+    return (spec.quantize or QuantizeSpec()).model_copy(update=update)
 
 
 def branch_spec(spec: JobSpec, index: int) -> JobSpec:

@@ -302,8 +302,15 @@ def _known_quantizer(v: str) -> str:
     return _known(QUANTIZERS, v)
 
 
+def _known_calibration(v: str) -> str:
+    from worker.pipeline.quantize import CALIBRATIONS
+
+    return _known(CALIBRATIONS, v)
+
+
 PrunerName = Annotated[str, AfterValidator(_known_pruner)]
 QuantizerName = Annotated[str, AfterValidator(_known_quantizer)]
+CalibrationName = Annotated[str, AfterValidator(_known_calibration)]
 
 
 class DistillSpec(OptimSpec):
@@ -375,12 +382,35 @@ KEEP_FLOAT_LIMIT = 256
 
 
 class QuantizeSpec(_Spec):
-    method: QuantizerName = "int8_static"
+    method: QuantizerName = Field(
+        "int8_static",
+        description="int8_static (calibrated PTQ), int8_dynamic, fp16, or qat: quantization-aware "
+        "distillation (the float model fine-tuned against the teacher with fake quantization "
+        "in the graph, then exported as int8 QDQ ONNX)",
+    )
     calibration_samples: int = Field(512, ge=1, le=100_000)
+    calibration: CalibrationName = Field(
+        "minmax",
+        description="int8_static activation ranges from the calibration samples: minmax, "
+        "entropy (KL divergence of histograms) or percentile (`calibration_percentile`)",
+    )
+    calibration_percentile: float = Field(
+        99.999, ge=90.0, le=100.0, description="the percentile calibration's cut, in percent"
+    )
+    qat_epochs: int = Field(
+        5, ge=1, le=1000, description="qat: fine-tune epochs with fake quantization"
+    )
+    qat_lr: float = Field(
+        3e-3,
+        gt=0.0,
+        le=10.0,
+        description="qat: peak learning rate of the fine-tune (the prune fine-tune's default; "
+        "docs/BENCHMARKS.md compares others)",
+    )
     per_channel: bool = True
     weight_bits: Literal[7, 8] | None = Field(
         None,
-        description="int8_static weight width for the deployment CPU: 8 where it has VNNI "
+        description="int8_static and qat weight width for the deployment CPU: 8 where it has VNNI "
         "(avx512_vnni, avx_vnni, amx_int8), 7 where it has not (8-bit weights can saturate "
         "its int16 sums); null: this worker's CPU decides. Recorded in the model card",
     )
@@ -503,7 +533,7 @@ class SearchSpec(_Spec):
     """Axes to try: every combination of their values is a candidate. An axis left out keeps
     the plain spec's value. Students are distilled once per (temperature, alpha); prune
     amounts branch from each (0: not pruned); each model is quantized by each method (null:
-    kept as float)."""
+    kept as float), int8_static once per calibration method."""
 
     model_config = ConfigDict(
         extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True
@@ -525,6 +555,13 @@ class SearchSpec(_Spec):
     )
     quantize_method: list[QuantizerName | None] | None = Field(
         None, alias="quantize.method", min_length=1, max_length=AXIS_LIMIT
+    )
+    quantize_calibration: list[CalibrationName] | None = Field(
+        None,
+        alias="quantize.calibration",
+        min_length=1,
+        max_length=AXIS_LIMIT,
+        description="int8_static calibration methods (other quantizers do not calibrate)",
     )
     objective: Objective | None = Field(None, description="overrides the spec's objective")
 
@@ -624,7 +661,8 @@ class JobSpec(_Spec):
 
 def check_opaque_teacher(spec: JobSpec, kind: str, field: str) -> None:
     """A compress-only job over a teacher without an arch (ONNX, TorchScript): it can be
-    quantized, not pruned (pruning needs the layers), nor searched, nor exported as weights."""
+    quantized (not by qat), not pruned (pruning and qat need the layers), nor searched, nor
+    exported as weights."""
     if spec.search is not None:
         raise ValueError(
             f"{field}: a search that compresses the teacher itself needs its layers; {kind} "
@@ -635,6 +673,12 @@ def check_opaque_teacher(spec: JobSpec, kind: str, field: str) -> None:
             f"prune: {kind} teacher can be quantized but not pruned (pruning needs the "
             "model's layers: use a teacher trained by the job, or safetensors + arch); "
             'set "prune": null'
+        )
+    if spec.quantize is not None and spec.quantize.method == "qat":
+        raise ValueError(
+            f"quantize.method: qat fine-tunes the model's layers, which {kind} teacher "
+            "compressed without a student does not expose; use int8_static, or a teacher "
+            "trained by the job, or safetensors + arch"
         )
     if any(f != "onnx" for f in spec.export):
         raise ValueError(

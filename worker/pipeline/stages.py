@@ -244,15 +244,21 @@ def _quantized_file(spec: JobSpec) -> dict[str, str]:
     return files
 
 
+def _quantize_weight(spec: JobSpec) -> float:
+    q = spec.quantize
+    return 2.0 + (q.qat_epochs if q is not None and q.method == "qat" else 0.0)
+
+
 @STAGES.register(
     "quantize",
-    weight=lambda spec: 2.0,
+    weight=_quantize_weight,
     enabled=lambda spec: spec.quantize is not None,
     models=("quantized",),
     artifacts=_quantized_file,
 )
 def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any]:
-    """Quantize the last float model through ONNX Runtime; measure the result."""
+    """Quantize the last float model through ONNX Runtime, or by quantization-aware
+    distillation; measure the result."""
     from worker.pipeline import quantize as quantization
     from worker.pipeline.archs import count_params
     from worker.pipeline.evaluate import onnx_params
@@ -261,7 +267,10 @@ def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any
     s = state.spec
     assert s.quantize is not None
     key, model = state.final_float()
-    dst = state.out / quantization.QUANTIZERS.get(s.quantize.method).filename
+    quantizer = quantization.QUANTIZERS.get(s.quantize.method)
+    dst = state.out / quantizer.filename
+    if quantizer.trains:
+        return _quantize_aware(state, ctx, model, dst, resumed)
     if key == "teacher":  # compress-only without pruning: the teacher as it was measured
         src = state.teacher_onnx()
     elif not resumed or not dst.exists():
@@ -339,6 +348,26 @@ def _test_drop(state: JobState, float_key: str) -> dict[str, Any]:
         "test_accuracy_drop": float(before.mean() - after.mean()),
         "test_accuracy_drop_ci": list(paired_drop_ci(before, after, seed=state.spec.seed)),
     }
+
+
+def _quantize_aware(
+    state: JobState, ctx: StageContext, model: Any, dst: Any, resumed: bool
+) -> dict[str, Any]:
+    """`qat`: fine-tune the last float model against the teacher with fake quantization,
+    export it as int8 QDQ ONNX, measure it like every other model."""
+    from worker.pipeline import qat
+    from worker.pipeline.archs import count_params
+    from worker.pipeline.quantize import weight_bits
+
+    s = state.spec
+    assert s.quantize is not None and model is not None  # the spec refuses qat without layers
+    metrics: dict[str, Any] = {}
+    if not resumed or not dst.exists():
+        signal = state.teacher_signal()
+        metrics = qat.run(model, state.data, s.quantize, s.distill, signal, ctx, s.seed, dst)
+    m = state.measure_onnx("quantized", dst, count_params(model))
+    m["weight_bits"] = weight_bits(s.quantize)[0]
+    return {**metrics, "method_qat": 1.0, "accuracy": m["accuracy"]}
 
 
 def _exported_files(spec: JobSpec) -> dict[str, str]:

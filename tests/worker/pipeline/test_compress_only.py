@@ -49,6 +49,9 @@ def test_what_a_compress_only_job_cannot_do_is_refused_by_name():
     assert "teacher.source: a search that compresses the teacher itself" in _refusal(
         {"student": None, "teacher": onnx, "prune": None, "export": [], "search": search}
     )
+    qat = {"method": "qat"}
+    msg = _refusal({"student": None, "teacher": onnx, "prune": None, "quantize": qat})
+    assert "quantize.method: qat fine-tunes the model's layers, which an ONNX teacher" in msg
     # quantize-only over an ONNX teacher is fine
     JobSpec.model_validate({"student": None, "teacher": onnx, "prune": None, "export": ["onnx"]})
 

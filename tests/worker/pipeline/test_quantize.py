@@ -61,3 +61,37 @@ def test_fp16_keeps_float32_inputs(digits, fp32, tmp_path):
 def test_unknown_quantizer_lists_known():
     with pytest.raises(UnknownName, match="fp16, int8_dynamic, int8_static"):
         quantize.QUANTIZERS.get("int4")
+
+
+def _activation_scales(path) -> dict[str, float]:
+    """The scale of every activation QuantizeLinear (weights are stored quantized)."""
+    model = onnx.load(str(path))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {
+        n.input[0]: float(init[n.input[1]])
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in init
+    }
+
+
+def test_each_calibration_method_makes_a_model_with_its_own_ranges(digits, fp32, tmp_path):
+    calib = digits.calibration(50, 0)  # two batches, the last one smaller
+    ref = onnx_logits(fp32, digits.x_test).argmax(1)
+    scales = {}
+    for method in ("minmax", "entropy", "percentile"):
+        spec = QuantizeSpec(calibration=method, calibration_percentile=99.9)
+        dst = quantize.run(fp32, tmp_path / f"{method}.onnx", calib, spec)
+        assert (onnx_logits(dst, digits.x_test).argmax(1) == ref).mean() >= 0.95, method
+        scales[method] = _activation_scales(dst)
+    assert scales["minmax"].keys() == scales["entropy"].keys() == scales["percentile"].keys()
+    # Min/max spans every calibration value; the others clip the tails: smaller ranges.
+    for method in ("entropy", "percentile"):
+        smaller = [k for k, v in scales[method].items() if v < scales["minmax"][k] * 0.999]
+        assert smaller, f"{method} calibrated exactly as minmax did"
+
+
+def test_qat_is_not_a_file_quantizer(digits, fp32, tmp_path):
+    with pytest.raises(TypeError, match="worker.pipeline.qat.run"):
+        quantize.run(
+            fp32, tmp_path / "q.onnx", digits.calibration(8, 0), QuantizeSpec(method="qat")
+        )

@@ -211,6 +211,7 @@ def test_impossible_gates_still_hand_over_the_closest_and_say_by_how_much(tmp_pa
         ({"prune.amount": [0, 1.0]}, "search.prune.amount[1]"),
         ({"prune.method": ["channel_l2", "random"]}, "search.prune.method[1]"),
         ({"quantize.method": [None, "int4"]}, "search.quantize.method[1]"),
+        ({"quantize.calibration": ["minmax", "kl"]}, "search.quantize.calibration[1]"),
         ({"objective": "speed"}, "search.objective"),
         ({"student": []}, "search.student"),
         ({"depth": [1]}, "search.depth"),
@@ -227,3 +228,51 @@ def test_the_number_of_candidates_is_capped(tmp_path):
     with pytest.raises(SpecError, match=r"search: 12 candidates .* at most 10 are allowed"):
         run_pipeline(spec, tmp_path, limits=SpecLimits(max_candidates=10))
     assert not (tmp_path / ".work" / "shared").exists()  # refused before any work
+
+
+def test_calibration_is_an_axis_and_qat_a_quantizer_of_a_search(tmp_path):
+    spec = {
+        **LEARNING_SPEC,
+        "prune": None,
+        "distill": {**LEARNING_SPEC["distill"], "baseline": False},
+        "quantize": {"method": "int8_static", "qat_epochs": 2},
+        "search": {
+            "quantize.method": [None, "int8_static", "qat"],
+            "quantize.calibration": ["minmax", "entropy", "percentile"],
+            "objective": "accuracy",
+        },
+    }
+    report = run_pipeline(JobSpec.model_validate(spec), tmp_path)
+    by_axes = {
+        (c["axes"]["quantize.method"], c["axes"]["quantize.calibration"]): c
+        for c in report["candidates"]
+    }
+    # int8_static once per calibration; the quantizers that do not calibrate once.
+    assert set(by_axes) == {
+        (None, None),
+        ("int8_static", "minmax"),
+        ("int8_static", "entropy"),
+        ("int8_static", "percentile"),
+        ("qat", None),
+    }
+    branch = tmp_path / ".work" / "branches" / "0"
+
+    def digest(c):
+        record = json.loads((branch / "candidates" / f"{c['key']}.json").read_text())
+        return hashlib.sha256((branch / record["files"]["onnx"]).read_bytes()).hexdigest()
+
+    # Each calibration gave its model its own activation ranges (the files differ).
+    calibrated = [digest(by_axes[("int8_static", m)]) for m in ("minmax", "entropy", "percentile")]
+    assert len(set(calibrated)) == 3
+    # The qat candidate was fine-tuned against the teacher (its epochs in the history), runs in
+    # ONNX Runtime, and learned something (chance is 0.1 on digits).
+    qat = by_axes[("qat", None)]
+    rows = [json.loads(line) for line in (branch / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["run"] == f"{qat['key']}:qat"] == [1, 2]
+    assert qat["metrics"]["accuracy"] >= 0.6
+    # The model card names how the chosen model was quantized.
+    chosen = next(c for c in report["candidates"] if c["final"])
+    card = json.loads((tmp_path / "model_card.json").read_text())["quantize"]
+    assert card["method"] == (chosen["axes"]["quantize.method"] or "int8_static")
+    if chosen["axes"]["quantize.method"] == "int8_static":
+        assert card["calibration"] == chosen["axes"]["quantize.calibration"]

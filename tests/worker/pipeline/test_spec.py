@@ -42,7 +42,11 @@ def test_defaults_and_the_example_are_valid():
         ),
         (
             {"quantize": {"method": "int4"}},
-            "quantize.method: Value error, unknown quantizer 'int4'; known: fp16, int8_dynamic, int8_static",
+            "quantize.method: Value error, unknown quantizer 'int4'; known: fp16, int8_dynamic, int8_static, qat",
+        ),
+        (
+            {"quantize": {"calibration": "kl"}},
+            "quantize.calibration: Value error, unknown calibration 'kl'; known: entropy, minmax, percentile",
         ),
         (
             {"dataset": {"source": "builtin", "name": "iris"}},

@@ -19,7 +19,8 @@ function studentLabel(student) {
 
 const recipe = (a) => `T ${a["distill.temperature"]} · α ${a["distill.alpha"]}`;
 const pruning = (a) => (a["prune.amount"] ? `${a["prune.method"] ?? ""} ${a["prune.amount"]}`.trim() : "none");
-const quantizer = (a) => a["quantize.method"] ?? "float";
+const quantizer = (a) =>
+  (a["quantize.method"] ?? "float") + (a["quantize.calibration"] ? ` (${a["quantize.calibration"]})` : "");
 
 // The value, and its interval under it in the same units (`unit` written once).
 function withInterval(value, ci, fmt, unit = "") {
