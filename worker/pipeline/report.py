@@ -182,6 +182,9 @@ def quantize_card(
             }
         if "sensitivity" in stage:
             out["top_offenders"] = stage["sensitivity"][:TOP_OFFENDERS]
+    if stage and "qat_fallback" in stage:  # the int8 file is qat's: why PTQ handed over
+        out["qat_fallback"] = stage["qat_fallback"]
+        out["qat_epochs"], out["qat_lr"] = spec.qat_epochs, spec.qat_lr
     return out
 
 

@@ -433,6 +433,15 @@ class QuantizeSpec(_Spec):
         description="int8_static: score every node (sensitivity.json, .csv); true for the "
         "defaults. Accuracy control scores them anyway when it has to",
     )
+    qat_fallback_share: float | None = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="int8_static with accuracy control: when it leaves more than this share "
+        "of the weights in float, or still misses its budget, the stage quantizes by qat "
+        "(quantization-aware distillation, qat_epochs at qat_lr) instead; null: never. Needs "
+        "a model the job trains or prunes (not an uploaded ONNX/TorchScript teacher as it is)",
+    )
 
     @field_validator("sensitivity", mode="before")
     @classmethod

@@ -288,8 +288,33 @@ def quantize(state: JobState, ctx: StageContext, resumed: bool) -> dict[str, Any
     if s.quantize.method == "int8_static":  # the model card says which width it got
         m["weight_bits"] = quantization.weight_bits(s.quantize)[0]
     if controlled:
+        reason = _qat_fallback_reason(s, controlled, model)
+        if reason is not None:
+            ctx.log(f"quantize: {reason}; quantization-aware distillation instead")
+            aware = _quantize_aware(state, ctx, model, dst, resumed=False)
+            return {**controlled, **aware, "qat_fallback": reason, **_test_drop(state, key)}
         controlled.update(_test_drop(state, key))
     return {"method_" + s.quantize.method: 1.0, "accuracy": m["accuracy"], **controlled}
+
+
+def _qat_fallback_reason(spec: JobSpec, controlled: dict[str, Any], model: Any) -> str | None:
+    """Why accuracy-controlled PTQ hands over to qat (None: it does not): it left more of the
+    weights in float than `quantize.qat_fallback_share`, or missed its budget anyway."""
+    q = spec.quantize
+    assert q is not None
+    control = controlled.get("accuracy_control")
+    # Nodes the user keeps in float are a choice, not a failure of PTQ.
+    if q.qat_fallback_share is None or q.keep_float or model is None or control is None:
+        return None
+    share = q.qat_fallback_share
+    if not control.get("met", True):
+        return "accuracy control missed its budget"
+    if controlled.get("float_share", 0.0) > share:
+        return (
+            f"accuracy control left {controlled['float_share']:.0%} of the weights in float "
+            f"(more than quantize.qat_fallback_share {share:.0%})"
+        )
+    return None
 
 
 def accuracy_budget(spec: JobSpec) -> float | None:
