@@ -368,6 +368,7 @@ def test_min_speedup_fails_when_the_interval_says_not_faster(tmp_path):
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["quantize"] == {
         "method": "int8_static",
+        "calibration": "minmax",
         "weight_bits": 7,
         "weight_bits_from": "spec",
     }
