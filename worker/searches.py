@@ -27,10 +27,7 @@ from app.jobs import lifecycle, search
 from app.jobs.states import JobStatus, StageStatus
 from distillery_contract.errors import ErrorCode
 from worker.celery_app import JOB_TASK, make_celery, make_enqueue
-from worker.pipeline.spec import JobSpec
-from worker.recorder import Recorder
-from worker.runtime import Runtime, retry_db
-from worker.tasks import (
+from worker.execution import (
     Claimed,
     Outcome,
     artifact_names,
@@ -39,6 +36,9 @@ from worker.tasks import (
     record_outcome,
     run_work,
 )
+from worker.pipeline.spec import JobSpec
+from worker.recorder import Recorder
+from worker.runtime import Runtime, retry_db
 from worker.uploads import resolve_uploads
 
 # Where each phase sits in the search's progress, 0..1.

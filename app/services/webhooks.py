@@ -12,7 +12,7 @@ from app.core.errors import JobNotFound, WebhookInvalid, WebhookNotFound
 from app.models import Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from app.schemas.webhooks import DeliveryAttemptPublic, DeliveryPublic, WebhookCreate
 from app.webhooks import outbox, targets
-from app.webhooks.sender import new_secret
+from app.webhooks.outbox import new_secret
 
 
 def create_endpoint(

@@ -7,8 +7,10 @@ restart, a worker killed while it held a delayed retry) is sent again by the rea
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -136,10 +138,13 @@ def _secret(session: Session, d: WebhookDelivery) -> str:
     return tenant_secret(session, tenant_id=d.tenant_id)
 
 
+def new_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def tenant_secret(session: Session, *, tenant_id: str) -> str:
     """The secret that signs the webhooks a tenant's jobs name; made on first use."""
-    from app.webhooks.sender import new_secret
-
     # Set only where none is: of two first uses at once, one secret wins and both read it.
     session.execute(
         update(Tenant)

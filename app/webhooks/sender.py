@@ -5,9 +5,7 @@ resolved (no redirects followed, short timeouts, only the start of the answer re
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -18,11 +16,6 @@ from app.webhooks.outbox import RESPONSE_PREFIX, Outcome
 from app.webhooks.targets import UnsafeTarget, check
 
 USER_AGENT = "Distillery-Webhooks/1"
-
-
-def new_secret() -> str:
-    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def body_of(payload: dict[str, Any]) -> str:
