@@ -79,6 +79,14 @@ def _event(row) -> Event:
     return Event(row.id, row.type, {**row.data, "at": row.created_at.isoformat()})
 
 
+def _page(s, job_id: str, after: int, status: str | None) -> tuple[list[Event], str | None]:
+    """The events after `after` and the job's `status`, read before them: a terminal status
+    was committed with its status event, so the page holds that event (read after the page,
+    a job that ended in between would end the stream without its last events)."""
+    rows = jobs_service.events_after(s, job_id=job_id, after_id=after, limit=PAGE)
+    return [_event(r) for r in rows], status
+
+
 class EventFeed:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db, self.settings = db, settings
@@ -100,9 +108,7 @@ class EventFeed:
 
     def backlog(self, job_id: str, after: int) -> tuple[list[Event], str | None]:
         with self.db.session() as s:
-            rows = jobs_service.events_after(s, job_id=job_id, after_id=after, limit=PAGE)
-            status = jobs_service.job_status(s, job_id=job_id)
-        return [_event(r) for r in rows], status
+            return _page(s, job_id, after, jobs_service.job_status(s, job_id=job_id))
 
     async def open(self, *, key: str, job_id: str, after: int) -> tuple[str, Stream]:
         """Subscribe to the job's events after `after`: the caller's key is checked, the job
@@ -121,16 +127,17 @@ class EventFeed:
         return tenant_id, Stream(self, sub, self._events(sub, after, tuple(first)))
 
     def first_page(self, key: str, job_id: str, after: int) -> tuple[str, list[Event], str | None]:
+        """Three light queries in one session: the key, the job's status (404 for another
+        tenant's job; its row, spec and metrics are not loaded) and the first page. Each
+        stream opening costs the interpreter this much, on a thread beside the event loop."""
         with self.db.session() as s:
             tenant = tenants.authenticate(s, key=key)
             if tenant is None:
                 raise Unauthorized(
                     "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
                 )
-            jobs_service.get_job(s, tenant_id=tenant.id, job_id=job_id)  # 404 for others'
-            tenant_id = tenant.id
-        events, status = self.backlog(job_id, after)
-        return tenant_id, events, status
+            status = jobs_service.owned_job_status(s, tenant_id=tenant.id, job_id=job_id)
+            return tenant.id, *_page(s, job_id, after, status)
 
     async def _events(
         self, sub: Subscriber, after: int, page: tuple[list[Event], str | None]

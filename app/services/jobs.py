@@ -573,6 +573,14 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+def owned_job_status(session: Session, *, tenant_id: str, job_id: str) -> str:
+    """The status of the tenant's job (404 for another's), without loading the job's row."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if status is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return status
+
+
 def _unexpired_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     """The job, or 410 once retention deleted its files: a clear answer, not a 404 that
     reads as if the job never made them."""
