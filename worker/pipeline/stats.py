@@ -56,13 +56,14 @@ def paired_drop_ci(
 
 
 def ratio_interval(
-    log_ratios: np.ndarray, *, resamples: int = 2000, seed: int = 0
+    log_ratios: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 95.0
 ) -> tuple[float, float, float]:
-    """The ratio (geometric mean over rounds) and its 95% percentile-bootstrap interval."""
+    """The ratio (geometric mean over rounds) and its `level`% percentile-bootstrap interval."""
     lr = np.asarray(log_ratios, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = lr[rng.integers(0, len(lr), size=(resamples, len(lr)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    tail = (100.0 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
     return math.exp(lr.mean()), math.exp(lo), math.exp(hi)
 
 

@@ -3,6 +3,7 @@ not pay, and the per-operator profile, on a model small enough to time in a blin
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,3 +120,33 @@ def test_the_profile_is_time_per_operator_type(tiny):
     assert {"QLinearConv", "QGemm", "QuantizeLinear"} <= set(ops)
     assert all(o["us_per_run"] > 0 and o["nodes"] >= 1 for o in p["ops"])
     assert sum(o["share"] for o in p["ops"]) == pytest.approx(1.0)
+
+
+class _Timed:
+    """A stand-in session whose every round takes `ms`, give or take 2%."""
+
+    def __init__(self, ms: float, rng: np.random.Generator) -> None:
+        self.ms, self.rng = ms, rng
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "input"})()]
+
+    def run(self, *_):
+        return None
+
+
+@pytest.mark.parametrize("b_ms,rounds", [(1.0, 8), (4.0, 8), (2.0, 20)])
+def test_a_comparison_stops_early_only_when_its_verdict_is_plain(monkeypatch, b_ms, rounds):
+    """Twice as fast or twice as slow: decided at the first early look (8 rounds); the same
+    speed: every round runs, and the interval is the 95% one of all of them."""
+    rng = np.random.default_rng(0)
+    sessions = iter([_Timed(2.0, rng), _Timed(b_ms, rng)])
+    monkeypatch.setattr(speed, "session", lambda path, threads: next(sessions))
+    monkeypatch.setattr(
+        speed,
+        "_round_ms",
+        lambda sess, feed, runs: sess.ms * (1 + 0.02 * sess.rng.standard_normal()),
+    )
+    c = speed.compare("a.onnx", "b.onnx", np.zeros((1, 4), np.float32), rounds=20, runs=1)
+    assert c["rounds"] == rounds
+    assert c["verdict"] == {1.0: "faster", 4.0: "slower", 2.0: "not different"}[b_ms]
