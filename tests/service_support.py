@@ -81,6 +81,20 @@ def cli(*args: str, env: dict[str, str], cwd: Path = REPO, **kw) -> subprocess.P
     )
 
 
+def run_job(folder: Path, spec: dict) -> dict:
+    """`distillery run` of `spec` as a user runs it (a subprocess, `--json`), its output in
+    `folder / "out"`: the report. Exit 1 (a gate failed) counts as a run."""
+    path = folder / "spec.json"
+    path.write_text(json.dumps(spec))
+    proc = cli(
+        "run", str(path), "--out", str(folder / "out"), "--json", env={},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode in (0, 1), err
+    return json.loads(out)
+
+
 def keys_create(home: Path, tenant: str) -> str:
     """A new key of `tenant` made by `distillery keys create` against the embedded database
     of `distillery serve` run with DISTILLERY_HOME=`home`."""

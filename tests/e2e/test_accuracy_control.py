@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
 
 import onnx
 
 from tests import factories
-from tests.service_support import cli, client, wait_for_status
+from tests.service_support import client, run_job, wait_for_status
 
 EVALUATE = {"latency_runs": 5, "latency_warmup": 1, "latency_b32_runs": 0, "compare_rounds": 0}
 QUANTIZE = {
@@ -65,16 +64,8 @@ def _check_quantize_stage(metrics: dict) -> None:
 def test_distillery_run(tmp_path):
     dataset = {"source": "npz", "path": str(factories.outlier_npz(tmp_path / "rows.npz"))}
     teacher = {"source": "onnx", "path": str(factories.outlier_teacher(tmp_path / "t.onnx"))}
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(_spec(dataset, teacher)))
+    report = run_job(tmp_path, _spec(dataset, teacher))
     out = tmp_path / "out"
-    proc = cli(
-        "run", str(spec_path), "--out", str(out), "--json", env={},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    stdout, err = proc.communicate(timeout=300)
-    assert proc.returncode in (0, 1), err
-    report = json.loads(stdout)
     quantize = next(s for s in report["stages"] if s["name"] == "quantize")["metrics"]
     _check_quantize_stage(quantize)
     assert _float_nodes(out / "model.int8.onnx") == {"hidden1", "logits"}

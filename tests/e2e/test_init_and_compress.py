@@ -5,14 +5,13 @@ compressed), each end to end through `distillery run` and through `distillery se
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tests import factories
-from tests.service_support import cli, client, wait_for_status
+from tests.service_support import client, run_job, wait_for_status
 from worker.pipeline.archs import build_model
 
 SHAPE = (3, 16, 16)
@@ -41,24 +40,12 @@ def _pretrained(path, classes: int = 5, widths=(8, 16)):
     return path
 
 
-def _run(tmp_path, spec: dict) -> dict:
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
-    proc = cli(
-        "run", str(path), "--out", str(tmp_path / "out"), "--json", env={},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode in (0, 1), err
-    return json.loads(out)
-
-
 def _stage(report_or_job: dict, name: str) -> dict:
     return next(s for s in report_or_job["stages"] if s["name"] == name)
 
 
 @pytest.mark.parametrize("case", ["pretrained", "compress-only"])
-def test_distillery_run(tmp_path, case):
+def test_distilleryrun_job(tmp_path, case):
     archive = factories.write_archive(tmp_path / "img.zip", factories.colour_images(12))
     dataset = {"source": "imagefolder", "path": str(archive), "image_size": 16}
     if case == "pretrained":
@@ -66,7 +53,7 @@ def test_distillery_run(tmp_path, case):
         student = {"arch": "cnn_tiny", "arch_kwargs": TINY, "init": init}
     else:
         student = None
-    report = _run(tmp_path, {"dataset": dataset, "teacher": TRAIN, "student": student, **FAST})
+    report = run_job(tmp_path, {"dataset": dataset, "teacher": TRAIN, "student": student, **FAST})
     names = [s["name"] for s in report["stages"]]
     if case == "pretrained":
         assert names == ["data", "teacher", "baseline", "distill", "prune", "quantize", "export"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from app.testing import LEARNING_SPEC
-from tests.service_support import cli, client, wait_for_status
+from tests.service_support import client, run_job, wait_for_status
 from worker.pipeline.data import load_dataset
 from worker.pipeline.spec import JobSpec
 
@@ -58,16 +57,8 @@ def _check_model(path: Path, reported: float, tmp: Path) -> None:
 
 
 def test_distillery_run_qad(tmp_path):
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(QAD_SPEC))
+    report = run_job(tmp_path, QAD_SPEC)
     out = tmp_path / "out"
-    proc = cli(
-        "run", str(path), "--out", str(out), "--json", env={},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    stdout, err = proc.communicate(timeout=300)
-    assert proc.returncode in (0, 1), err
-    report = json.loads(stdout)
     quantize = next(s for s in report["stages"] if s["name"] == "quantize")
     assert quantize["metrics"]["method_qat"] == 1.0
     _check_model(out / FILE, report["metrics"]["quantized"]["accuracy"], tmp_path)
